@@ -1,0 +1,83 @@
+"""Input checks shared by every op and model.
+
+Each check raises ``ValueError`` whose message names the argument and says what was
+expected, so a user never has to decode an error from deep inside NumPy or Numba.
+The checks are cheap: shapes cost nothing, and the NaN/inf check first sums the array
+(one pass) and only looks element by element when the sum is not finite.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT_DTYPES = (np.float32, np.float64)
+
+
+def array(name: str, value, ndim: int | tuple[int, ...] | None = None) -> np.ndarray:
+    """``value`` as a floating NumPy array of the expected rank."""
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(value).__name__}")
+    if value.dtype.type not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name} must have dtype float32 or float64, got {value.dtype}"
+        )
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if value.ndim not in allowed:
+            raise ValueError(
+                f"{name} must have {' or '.join(map(str, allowed))} dimensions, "
+                f"got shape {value.shape}"
+            )
+    return value
+
+
+def finite(name: str, value: np.ndarray) -> np.ndarray:
+    """Reject NaN and inf, naming the argument and the first bad position."""
+    total = value.sum()
+    if np.isfinite(total):
+        return value
+    bad = ~np.isfinite(value)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name} must be finite, but it holds {value[where]} at index {where}"
+        )
+    return value  # finite values whose sum overflowed: fine
+
+
+def same_shape(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same shape, got {a.shape} and {b.shape}"
+        )
+
+
+def same_dtype(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> None:
+    if a.dtype != b.dtype:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}"
+        )
+
+
+def shape(name: str, value: np.ndarray, expected: tuple) -> None:
+    """``expected`` may hold None for a free axis."""
+    ok = value.ndim == len(expected) and all(
+        e is None or e == s for e, s in zip(expected, value.shape)
+    )
+    if not ok:
+        pretty = "(" + ", ".join("any" if e is None else str(e) for e in expected) + ")"
+        raise ValueError(f"{name} must have shape {pretty}, got {value.shape}")
+
+
+def in_unit_interval(name: str, value: np.ndarray) -> None:
+    lo, hi = value.min(initial=0.0), value.max(initial=1.0)
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"{name} must lie in [0, 1] (Bernoulli targets), got values from {lo} to {hi}"
+        )
+
+
+def positive(name: str, value) -> float:
+    v = float(value)
+    if not (v > 0.0) or not np.isfinite(v):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return v

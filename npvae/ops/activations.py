@@ -1,0 +1,219 @@
+"""Elementwise activations and the fused bias + activation step of a dense layer.
+
+Every activation's derivative is written in terms of its *output* h (docs/derivations.md,
+section ACT), so the backward pass keeps only h:
+
+    relu        h = max(a, 0)              dh/da = [h > 0]                 (ACT.1)
+    leaky_relu  h = a if a > 0 else s a    dh/da = 1 if h > 0 else s       (ACT.2)
+    tanh        h = tanh(a)                dh/da = 1 - h^2                 (ACT.3)
+    sigmoid     h = 1 / (1 + e^-a)         dh/da = h (1 - h)               (ACT.4)
+    softplus    h = log(1 + e^a)           dh/da = sigmoid(a) = 1 - e^-h   (ACT.5)
+    identity    h = a                      dh/da = 1
+
+Shapes: any; a dense layer uses (N, H).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import _validate as v
+from ..backend import dispatch, numba_kernel
+
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "softplus", "identity")
+_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
+LEAKY_SLOPE = 0.01
+
+
+def activation_code(name: str) -> int:
+    if name not in _CODE:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+    return _CODE[name]
+
+
+# ----------------------------------------------------------------------------------
+# Stable scalar helpers (used by the NumPy twins; the Numba loops inline the same maths)
+
+
+def stable_sigmoid(a):
+    """1 / (1 + exp(-a)) without overflow for any finite a."""
+    e = np.exp(-np.abs(a))
+    return np.where(a >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(a.dtype, copy=False)
+
+
+def stable_softplus(a):
+    """log(1 + exp(a)) = max(a, 0) + log1p(exp(-|a|)), never overflows."""
+    return np.maximum(a, 0) + np.log1p(np.exp(-np.abs(a)))
+
+
+# ----------------------------------------------------------------------------------
+# Kernel pair 1: h = act(a + b), written into ``out`` (which may be ``a`` itself).
+
+
+def _bias_act_numpy(a, b, code, slope, out):
+    """out = act(a + b) for a (N, H), b (H,); reference twin of _bias_act_numba."""
+    np.add(a, b, out=out)
+    if code == 0:
+        np.maximum(out, 0, out=out)
+    elif code == 1:
+        np.multiply(out, np.where(out > 0, 1.0, slope).astype(out.dtype), out=out)
+    elif code == 2:
+        np.tanh(out, out=out)
+    elif code == 3:
+        out[...] = stable_sigmoid(out)
+    elif code == 4:
+        out[...] = stable_softplus(out)
+    return out
+
+
+@numba_kernel
+def _bias_act_numba(a, b, code, slope, out):
+    """Same as _bias_act_numpy, as one pass over the (N, H) block."""
+    n, h = a.shape
+    for i in range(n):
+        for j in range(h):
+            t = a[i, j] + b[j]
+            if code == 0:
+                t = t if t > 0 else 0.0
+            elif code == 1:
+                t = t if t > 0 else slope * t
+            elif code == 2:
+                t = np.tanh(t)
+            elif code == 3:
+                if t >= 0:
+                    t = 1.0 / (1.0 + np.exp(-t))
+                else:
+                    e = np.exp(t)
+                    t = e / (1.0 + e)
+            elif code == 4:
+                t = max(t, 0.0) + np.log1p(np.exp(-abs(t)))
+            out[i, j] = t
+    return out
+
+
+bias_act_kernel = dispatch(_bias_act_numpy, _bias_act_numba)
+
+
+# ----------------------------------------------------------------------------------
+# Kernel pair 2: da = dh * act'(.) from the output h, written into ``out``.
+
+
+def _act_grad_numpy(dh, h, code, slope, out):
+    """out = dh * dh/da, the local derivative taken from the output h (ACT.1-5)."""
+    if code == 0:
+        np.multiply(dh, h > 0, out=out)  # (ACT.1)
+    elif code == 1:
+        np.multiply(dh, np.where(h > 0, 1.0, slope).astype(h.dtype), out=out)  # (ACT.2)
+    elif code == 2:
+        np.multiply(dh, 1.0 - h * h, out=out)  # (ACT.3)
+    elif code == 3:
+        np.multiply(dh, h * (1.0 - h), out=out)  # (ACT.4)
+    elif code == 4:
+        np.multiply(dh, -np.expm1(-h), out=out)  # (ACT.5)
+    else:
+        out[...] = dh
+    return out
+
+
+@numba_kernel
+def _act_grad_numba(dh, h, code, slope, out):
+    """Same as _act_grad_numpy, as one pass."""
+    n, m = dh.shape
+    for i in range(n):
+        for j in range(m):
+            y = h[i, j]
+            if code == 0:
+                g = 1.0 if y > 0 else 0.0
+            elif code == 1:
+                g = 1.0 if y > 0 else slope
+            elif code == 2:
+                g = 1.0 - y * y
+            elif code == 3:
+                g = y * (1.0 - y)
+            elif code == 4:
+                g = -np.expm1(-y)
+            else:
+                g = 1.0
+            out[i, j] = dh[i, j] * g
+    return out
+
+
+act_grad_kernel = dispatch(_act_grad_numpy, _act_grad_numba)
+
+
+# ----------------------------------------------------------------------------------
+# Public op pairs
+
+
+class ActivationCache(NamedTuple):
+    h: np.ndarray  # the output; every derivative above is a function of it
+    code: int
+    slope: float
+
+
+def _as_2d(x):
+    return x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+
+
+def activation_forward(a, name: str, slope: float = LEAKY_SLOPE):
+    """h = act(a), any shape. Returns (h, cache)."""
+    v.array("a", a)
+    code = activation_code(name)
+    a2 = _as_2d(np.ascontiguousarray(a)) if a.ndim else a.reshape(1, 1)
+    zero = np.zeros(a2.shape[1], a.dtype)
+    h = bias_act_kernel(a2, zero, code, a.dtype.type(slope), np.empty_like(a2))
+    h = h.reshape(a.shape)
+    return h, ActivationCache(h, code, slope)
+
+
+def activation_backward(dh, cache: ActivationCache):
+    """da = dh * act'(a), with act' written in terms of h (ACT.1-5)."""
+    h, code, slope = cache
+    h2 = _as_2d(h) if h.ndim else h.reshape(1, 1)
+    dh2 = np.ascontiguousarray(dh).reshape(h2.shape)
+    da = act_grad_kernel(dh2, h2, code, h.dtype.type(slope), np.empty_like(h2))
+    return da.reshape(h.shape)
+
+
+def _named(name):
+    def forward(a, slope=LEAKY_SLOPE):
+        return activation_forward(a, name, slope)
+
+    forward.__name__ = f"{name}_forward"
+    forward.__doc__ = f"h = {name}(a), any shape. Returns (h, cache)."
+    return forward
+
+
+relu_forward = _named("relu")
+leaky_relu_forward = _named("leaky_relu")
+tanh_forward = _named("tanh")
+sigmoid_forward = _named("sigmoid")
+softplus_forward = _named("softplus")
+relu_backward = leaky_relu_backward = tanh_backward = activation_backward
+sigmoid_backward = softplus_backward = activation_backward
+
+
+class BiasActCache(NamedTuple):
+    h: np.ndarray  # (N, H) output
+    code: int
+    slope: float
+
+
+def bias_activation_forward(a, b, name: str, slope: float = LEAKY_SLOPE, out=None):
+    """h = act(a + b): the elementwise tail of a dense layer, fused into one pass.
+
+    a (N, H) is the matrix product x W, b (H,). ``out`` may be ``a`` to work in place.
+    """
+    code = activation_code(name)
+    out = np.empty_like(a) if out is None else out
+    h = bias_act_kernel(a, b, code, a.dtype.type(slope), out)
+    return h, BiasActCache(h, code, slope)
+
+
+def bias_activation_backward(dh, cache: BiasActCache, db=None):
+    """dh (N, H) -> da (N, H), db (H,): the local derivative, then the bias sum (LIN.4)."""
+    h, code, slope = cache
+    da = act_grad_kernel(dh, h, code, h.dtype.type(slope), np.empty_like(h))  # (N, H)  (ACT)
+    db = np.sum(da, axis=0, out=db)  # (H,)  (LIN.4)
+    return da, db

@@ -1,0 +1,124 @@
+"""Closed-form KL divergences between diagonal Gaussians (tutorial eqs. 7-8).
+
+    KL( N(mu, diag s2) || N(0, I) ) per dimension = (mu^2 + s2 - log s2 - 1) / 2     (KL.1)
+    KL( N(m1, diag v1) || N(m2, diag v2) ) per dim
+        = (log v2 - log v1 + (v1 + (m1 - m2)^2) / v2 - 1) / 2                        (KL.4)
+
+Both take log-variances, as an encoder produces them. Outputs are *per latent
+dimension*, (N, Z); sum over axis 1 for the per-example KL (free bits need the
+per-dimension values). Letters: N batch, Z latent size. docs/derivations.md, section KL.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import _validate as v
+from ..backend import dispatch, numba_kernel
+
+# ----------------------------------------------------------------------------------
+# Kernel pair: the standard-normal KL and the variance backward needs, in one pass.
+
+
+def _kl_numpy(mu, logvar):
+    """Per-dimension KL to N(0, I) and the variance exp(logvar); both (N, Z)."""
+    var = np.exp(logvar)  # (N, Z)
+    kl = 0.5 * (mu * mu + var - logvar - 1.0)  # (N, Z)  (KL.1)
+    return kl, var
+
+
+@numba_kernel
+def _kl_numba(mu, logvar):
+    """Same as _kl_numpy, one loop."""
+    n, z = mu.shape
+    kl = np.empty_like(mu)
+    var = np.empty_like(mu)
+    for i in range(n):
+        for j in range(z):
+            s2 = np.exp(logvar[i, j])
+            var[i, j] = s2
+            kl[i, j] = 0.5 * (mu[i, j] * mu[i, j] + s2 - logvar[i, j] - 1.0)
+    return kl, var
+
+
+kl_kernel = dispatch(_kl_numpy, _kl_numba)
+
+
+def _kl_grad_numpy(dkl, mu, var):
+    """dmu = dkl * mu (KL.2); dlogvar = dkl * (var - 1) / 2 (KL.3). All (N, Z)."""
+    return dkl * mu, 0.5 * dkl * (var - 1.0)
+
+
+@numba_kernel
+def _kl_grad_numba(dkl, mu, var):
+    """Same as _kl_grad_numpy, one loop."""
+    n, z = mu.shape
+    dmu = np.empty_like(mu)
+    dlv = np.empty_like(mu)
+    for i in range(n):
+        for j in range(z):
+            dmu[i, j] = dkl[i, j] * mu[i, j]
+            dlv[i, j] = 0.5 * dkl[i, j] * (var[i, j] - 1.0)
+    return dmu, dlv
+
+
+kl_grad_kernel = dispatch(_kl_grad_numpy, _kl_grad_numba)
+
+
+class KLCache(NamedTuple):
+    mu: np.ndarray  # (N, Z)
+    var: np.ndarray  # (N, Z) exp(logvar)
+
+
+def gaussian_kl_forward(mu, logvar):
+    """KL( N(mu, diag exp(logvar)) || N(0, I) ) per dimension.
+
+    mu, logvar (N, Z) -> kl (N, Z); ``kl.sum(1)`` is the per-example KL.
+    """
+    v.array("mu", mu, 2), v.array("logvar", logvar, 2)
+    v.same_shape("mu", mu, "logvar", logvar)
+    v.same_dtype("mu", mu, "logvar", logvar)
+    v.finite("mu", mu), v.finite("logvar", logvar)
+    kl, var = kl_kernel(mu, logvar)  # (N, Z)  (KL.1)
+    return kl, KLCache(mu, var)
+
+
+def gaussian_kl_backward(dkl, cache: KLCache):
+    """dkl (N, Z) -> dmu (N, Z), dlogvar (N, Z)  (KL.2, KL.3)."""
+    mu, var = cache
+    return kl_grad_kernel(np.ascontiguousarray(dkl, dtype=mu.dtype), mu, var)
+
+
+class KL2Cache(NamedTuple):
+    diff: np.ndarray  # (N, Z) m1 - m2
+    ratio: np.ndarray  # (N, Z) v1 / v2
+    inv_v2: np.ndarray  # (N, Z) 1 / v2
+
+
+def gaussian_kl2_forward(mu1, logvar1, mu2, logvar2):
+    """KL( N(mu1, diag exp(logvar1)) || N(mu2, diag exp(logvar2)) ) per dimension.
+
+    All inputs (N, Z) (or broadcastable to the shape of mu1) -> kl (N, Z)  (KL.4).
+    """
+    names = ("mu1", "logvar1", "mu2", "logvar2")
+    arrays = (mu1, logvar1, mu2, logvar2)
+    for name, a in zip(names, arrays):
+        v.array(name, a), v.finite(name, a)
+    for name, a in zip(names[1:], arrays[1:]):
+        v.same_shape("mu1", mu1, name, a)
+    diff = mu1 - mu2  # (N, Z)
+    inv_v2 = np.exp(-logvar2)  # (N, Z)  1 / v2
+    ratio = np.exp(logvar1 - logvar2)  # (N, Z)  v1 / v2
+    kl = 0.5 * (logvar2 - logvar1 + ratio + diff * diff * inv_v2 - 1.0)  # (N, Z)  (KL.4)
+    return kl, KL2Cache(diff, ratio, inv_v2)
+
+
+def gaussian_kl2_backward(dkl, cache: KL2Cache):
+    """dkl (N, Z) -> dmu1, dlogvar1, dmu2, dlogvar2, each (N, Z)  (KL.5)."""
+    diff, ratio, inv_v2 = cache
+    dmu1 = dkl * diff * inv_v2  # (N, Z)  (KL.5)
+    dmu2 = -dmu1  # (N, Z)  (KL.5)
+    dlogvar1 = 0.5 * dkl * (ratio - 1.0)  # (N, Z)  (KL.5)
+    dlogvar2 = 0.5 * dkl * (1.0 - ratio - diff * diff * inv_v2)  # (N, Z)  (KL.5)
+    return dmu1, dlogvar1, dmu2, dlogvar2

@@ -1,0 +1,136 @@
+"""Decoder likelihoods log p(x|z), per example, with gradients w.r.t. the decoder output.
+
+Gaussian with fixed variance s2 (tutorial eqs. 9-10), keeping the constant so the
+value is a true log-density:
+
+    log N(x; m, s2 I) = -||x - m||^2 / (2 s2) - (D/2) log(2 pi s2)           (LIK.1)
+    d/dm              = (x - m) / s2                                          (LIK.2)
+
+Bernoulli from logits l (tutorial eq. 12, with Dec(z) = sigmoid(l)):
+
+    log p(x|l) = sum_d x_d l_d - softplus(l_d)                                (LIK.3)
+    d/dl       = x - sigmoid(l)                                               (LIK.4)
+
+written with softplus(l) = max(l, 0) + log1p(exp(-|l|)), which never takes log(0) and
+never overflows, even for |l| = 1e4.
+
+Letters: N batch, D data size. docs/derivations.md, section LIK.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import _validate as v
+from ..backend import dispatch, numba_kernel
+from .activations import stable_sigmoid, stable_softplus
+
+# ----------------------------------------------------------------------------------
+# Kernel pair: Gaussian log-density per example and its local gradient.
+
+
+def _gaussian_numpy(mean, x, inv_s2, const):
+    """logp (N,) = -inv_s2/2 * sum (x - mean)^2 + const;  g (N, D) = (x - mean) * inv_s2."""
+    r = x - mean  # (N, D) residual
+    logp = -0.5 * inv_s2 * np.einsum("nd,nd->n", r, r) + const  # (N,)  (LIK.1)
+    g = r * inv_s2  # (N, D)  (LIK.2)
+    return logp, g
+
+
+@numba_kernel
+def _gaussian_numba(mean, x, inv_s2, const):
+    """Same as _gaussian_numpy, one pass per row."""
+    n, d = x.shape
+    logp = np.empty(n, dtype=x.dtype)
+    g = np.empty_like(x)
+    for i in range(n):
+        acc = 0.0
+        for j in range(d):
+            r = x[i, j] - mean[i, j]
+            acc += r * r
+            g[i, j] = r * inv_s2
+        logp[i] = -0.5 * inv_s2 * acc + const
+    return logp, g
+
+
+gaussian_kernel = dispatch(_gaussian_numpy, _gaussian_numba)
+
+# ----------------------------------------------------------------------------------
+# Kernel pair: Bernoulli log-probability per example and its local gradient.
+
+
+def _bernoulli_numpy(logits, x):
+    """logp (N,) = sum x l - softplus(l);  g (N, D) = x - sigmoid(l)."""
+    logp = np.sum(x * logits - stable_softplus(logits), axis=1)  # (N,)  (LIK.3)
+    g = x - stable_sigmoid(logits)  # (N, D)  (LIK.4)
+    return logp.astype(logits.dtype, copy=False), g
+
+
+@numba_kernel
+def _bernoulli_numba(logits, x):
+    """Same as _bernoulli_numpy, one pass per row: one exp serves both terms."""
+    n, d = x.shape
+    logp = np.empty(n, dtype=x.dtype)
+    g = np.empty_like(x)
+    for i in range(n):
+        acc = 0.0
+        for j in range(d):
+            l = logits[i, j]
+            e = np.exp(-abs(l))  # in (0, 1]: no overflow
+            acc += x[i, j] * l - (max(l, 0.0) + np.log1p(e))
+            s = 1.0 / (1.0 + e) if l >= 0 else e / (1.0 + e)  # sigmoid(l)
+            g[i, j] = x[i, j] - s
+        logp[i] = acc
+    return logp, g
+
+
+bernoulli_kernel = dispatch(_bernoulli_numpy, _bernoulli_numba)
+
+
+# ----------------------------------------------------------------------------------
+# Public op pairs
+
+
+class LikelihoodCache(NamedTuple):
+    g: np.ndarray  # (N, D) d log p / d(decoder output), computed with the value
+
+
+def _check_pair(name, pred, x):
+    v.array(name, pred, 2), v.array("x", x, 2)
+    v.same_shape(name, pred, "x", x)
+    v.same_dtype(name, pred, "x", x)
+    v.finite(name, pred), v.finite("x", x)
+
+
+def gaussian_loglik_forward(mean, x, sigma2: float = 1.0):
+    """log N(x; mean, sigma2 I) per example.  mean, x (N, D) -> logp (N,)  (LIK.1)."""
+    _check_pair("mean", mean, x)
+    s2 = v.positive("sigma2", sigma2)
+    d = x.shape[1]
+    const = -0.5 * d * math.log(2.0 * math.pi * s2)  # the constant of (LIK.1)
+    inv = mean.dtype.type(1.0 / s2)
+    logp, g = gaussian_kernel(mean, x, inv, mean.dtype.type(const))
+    return logp, LikelihoodCache(g)
+
+
+def gaussian_loglik_backward(dlogp, cache: LikelihoodCache):
+    """dlogp (N,) -> dmean (N, D) = dlogp * (x - mean) / sigma2  (LIK.2)."""
+    return cache.g * dlogp[:, None]
+
+
+def bernoulli_loglik_forward(logits, x):
+    """log Bernoulli(x; sigmoid(logits)) per example.  logits, x (N, D) -> logp (N,)  (LIK.3).
+
+    x may hold any value in [0, 1] (grey-level targets give the usual cross-entropy).
+    """
+    _check_pair("logits", logits, x)
+    v.in_unit_interval("x", x)
+    logp, g = bernoulli_kernel(logits, x)
+    return logp, LikelihoodCache(g)
+
+
+def bernoulli_loglik_backward(dlogp, cache: LikelihoodCache):
+    """dlogp (N,) -> dlogits (N, D) = dlogp * (x - sigmoid(logits))  (LIK.4)."""
+    return cache.g * dlogp[:, None]

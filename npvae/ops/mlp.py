@@ -1,0 +1,118 @@
+"""A multilayer perceptron built from the linear layer and the fused bias + activation.
+
+Parameters live in a flat dict under a prefix: ``{prefix}.{i}.W`` (I_i, O_i) and
+``{prefix}.{i}.b`` (O_i,) for layer i = 0 .. L-1. Hidden layers use ``activation``;
+the last layer uses ``out_activation`` (``identity`` for an encoder head or logits).
+
+    h_0 = x;   a_i = h_i W_i;   h_{i+1} = act_i(a_i + b_i)                      (MLP.1)
+
+Backward runs the layers in reverse, each step one line per gradient:
+
+    da_i = dh_{i+1} * act_i'(h_{i+1})                                          (ACT)
+    dW_i = h_i^T da_i;   db_i = sum_n da_i;   dh_i = da_i W_i^T                (LIN.2-4)
+
+Letters: N batch, I/O a layer's input/output sizes. docs/derivations.md, section MLP.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import _validate as v
+from .activations import act_grad_kernel, activation_code, bias_act_kernel, LEAKY_SLOPE
+
+
+def mlp_shapes(prefix: str, sizes) -> dict:
+    """{name: shape} for an MLP with layer sizes ``sizes`` = (input, hidden..., output)."""
+    sizes = [int(s) for s in sizes]
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise ValueError(f"sizes must list at least an input and an output size >= 1, got {sizes}")
+    shapes = {}
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        shapes[f"{prefix}.{i}.W"] = (n_in, n_out)
+        shapes[f"{prefix}.{i}.b"] = (n_out,)
+    return shapes
+
+
+def init_scale(n_in: int, n_out: int, activation: str) -> float:
+    """Standard deviation of a layer's initial weights.
+
+    He et al. (2015), sqrt(2 / n_in), before a ReLU-like activation; Glorot and Bengio
+    (2010), sqrt(2 / (n_in + n_out)), before tanh, sigmoid, softplus or nothing.
+    """
+    if activation in ("relu", "leaky_relu"):
+        return math.sqrt(2.0 / n_in)
+    return math.sqrt(2.0 / (n_in + n_out))
+
+
+def mlp_init(params, prefix: str, activation: str, rng: np.random.Generator) -> None:
+    """Fill ``params[prefix.*]`` in place: normal weights at :func:`init_scale`, zero biases."""
+    for i in range(num_layers(params, prefix)):
+        W = params[f"{prefix}.{i}.W"]
+        W[...] = rng.standard_normal(W.shape) * init_scale(*W.shape, activation)
+        params[f"{prefix}.{i}.b"][...] = 0.0
+
+
+def num_layers(params, prefix: str) -> int:
+    n = 0
+    while f"{prefix}.{n}.W" in params:
+        n += 1
+    if n == 0:
+        raise ValueError(f"params holds no layer named {prefix}.0.W")
+    return n
+
+
+class MLPCache(NamedTuple):
+    prefix: str
+    inputs: list  # h_i, the input of layer i: (N, I_i)
+    outputs: list  # h_{i+1}, the output of layer i: (N, O_i)
+    weights: list  # W_i: (I_i, O_i)
+    codes: list  # activation code of layer i
+    slope: float
+
+
+def mlp_forward(params, prefix: str, x, activation: str, out_activation: str = "identity",
+                slope: float = LEAKY_SLOPE):
+    """x (N, I_0) -> out (N, O_last), with the cache backward needs."""
+    v.array("x", x, 2)
+    n_layers = num_layers(params, prefix)
+    hidden, last = activation_code(activation), activation_code(out_activation)
+    inputs, outputs, weights, codes = [], [], [], []
+    h = x
+    for i in range(n_layers):
+        W, b = params[f"{prefix}.{i}.W"], params[f"{prefix}.{i}.b"]
+        if h.shape[1] != W.shape[0]:
+            name = "x" if i == 0 else f"the input of {prefix}.{i}"
+            raise ValueError(f"{name} has {h.shape[1]} features, {prefix}.{i}.W expects {W.shape[0]}")
+        if h.dtype != W.dtype:
+            raise ValueError(f"x has dtype {h.dtype} but the parameters are {W.dtype}")
+        code = last if i == n_layers - 1 else hidden
+        a = h @ W  # (N, O_i)  (MLP.1)
+        out = bias_act_kernel(a, b, code, W.dtype.type(slope), a)  # (N, O_i) in place  (MLP.1)
+        inputs.append(h), outputs.append(out), weights.append(W), codes.append(code)
+        h = out
+    return h, MLPCache(prefix, inputs, outputs, weights, codes, slope)
+
+
+def mlp_backward(dout, cache: MLPCache, grads=None, need_dx: bool = True):
+    """dout (N, O_last) -> (dx (N, I_0) or None, grads).
+
+    ``grads`` is a dict to write ``{prefix}.{i}.W`` / ``.b`` into (for instance views of a
+    flat gradient buffer); a new dict is made when it is None. Pass ``need_dx=False``
+    when x is data, to skip the first layer's input gradient (a whole matrix product).
+    """
+    prefix, inputs, outputs, weights, codes, slope = cache
+    grads = {} if grads is None else grads
+    dh = dout
+    for i in reversed(range(len(weights))):
+        W = weights[i]
+        da = act_grad_kernel(dh, outputs[i], codes[i], W.dtype.type(slope),
+                             np.empty_like(outputs[i]))  # (N, O_i)  (ACT)
+        kw, kb = f"{prefix}.{i}.W", f"{prefix}.{i}.b"
+        grads[kw] = np.matmul(inputs[i].T, da, out=grads.get(kw))  # (I_i, O_i)  (LIN.3)
+        grads[kb] = np.sum(da, axis=0, out=grads.get(kb))  # (O_i,)  (LIN.4)
+        if i > 0 or need_dx:
+            dh = da @ W.T  # (N, I_i)  (LIN.2)
+    return (dh if need_dx else None), grads

@@ -1,0 +1,72 @@
+"""Parameters and gradients kept in one contiguous buffer, seen through named views.
+
+A model's ``params`` is a :class:`FlatDict`: an ordinary ``dict`` from dotted names
+(``"enc.0.W"``) to arrays, except that every array is a view into one 1-D buffer,
+``params.flat``. Gradients come back the same way, with the same keys in the same order,
+so an optimizer updates the whole model in one fused pass over ``flat`` instead of
+looping over parameters in Python.
+
+Writing into a view (``params["enc.0.W"][...] = w``) writes into ``flat``; rebinding a key
+to a new array would break that link, so :meth:`FlatDict.__setitem__` copies into the
+view instead.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+
+class FlatDict(dict):
+    """dict of named views into one contiguous 1-D array ``self.flat``."""
+
+    def __init__(self, shapes: Mapping[str, tuple], dtype=np.float64, flat=None):
+        dtype = np.dtype(dtype)
+        sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes.values()]
+        total = int(sum(sizes))
+        if flat is None:
+            flat = np.zeros(total, dtype=dtype)
+        elif flat.shape != (total,) or flat.dtype != dtype or not flat.flags.c_contiguous:
+            raise ValueError(
+                f"flat must be a contiguous {dtype} array of shape ({total},), "
+                f"got {flat.dtype} {flat.shape}"
+            )
+        super().__init__()
+        self.flat = flat
+        offset = 0
+        for (name, shp), n in zip(shapes.items(), sizes):
+            dict.__setitem__(self, name, flat[offset : offset + n].reshape(shp))
+            offset += n
+
+    @property
+    def shapes(self) -> dict:
+        return {k: v.shape for k, v in self.items()}
+
+    def zeros_like(self) -> "FlatDict":
+        """A new FlatDict with the same keys, shapes and dtype, all zeros."""
+        return FlatDict(self.shapes, self.flat.dtype)
+
+    def empty_like(self) -> "FlatDict":
+        return FlatDict(self.shapes, self.flat.dtype, np.empty_like(self.flat))
+
+    def copy(self) -> "FlatDict":
+        return FlatDict(self.shapes, self.flat.dtype, self.flat.copy())
+
+    def astype(self, dtype) -> "FlatDict":
+        return FlatDict(self.shapes, dtype, self.flat.astype(dtype))
+
+    def __setitem__(self, key, value):
+        if key not in self:
+            raise KeyError(
+                f"{key!r} is not a parameter; a FlatDict's keys are fixed: {list(self)}"
+            )
+        view = dict.__getitem__(self, key)
+        value = np.asarray(value)
+        if value.shape != view.shape:
+            raise ValueError(
+                f"{key} must have shape {view.shape}, got {value.shape}"
+            )
+        view[...] = value
+
+    def __reduce__(self):  # pickling keeps the flat layout
+        return (FlatDict, (self.shapes, self.flat.dtype, self.flat.copy()))

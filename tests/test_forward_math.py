@@ -1,0 +1,101 @@
+"""The forward maths, checked without the backward passes: distributions, closed forms
+against Monte Carlo, log-likelihoods against direct formulas on hand-computed cases."""
+import math
+
+import numpy as np
+import pytest
+
+from npvae.ops import (
+    bernoulli_loglik_forward, gaussian_kl2_forward, gaussian_kl_forward,
+    gaussian_loglik_forward, reparameterize_forward,
+)
+
+
+def test_reparameterized_samples_have_mean_mu_and_variance_exp_logvar(rng):
+    mu = np.array([[0.5, -2.0, 3.0]])
+    logvar = np.array([[0.0, np.log(4.0), np.log(0.09)]])
+    s = 200_000
+    eps = rng.standard_normal((s, 3))
+    z, _ = reparameterize_forward(np.repeat(mu, s, 0), np.repeat(logvar, s, 0), eps)
+    var = np.exp(logvar[0])
+    # standard errors: sqrt(var / s) for the mean, var * sqrt(2 / s) for the variance
+    np.testing.assert_allclose(z.mean(0), mu[0], atol=5 * np.sqrt(var / s).max())
+    np.testing.assert_allclose(z.var(0), var, atol=5 * (var * np.sqrt(2 / s)).max())
+    # the standard deviation, not the variance, multiplies eps
+    assert abs(z.std(0)[1] - 2.0) < 0.02
+
+
+def _log_normal(z, mu, var):
+    return -0.5 * ((z - mu) ** 2 / var + np.log(2 * np.pi * var))
+
+
+def test_closed_form_kl_matches_monte_carlo(rng):
+    mu = np.array([[0.3, -1.2, 2.0, 0.0]])
+    logvar = np.array([[-1.0, 0.5, 0.0, -3.0]])
+    kl, _ = gaussian_kl_forward(mu, logvar)
+    s = 400_000
+    var = np.exp(logvar[0])
+    z = mu[0] + np.sqrt(var) * rng.standard_normal((s, 4))
+    terms = _log_normal(z, mu[0], var) - _log_normal(z, 0.0, 1.0)  # log q - log p
+    mc, se = terms.mean(0), terms.std(0) / np.sqrt(s)
+    assert np.all(np.abs(kl[0] - mc) < 5 * se + 1e-3), (kl, mc, se)
+
+
+def test_two_gaussian_kl_matches_monte_carlo_and_reduces_to_standard(rng):
+    m1, lv1 = np.array([[0.4, -0.7]]), np.array([[0.2, -0.5]])
+    m2, lv2 = np.array([[-0.3, 0.9]]), np.array([[0.7, 0.3]])
+    kl, _ = gaussian_kl2_forward(m1, lv1, m2, lv2)
+    s = 400_000
+    v1, v2 = np.exp(lv1[0]), np.exp(lv2[0])
+    z = m1[0] + np.sqrt(v1) * rng.standard_normal((s, 2))
+    terms = _log_normal(z, m1[0], v1) - _log_normal(z, m2[0], v2)
+    assert np.all(np.abs(kl[0] - terms.mean(0)) < 5 * terms.std(0) / np.sqrt(s) + 1e-3)
+    zeros = np.zeros_like(m1)
+    np.testing.assert_allclose(gaussian_kl2_forward(m1, lv1, zeros, zeros)[0],
+                               gaussian_kl_forward(m1, lv1)[0], rtol=1e-14)
+
+
+def test_kl_is_zero_only_at_the_prior():
+    z = np.zeros((2, 3))
+    assert np.all(gaussian_kl_forward(z, z)[0] == 0.0)
+    kl, _ = gaussian_kl_forward(np.full((1, 1), 1.0), np.zeros((1, 1)))
+    assert kl[0, 0] == pytest.approx(0.5)  # mu^2 / 2
+
+
+def test_gaussian_loglik_hand_computed():
+    x = np.array([[1.0, 2.0]])
+    mean = np.array([[0.0, 0.0]])
+    # -(1 + 4) / 2 - log(2 pi)  for sigma2 = 1, D = 2
+    logp, _ = gaussian_loglik_forward(mean, x)
+    assert logp[0] == pytest.approx(-2.5 - math.log(2 * math.pi), rel=1e-14)
+    # sigma2 = 4: -(5) / 8 - log(2 pi 4)
+    logp, _ = gaussian_loglik_forward(mean, x, sigma2=4.0)
+    assert logp[0] == pytest.approx(-5 / 8 - math.log(8 * math.pi), rel=1e-14)
+
+
+def test_gaussian_loglik_integrates_to_one_in_1d():
+    grid = np.linspace(-12, 12, 200_001)[:, None]
+    logp, _ = gaussian_loglik_forward(np.full_like(grid, 0.7), grid, sigma2=2.5)
+    assert np.trapezoid(np.exp(logp), grid[:, 0]) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_bernoulli_loglik_hand_computed():
+    logits = np.array([[0.0, np.log(3.0)]])  # p = 1/2 and 3/4
+    x = np.array([[1.0, 0.0]])
+    logp, _ = bernoulli_loglik_forward(logits, x)
+    assert logp[0] == pytest.approx(math.log(0.5) + math.log(0.25), rel=1e-14)
+    x = np.array([[0.25, 1.0]])  # grey targets: the cross-entropy
+    logp, _ = bernoulli_loglik_forward(logits, x)
+    expected = 0.25 * math.log(0.5) + 0.75 * math.log(0.5) + math.log(0.75)
+    assert logp[0] == pytest.approx(expected, rel=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bernoulli_is_stable_for_huge_logits(dtype):
+    logits = np.array([[1e4, -1e4, 1e4, -1e4, 0.0]], dtype=dtype)
+    x = np.array([[1.0, 0.0, 0.0, 1.0, 1.0]], dtype=dtype)
+    with np.errstate(all="raise"):  # no overflow, no log(0), no invalid op
+        logp, cache = bernoulli_loglik_forward(logits, x)
+    assert np.isfinite(logp).all() and np.isfinite(cache.g).all()
+    assert logp[0] == pytest.approx(-2e4 - math.log(2), rel=1e-6)
+    np.testing.assert_allclose(cache.g, [[0.0, 0.0, -1.0, 1.0, 0.5]], atol=1e-7)
