@@ -1,0 +1,32 @@
+"""The four models of the tutorial, and :func:`build` to remake one from its config."""
+from __future__ import annotations
+
+from .autoencoder import Autoencoder
+from .base import Model
+from .vae import VAE, BernoulliVAE, GaussianVAE
+
+MODELS = {
+    "vae-gaussian": GaussianVAE,
+    "vae-bernoulli": BernoulliVAE,
+    "vae": VAE,
+    "ae": Autoencoder,
+}
+
+try:  # the VQ-VAE lives in its own module
+    from .vqvae import VQVAE
+
+    MODELS["vqvae"] = VQVAE
+except ImportError:  # pragma: no cover
+    pass
+
+
+def build(config: dict, rng=0) -> Model:
+    """A new model of ``config["kind"]`` with the architecture in ``config`` (fresh init)."""
+    config = dict(config)
+    kind = config.pop("kind", None)
+    if kind not in MODELS:
+        raise ValueError(f"config kind must be one of {sorted(MODELS)}, got {kind!r}")
+    return MODELS[kind](**config, rng=rng)
+
+
+__all__ = ["Autoencoder", "BernoulliVAE", "GaussianVAE", "MODELS", "Model", "VAE", "build"]

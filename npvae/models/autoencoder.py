@@ -1,0 +1,115 @@
+"""The autoencoder as the tutorial derives it (section 5, eqs. 13-14).
+
+Fix the encoder's variance at I: q(z|x) = N(Enc(x), I). The KL to N(0, I) with
+logvar = 0 is (KL.1) with the variance terms cancelling:
+
+    KL = (||Enc(x)||^2 + Z - 0 - Z) / 2 = ||Enc(x)||^2 / 2                    (AE.1)
+
+so the negative ELBO is the reconstruction term plus an L2 penalty on the code:
+
+    loss = -log p(x|z) + w ||Enc(x)||^2 / 2                                    (AE.2)
+
+    sampled:        z = Enc(x) + eps,  eps ~ N(0, I)   (the derivation as written)
+    deterministic:  z = Enc(x)                         (the usual autoencoder)
+
+For a Gaussian decoder with sigma2 = 1, -log p(x|z) = ||x - Dec(z)||^2 / 2 + (D/2) log 2 pi,
+so (AE.2) is half of the tutorial's (14) plus a constant. w is the KL weight of
+(OBJ.2); w = 0 gives a plain autoencoder. docs/derivations.md, section AE.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..ops.activations import activation_code
+from ..ops.mlp import mlp_backward, mlp_forward, mlp_init, mlp_shapes
+from .base import (
+    Model, as_rng, check_likelihood, kl_weight, likelihood_backward, likelihood_forward,
+    likelihood_mean,
+)
+
+
+class Autoencoder(Model):
+    """Encoder MLP x (N, D) -> code (N, Z); decoder MLP code -> output (N, D)."""
+
+    kind = "ae"
+
+    def __init__(self, data_dim: int = 784, hidden=(400,), latent: int = 20,
+                 activation: str = "relu", likelihood: str = "bernoulli", sigma2: float = 1.0,
+                 sampled: bool = False, beta: float = 1.0, warmup_steps: int = 0,
+                 dtype=np.float32, rng=0):
+        hidden = tuple(int(h) for h in hidden)
+        sigma2 = check_likelihood(likelihood, sigma2)
+        activation_code(activation)
+        if int(latent) < 1 or int(data_dim) < 1:
+            raise ValueError(f"latent and data_dim must be >= 1, got {latent} and {data_dim}")
+        if beta < 0 or warmup_steps < 0:
+            raise ValueError(f"beta and warmup_steps must be >= 0, got {beta} and {warmup_steps}")
+        config = dict(data_dim=int(data_dim), hidden=list(hidden), latent=int(latent),
+                      activation=activation, likelihood=likelihood, sigma2=sigma2,
+                      sampled=bool(sampled), beta=float(beta), warmup_steps=int(warmup_steps))
+        self.latent = int(latent)
+        shapes = {**mlp_shapes("enc", (data_dim, *hidden, latent)),
+                  **mlp_shapes("dec", (latent, *hidden[::-1], data_dim))}
+        super().__init__(shapes, dtype, config)
+        rng = as_rng(rng)
+        mlp_init(self.params, "enc", activation, rng)
+        mlp_init(self.params, "dec", activation, rng)
+
+    def loss_and_grads(self, x, *, rng=None, eps=None, step=None):
+        """Forward chain, then reverse chain. eps (N, Z) fixes the noise of the sampled form."""
+        cfg = self.config
+        x = self.check_x(x)
+        n = x.shape[0]
+        w = kl_weight(cfg["beta"], cfg["warmup_steps"], step)
+
+        # ---- forward
+        code, enc_cache = mlp_forward(self.params, "enc", x, cfg["activation"])  # (N, Z)
+        if cfg["sampled"]:
+            z = code + self.noise((n, self.latent), rng, eps)  # (N, Z)  (REP.1) with logvar = 0
+        else:
+            z = code  # (N, Z)
+        out, dec_cache = mlp_forward(self.params, "dec", z, cfg["activation"])  # (N, D)
+        logp, lik_cache = likelihood_forward(cfg["likelihood"], out, x, cfg["sigma2"])  # (N,)
+        l2 = 0.5 * np.einsum("nz,nz->n", code, code)  # (N,)  (AE.1)
+        recon = -logp.mean()
+        loss = recon + w * l2.mean()  # ()  (AE.2)
+
+        # ---- reverse
+        grads = self.new_grads()
+        dlogp = np.full(n, -1.0 / n, dtype=self.dtype)  # (N,)
+        dout = likelihood_backward(cfg["likelihood"], dlogp, lik_cache)  # (N, D)  (LIK.2/4)
+        dz, _ = mlp_backward(dout, dec_cache, grads)  # (N, Z); dz/dcode = I  (REP.2)
+        dcode = dz + (w / n) * code  # (N, Z)  the L2 term's gradient, added  (AE.3)
+        mlp_backward(dcode, enc_cache, grads, need_dx=False)
+
+        stats = dict(loss=float(loss), recon=float(recon), kl=float(l2.mean()),
+                     elbo=float((logp - l2).mean()), kl_weight=w)
+        return float(loss), grads, stats
+
+    def encode(self, x):
+        """x (N, D) -> the code Enc(x) (N, Z), the mean of q(z|x)."""
+        x = self.check_x(x)
+        code, _ = mlp_forward(self.params, "enc", x, self.config["activation"])
+        return code
+
+    def decoder_output(self, z):
+        z = np.asarray(z, dtype=self.dtype)
+        if z.ndim != 2 or z.shape[1] != self.latent:
+            raise ValueError(f"z must have shape (N, {self.latent}), got {z.shape}")
+        out, _ = mlp_forward(self.params, "dec", z, self.config["activation"])
+        return out
+
+    def decode(self, z):
+        """z (N, Z) -> E[x|z] (N, D)."""
+        return likelihood_mean(self.config["likelihood"], self.decoder_output(z))
+
+    def reconstruct(self, x, rng=None):
+        z = self.encode(x)
+        if rng is not None and self.config["sampled"]:
+            z = z + as_rng(rng).standard_normal(z.shape, dtype=self.dtype)
+        return self.decode(z)
+
+    def sample(self, n: int, rng):
+        """Decode codes drawn from the prior N(0, I) that the L2 term pulls codes towards."""
+        z = as_rng(rng).standard_normal((int(n), self.latent), dtype=self.dtype)
+        return self.decode(z)

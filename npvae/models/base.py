@@ -1,0 +1,119 @@
+"""What every npvae model shares: parameters, configuration, input checks, likelihoods.
+
+A model holds ``params``, a :class:`~npvae.params.FlatDict` (dotted names, one flat
+buffer), and a JSON-serialisable ``config`` from which :func:`npvae.models.build`
+makes an identical model. ``loss_and_grads(x, *, rng=None, eps=None)`` returns
+
+    loss   float, the batch mean of the objective in nats per example
+    grads  FlatDict with exactly the keys of ``params``
+    stats  dict of floats: every term of the objective separately
+
+Backward never touches ``params``; optimizers live in :mod:`npvae.optim`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _validate as v
+from ..ops import (
+    bernoulli_loglik_backward, bernoulli_loglik_forward, gaussian_loglik_backward,
+    gaussian_loglik_forward,
+)
+from ..ops.activations import stable_sigmoid
+from ..params import FlatDict
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+
+
+def as_rng(rng) -> np.random.Generator:
+    """A Generator from a Generator, a seed, or None (a fresh seed from the OS)."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    return np.random.default_rng(rng)
+
+
+class Model:
+    """Base class: parameters, config, and the checks every entry point runs on x."""
+
+    kind = "model"
+
+    def __init__(self, shapes: dict, dtype, config: dict):
+        self.dtype = np.dtype(dtype)
+        if self.dtype.type not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.params = FlatDict(shapes, self.dtype)
+        self.config = dict(config, kind=self.kind, dtype=self.dtype.name)
+
+    # -- inputs ---------------------------------------------------------------------
+    def check_x(self, x, name: str = "x") -> np.ndarray:
+        """x must be (N, data_dim), of the model's dtype, finite, and in [0, 1] for Bernoulli."""
+        v.array(name, x, 2)
+        d = self.config["data_dim"]
+        if x.shape[1] != d:
+            raise ValueError(f"{name} must have {d} features per example (shape (N, {d})), got {x.shape}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} must hold at least one example, got shape {x.shape}")
+        if x.dtype != self.dtype:
+            raise ValueError(
+                f"{name} must have dtype {self.dtype} like the model, got {x.dtype}; "
+                f"convert with {name}.astype(np.{self.dtype})"
+            )
+        v.finite(name, x)
+        if self.config.get("likelihood") == "bernoulli":
+            v.in_unit_interval(name, x)
+        return x
+
+    def check_eps(self, eps, shape) -> np.ndarray:
+        v.array("eps", eps)
+        v.shape("eps", eps, shape)
+        if eps.dtype != self.dtype:
+            raise ValueError(f"eps must have dtype {self.dtype} like the model, got {eps.dtype}")
+        return eps
+
+    def noise(self, shape, rng, eps):
+        """The reparameterization noise: ``eps`` if given (checked), else drawn from ``rng``."""
+        if eps is not None:
+            return self.check_eps(eps, shape)
+        if rng is None:
+            raise ValueError("pass rng (a numpy Generator) to draw the noise, or eps to fix it")
+        return as_rng(rng).standard_normal(shape, dtype=self.dtype)
+
+    def new_grads(self) -> FlatDict:
+        return self.params.empty_like()
+
+    def num_params(self) -> int:
+        return int(self.params.flat.size)
+
+
+# ----------------------------------------------------------------------------------
+# Likelihood p(x|z) by name: forward, backward, and the mean of the distribution.
+
+
+def likelihood_forward(name, out, x, sigma2):
+    if name == "bernoulli":
+        return bernoulli_loglik_forward(out, x)  # (N,)  (LIK.3)
+    return gaussian_loglik_forward(out, x, sigma2)  # (N,)  (LIK.1)
+
+
+def likelihood_backward(name, dlogp, cache):
+    if name == "bernoulli":
+        return bernoulli_loglik_backward(dlogp, cache)  # (N, D)  (LIK.4)
+    return gaussian_loglik_backward(dlogp, cache)  # (N, D)  (LIK.2)
+
+
+def likelihood_mean(name, out):
+    """E[x|z]: sigmoid of the logits, or the Gaussian mean itself."""
+    return stable_sigmoid(out) if name == "bernoulli" else out
+
+
+def check_likelihood(name: str, sigma2: float) -> float:
+    if name not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {name!r}")
+    return v.positive("sigma2", sigma2)
+
+
+def kl_weight(beta: float, warmup_steps: int, step) -> float:
+    """beta * min(1, step / warmup_steps); the full beta when step is None or no warm-up (OBJ.2)."""
+    if step is None or warmup_steps <= 0:
+        return float(beta)
+    return float(beta) * min(1.0, float(step) / float(warmup_steps))

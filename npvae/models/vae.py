@@ -1,0 +1,175 @@
+"""The Gaussian and Bernoulli VAEs (tutorial sections 3-4, eqs. 6-12).
+
+    q(z|x) = N(mu(x), diag exp(logvar(x)))     encoder MLP x -> [mu, logvar]   (VAE.1)
+    p(z)   = N(0, I)
+    p(x|z) = N(Dec(z), sigma2 I)  or  Bernoulli(sigmoid(Dec(z)))               (VAE.2)
+
+One sample z = mu + eps * exp(logvar / 2) estimates the reconstruction term; the KL is
+in closed form. The objective, in nats per example, averaged over the batch:
+
+    loss = -log p(x|z) + w * KL(q(z|x) || p(z))                                (OBJ.1)
+
+with the KL weight w = beta * min(1, step / warmup_steps) (OBJ.2); beta = 1, no
+warm-up gives the negative ELBO (T.5). With free bits lambda > 0 the KL term becomes
+
+    sum_j max(lambda, mean_n KL_nj)                                            (OBJ.3)
+
+(Kingma et al. 2016): a latent dimension whose batch-average KL is below lambda
+nats costs a constant lambda, and so gets no gradient from the KL.
+
+Letters: N batch, D data size, H hidden sizes, Z latent size. docs/derivations.md,
+sections VAE and OBJ.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..ops import (
+    gaussian_kl_backward, gaussian_kl_forward, reparameterize_backward, reparameterize_forward,
+)
+from ..ops.activations import activation_code
+from ..ops.mlp import mlp_backward, mlp_forward, mlp_init, mlp_shapes
+from .base import (
+    Model, as_rng, check_likelihood, kl_weight, likelihood_backward, likelihood_forward,
+    likelihood_mean,
+)
+
+
+class VAE(Model):
+    """A VAE with a diagonal Gaussian encoder and a Gaussian or Bernoulli decoder.
+
+    Parameters: ``enc.{i}.W/b`` map x (N, D) to [mu, logvar] (N, 2Z); ``dec.{i}.W/b``
+    map z (N, Z) to the decoder output (N, D): the Gaussian mean or the Bernoulli logits.
+    Weights start normal with He or Glorot scale (:func:`npvae.ops.mlp.init_scale`),
+    biases at zero, so logvar starts near 0 (unit posterior variance).
+    """
+
+    kind = "vae"
+
+    def __init__(self, data_dim: int = 784, hidden=(400,), latent: int = 20,
+                 activation: str = "relu", likelihood: str = "bernoulli", sigma2: float = 1.0,
+                 beta: float = 1.0, warmup_steps: int = 0, free_bits: float = 0.0,
+                 dtype=np.float32, rng=0):
+        hidden = tuple(int(h) for h in hidden)
+        sigma2 = check_likelihood(likelihood, sigma2)
+        activation_code(activation)  # validates the name
+        if int(latent) < 1 or int(data_dim) < 1:
+            raise ValueError(f"latent and data_dim must be >= 1, got {latent} and {data_dim}")
+        if beta < 0 or free_bits < 0 or warmup_steps < 0:
+            raise ValueError(
+                f"beta, free_bits and warmup_steps must be >= 0, got {beta}, {free_bits}, {warmup_steps}"
+            )
+        config = dict(data_dim=int(data_dim), hidden=list(hidden), latent=int(latent),
+                      activation=activation, likelihood=likelihood, sigma2=sigma2,
+                      beta=float(beta), warmup_steps=int(warmup_steps), free_bits=float(free_bits))
+        self.latent = int(latent)
+        shapes = {**mlp_shapes("enc", (data_dim, *hidden, self.enc_out)),
+                  **mlp_shapes("dec", (latent, *hidden[::-1], data_dim))}
+        super().__init__(shapes, dtype, config)
+        rng = as_rng(rng)
+        mlp_init(self.params, "enc", activation, rng)
+        mlp_init(self.params, "dec", activation, rng)
+
+    @property
+    def enc_out(self) -> int:
+        return 2 * self.latent  # [mu, logvar]
+
+    # -- the objective ---------------------------------------------------------------
+    def loss_and_grads(self, x, *, rng=None, eps=None, step=None):
+        """The forward chain, then the reverse chain. x (N, D); eps (N, Z) fixes the noise."""
+        cfg = self.config
+        x = self.check_x(x)
+        n, z_dim = x.shape[0], self.latent
+        w = kl_weight(cfg["beta"], cfg["warmup_steps"], step)
+
+        # ---- forward
+        enc, enc_cache = mlp_forward(self.params, "enc", x, cfg["activation"])  # (N, 2Z)
+        mu, logvar = enc[:, :z_dim], enc[:, z_dim:]  # (N, Z) each  (VAE.1)
+        eps = self.noise((n, z_dim), rng, eps)  # (N, Z)
+        z, rep_cache = reparameterize_forward(mu, logvar, eps)  # (N, Z)  (REP.1)
+        out, dec_cache = mlp_forward(self.params, "dec", z, cfg["activation"])  # (N, D)  (VAE.2)
+        logp, lik_cache = likelihood_forward(cfg["likelihood"], out, x, cfg["sigma2"])  # (N,)
+        kl_dim, kl_cache = gaussian_kl_forward(mu, logvar)  # (N, Z)  (KL.1)
+        kl = kl_dim.sum(axis=1)  # (N,)
+        if cfg["free_bits"] > 0:
+            kl_mean_dim = kl_dim.mean(axis=0)  # (Z,)
+            kl_term = np.maximum(kl_mean_dim, cfg["free_bits"]).sum()  # ()  (OBJ.3)
+        else:
+            kl_term = kl.mean()  # ()
+        recon = -logp.mean()  # ()
+        loss = recon + w * kl_term  # ()  (OBJ.1)
+
+        # ---- reverse
+        grads = self.new_grads()
+        dlogp = np.full(n, -1.0 / n, dtype=self.dtype)  # (N,)  d loss / d logp_n
+        dout = likelihood_backward(cfg["likelihood"], dlogp, lik_cache)  # (N, D)  (LIK.2/4)
+        dz, _ = mlp_backward(dout, dec_cache, grads)  # (N, Z)  (MLP)
+        dmu, dlogvar = reparameterize_backward(dz, rep_cache)  # (N, Z) each  (REP.2, REP.3)
+        dkl_dim = np.full((n, z_dim), w / n, dtype=self.dtype)  # (N, Z)  d loss / d KL_nj
+        if cfg["free_bits"] > 0:
+            dkl_dim *= kl_mean_dim > cfg["free_bits"]  # (N, Z)  flat below lambda  (OBJ.3)
+        dmu_kl, dlogvar_kl = gaussian_kl_backward(dkl_dim, kl_cache)  # (N, Z) each  (KL.2, KL.3)
+        dmu += dmu_kl  # (N, Z)  mu feeds both z and the KL: gradients add
+        dlogvar += dlogvar_kl  # (N, Z)  logvar too
+        denc = np.concatenate([dmu, dlogvar], axis=1)  # (N, 2Z)
+        mlp_backward(denc, enc_cache, grads, need_dx=False)  # x is data: no dx
+
+        stats = dict(loss=float(loss), recon=float(recon), kl=float(kl.mean()),
+                     elbo=float((logp - kl).mean()), kl_weight=w, kl_term=float(kl_term))
+        return float(loss), grads, stats
+
+    # -- using the model -------------------------------------------------------------
+    def encode(self, x):
+        """x (N, D) -> mu (N, Z), logvar (N, Z) of q(z|x)."""
+        x = self.check_x(x)
+        enc, _ = mlp_forward(self.params, "enc", x, self.config["activation"])
+        return enc[:, : self.latent].copy(), enc[:, self.latent:].copy()
+
+    def decoder_output(self, z):
+        """z (N, Z) -> the decoder's raw output (N, D): Gaussian mean or Bernoulli logits."""
+        z = np.asarray(z, dtype=self.dtype)
+        if z.ndim != 2 or z.shape[1] != self.latent:
+            raise ValueError(f"z must have shape (N, {self.latent}), got {z.shape}")
+        out, _ = mlp_forward(self.params, "dec", z, self.config["activation"])
+        return out
+
+    def decode(self, z):
+        """z (N, Z) -> E[x|z] (N, D): probabilities for Bernoulli, the mean for Gaussian."""
+        return likelihood_mean(self.config["likelihood"], self.decoder_output(z))
+
+    def reconstruct(self, x, rng=None):
+        """Decode the posterior mean (rng None) or one posterior sample (rng given)."""
+        mu, logvar = self.encode(x)
+        if rng is not None:
+            mu = mu + as_rng(rng).standard_normal(mu.shape, dtype=self.dtype) * np.exp(0.5 * logvar)
+        return self.decode(mu)
+
+    def sample(self, n: int, rng):
+        """n draws of z ~ p(z) = N(0, I), decoded to E[x|z] (n, D)."""
+        z = as_rng(rng).standard_normal((int(n), self.latent), dtype=self.dtype)
+        return self.decode(z)
+
+
+class GaussianVAE(VAE):
+    """The VAE of tutorial section 3: p(x|z) = N(Dec(z), sigma2 I), sigma2 = 1 by default."""
+
+    kind = "vae-gaussian"
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("likelihood", "gaussian")
+        if kwargs["likelihood"] != "gaussian":
+            raise ValueError("GaussianVAE has likelihood 'gaussian'; use BernoulliVAE or VAE")
+        super().__init__(*args, **kwargs)
+
+
+class BernoulliVAE(VAE):
+    """The VAE of tutorial section 4: p(x|z) = Bernoulli(sigmoid(Dec(z)))."""
+
+    kind = "vae-bernoulli"
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("likelihood", "bernoulli")
+        if kwargs["likelihood"] != "bernoulli":
+            raise ValueError("BernoulliVAE has likelihood 'bernoulli'; use GaussianVAE or VAE")
+        kwargs.pop("sigma2", None)
+        super().__init__(*args, **kwargs)
