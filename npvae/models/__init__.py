@@ -4,20 +4,15 @@ from __future__ import annotations
 from .autoencoder import Autoencoder
 from .base import Model
 from .vae import VAE, BernoulliVAE, GaussianVAE
+from .vqvae import VQVAE
 
 MODELS = {
     "vae-gaussian": GaussianVAE,
     "vae-bernoulli": BernoulliVAE,
     "vae": VAE,
     "ae": Autoencoder,
+    "vqvae": VQVAE,
 }
-
-try:  # the VQ-VAE lives in its own module
-    from .vqvae import VQVAE
-
-    MODELS["vqvae"] = VQVAE
-except ImportError:  # pragma: no cover
-    pass
 
 
 def build(config: dict, rng=0) -> Model:
@@ -29,4 +24,4 @@ def build(config: dict, rng=0) -> Model:
     return MODELS[kind](**config, rng=rng)
 
 
-__all__ = ["Autoencoder", "BernoulliVAE", "GaussianVAE", "MODELS", "Model", "VAE", "build"]
+__all__ = ["Autoencoder", "BernoulliVAE", "GaussianVAE", "MODELS", "Model", "VAE", "VQVAE", "build"]

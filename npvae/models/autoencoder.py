@@ -92,6 +92,10 @@ class Autoencoder(Model):
         code, _ = mlp_forward(self.params, "enc", x, self.config["activation"])
         return code
 
+    def embed(self, x):
+        """x (N, D) -> the code Enc(x) (N, Z)."""
+        return self.encode(x)
+
     def decoder_output(self, z):
         z = np.asarray(z, dtype=self.dtype)
         if z.ndim != 2 or z.shape[1] != self.latent:

@@ -43,6 +43,7 @@ class Model:
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
         self.params = FlatDict(shapes, self.dtype)
         self.config = dict(config, kind=self.kind, dtype=self.dtype.name)
+        self.buffers = {}  # state that is not a parameter (saved in checkpoints)
 
     # -- inputs ---------------------------------------------------------------------
     def check_x(self, x, name: str = "x") -> np.ndarray:

@@ -125,6 +125,10 @@ class VAE(Model):
         enc, _ = mlp_forward(self.params, "enc", x, self.config["activation"])
         return enc[:, : self.latent].copy(), enc[:, self.latent:].copy()
 
+    def embed(self, x):
+        """x (N, D) -> the posterior mean mu (N, Z), e.g. for a latent plot."""
+        return self.encode(x)[0]
+
     def decoder_output(self, z):
         """z (N, Z) -> the decoder's raw output (N, D): Gaussian mean or Bernoulli logits."""
         z = np.asarray(z, dtype=self.dtype)
