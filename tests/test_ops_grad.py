@@ -35,7 +35,11 @@ def test_linear(n, i, o, seed):
 
 def away_from_kink(a, name):
     if name in ("relu", "leaky_relu"):
-        a[np.abs(a) < 1e-2] += 0.05  # finite differences are meaningless at the kink
+        a[np.abs(a) < 1e-2] += 0.05  # keep 100 steps h away from the kink, where differences mislead
+    if name in ("tanh", "sigmoid"):
+        # where they saturate the derivative (~1e-7 at |a| = 8) drowns in the rounding
+        # noise of a central difference (~1e-10): a relative check measures only noise
+        np.clip(a, -4.0, 4.0, out=a)
     return a
 
 
@@ -117,7 +121,7 @@ def test_mlp(act, n, sizes, seed):
     if act in ("relu", "leaky_relu"):
         # keep every pre-activation away from the kink, or finite differences are meaningless
         pre = [h @ params[f"net.{i}.W"] + params[f"net.{i}.b"] for i, h in enumerate(cache.inputs)]
-        assume(all(np.abs(p).min() > 1e-4 for p in pre[:-1]))
+        assume(all(np.abs(p).min() > 1e-3 for p in pre[:-1]))
     g = rng.normal(size=out.shape)
     dx, grads = mlp_backward(g, cache)
     assert set(grads) == set(params)
