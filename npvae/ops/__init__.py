@@ -31,3 +31,15 @@ from .likelihoods import (  # noqa: F401
 )
 from .linear import linear_backward, linear_forward  # noqa: F401
 from .reparam import reparameterize_backward, reparameterize_forward  # noqa: F401
+from .vq import (  # noqa: F401
+    codebook_loss_backward,
+    codebook_loss_forward,
+    commitment_loss_backward,
+    commitment_loss_forward,
+    ema_init,
+    ema_update,
+    EMAState,
+    quantize_backward,
+    quantize_forward,
+    vq_assign,
+)

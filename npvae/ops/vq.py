@@ -175,7 +175,7 @@ def _check_idx(idx, rows: int, num_codes: int) -> np.ndarray:
             f"idx must lie in [0, {num_codes}) for a codebook of {num_codes} codes, "
             f"got values from {idx.min()} to {idx.max()}"
         )
-    return idx.astype(np.int64, copy=False)
+    return np.ascontiguousarray(idx, dtype=np.int64)
 
 
 def _check_upstream(name, dout, shape, dtype):
@@ -328,6 +328,7 @@ def ema_update(state: EMAState, z_e, idx, decay: float = 0.99, eps: float = 1e-5
     if z_e.shape[0] == 0:
         raise ValueError("z_e must hold at least one row to update the codebook")
     idx = _check_idx(idx, z_e.shape[0], num_codes)
+    z_e = np.ascontiguousarray(z_e)
     decay, eps = float(decay), float(eps)
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay must lie in [0, 1], got {decay}")
