@@ -1,0 +1,721 @@
+"""The ``npvae`` command: train, eval, sample, plot, gradcheck.
+
+Every subcommand has ``--help`` with examples. User errors (missing data, a bad
+checkpoint, arguments that do not fit together) print one clear message to stderr and
+exit with status 2; a diverged run exits with 1; Ctrl-C saves a checkpoint and exits
+with 130.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODELS = ("vae-gaussian", "vae-bernoulli", "ae", "vqvae")
+LIKELIHOOD = {"vae-gaussian": "gaussian", "vae-bernoulli": "bernoulli"}
+
+# Settings of `npvae train` when an option is not given.
+DEFAULTS = dict(
+    model="vae-bernoulli", hidden="400", activation="relu", latent=20, epochs=30,
+    batch_size=128, lr=1e-3, optimizer="adam", beta=None, warmup="0", free_bits=0.0,
+    binarize=None, dataset="mnist", data_dir=None, seed=0, backend=None, dtype="float32",
+    out=None, clip=None, sigma2=1.0, sampled=False, likelihood=None, codes=128, code_dim=16,
+    code_vectors=4, metric="euclidean", ema=False, restart_after=0, kmeans_init=False,
+    limit=None, val=5000, progress=True,
+)
+# Options that only some models take.
+ONLY_FOR = {
+    "latent": ("vae-gaussian", "vae-bernoulli", "ae"),
+    "warmup": ("vae-gaussian", "vae-bernoulli", "ae"),
+    "free_bits": ("vae-gaussian", "vae-bernoulli"),
+    "sigma2": ("vae-gaussian", "ae", "vqvae"),
+    "sampled": ("ae",),
+    "likelihood": ("ae", "vqvae"),
+    "codes": ("vqvae",), "code_dim": ("vqvae",), "code_vectors": ("vqvae",),
+    "metric": ("vqvae",), "ema": ("vqvae",), "restart_after": ("vqvae",),
+    "kmeans_init": ("vqvae",),
+}
+# What may be given together with --resume: everything else comes from the checkpoint.
+RESUME_OK = {"resume", "epochs", "progress", "backend", "data_dir"}
+EVAL_BATCH = 1000
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed without a traceback, exit 2."""
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- argument types
+
+
+def _hidden(text: str) -> str:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected layer sizes like 400 or 512,256, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"layer sizes must be positive integers, got {text!r}")
+    return ",".join(map(str, sizes))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def parse_warmup(text: str) -> tuple[int, str]:
+    """'2000' or '2000steps' -> (2000, 'steps'); '3epochs' or '3ep' -> (3, 'epochs')."""
+    t = str(text).strip().lower()
+    for suffix, unit in (("epochs", "epochs"), ("epoch", "epochs"), ("ep", "epochs"),
+                         ("steps", "steps"), ("step", "steps")):
+        if t.endswith(suffix):
+            t = t[: -len(suffix)].strip()
+            break
+    else:
+        unit = "steps"
+    try:
+        value = int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of steps (2000) or epochs (3epochs), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"warm-up must be >= 0, got {text!r}")
+    return value, unit
+
+
+def _warmup(text: str) -> str:
+    parse_warmup(text)  # validate now, convert once the number of steps per epoch is known
+    return text
+
+
+# ----------------------------------------------------------------------------- parser
+
+_MAIN_EPILOG = """\
+examples:
+  npvae train                          Bernoulli VAE on MNIST, a minute or two
+  npvae train --model vqvae --epochs 5
+  npvae eval runs/vae-bernoulli-20250101-120000
+  npvae sample RUN --n 64 --seed 1
+  npvae gradcheck vae-bernoulli        check the hand-written gradients
+
+A run directory (RUN) holds checkpoint.npz, metrics.jsonl and the figures.
+Set NPVAE_DATA to choose where datasets are cached; NPVAE_BACKEND=numpy runs
+the NumPy twins of the compiled kernels.
+"""
+
+_TRAIN_EPILOG = """\
+examples:
+  npvae train
+      Bernoulli VAE 784-400-20 on MNIST: 30 epochs, batch 128, Adam 1e-3,
+      dynamic binarization, 5000 training images held out for validation;
+      about 1.5 minutes on two idle cores, test ELBO near -100 nats.
+  npvae train --model vae-gaussian --latent 2 --epochs 20
+      a 2-D latent space, so the run also draws the decoded manifold.
+  npvae train --hidden 512,256 --beta 4 --warmup 2epochs
+  npvae train --model ae --beta 0            a plain autoencoder
+  npvae train --model vqvae --codes 256 --code-vectors 8 --ema --restart-after 100
+  npvae train --limit 2000 --epochs 2 --no-progress      a quick try
+  npvae train --resume runs/vae-bernoulli-20250101-120000 --epochs 20
+      continue a stopped run (Ctrl-C saves one) exactly where it stopped.
+
+Binarization (Bernoulli models): "dynamic" draws a fresh binary sample of every
+image each epoch, "static" draws one and keeps it, "none" trains on grey levels.
+Validation and test images are binarized once, with a fixed seed.
+
+The run directory (default runs/<model>-<date>-<time>) receives metrics.jsonl
+(one JSON line per epoch), checkpoint.npz (after every epoch) and PNG figures.
+"""
+
+
+def _formatter(prog):
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=30)
+
+
+def _wrap(text: str) -> str:
+    """A description as a paragraph of at most 79 columns (the epilogs keep their layout)."""
+    return textwrap.fill(" ".join(text.split()), width=79)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a model and write a run directory",
+        description=_wrap("Train a VAE, autoencoder or VQ-VAE on MNIST or Fashion-MNIST. With no "
+                    "options: a Bernoulli VAE on MNIST that finishes in a few minutes on two "
+                    "cores. Afterwards it prints the test ELBO and where the metrics, the "
+                    "checkpoint and the figures are."),
+        epilog=_TRAIN_EPILOG, formatter_class=_formatter, argument_default=argparse.SUPPRESS)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", choices=MODELS,
+                   help="vae-gaussian, vae-bernoulli (default), ae (autoencoder as a VAE with "
+                        "fixed encoder variance) or vqvae")
+    m.add_argument("--hidden", type=_hidden, metavar="SIZES",
+                   help="hidden layer sizes of the encoder (the decoder mirrors them), e.g. 400 "
+                        "or 512,256 (default 400)")
+    m.add_argument("--activation", choices=("relu", "leaky_relu", "tanh", "sigmoid", "softplus"),
+                   help="hidden-layer activation (default relu)")
+    m.add_argument("--latent", type=_positive_int, metavar="Z",
+                   help="latent dimensions (default 20; 2 also draws the manifold)")
+    m.add_argument("--likelihood", choices=("bernoulli", "gaussian"),
+                   help="decoder distribution for ae and vqvae (default bernoulli)")
+    m.add_argument("--sigma2", type=_positive_float,
+                   help="variance of a Gaussian decoder (default 1.0)")
+    m.add_argument("--sampled", action="store_true",
+                   help="ae: add N(0, I) noise to the code, as the derivation does (default off)")
+    m.add_argument("--dtype", choices=("float32", "float64"), help="default float32")
+    o = p.add_argument_group("objective")
+    o.add_argument("--beta", type=_non_negative_float,
+                   help="VAE/AE: weight of the KL term (default 1, the ELBO); "
+                        "VQ-VAE: commitment cost (default 0.25)")
+    o.add_argument("--warmup", type=_warmup, metavar="N[steps|epochs]",
+                   help="raise the KL weight linearly from 0 to beta over N optimizer steps "
+                        "(2000) or N epochs (3epochs); default 0, no warm-up")
+    o.add_argument("--free-bits", type=_non_negative_float, metavar="NATS",
+                   help="VAE: each latent dimension's KL costs at least this much (default 0)")
+    q = p.add_argument_group("VQ-VAE")
+    q.add_argument("--codes", type=_positive_int, metavar="K", help="codebook size (default 128)")
+    q.add_argument("--code-dim", type=_positive_int, metavar="DZ",
+                   help="size of each code vector (default 16)")
+    q.add_argument("--code-vectors", type=_positive_int, metavar="M",
+                   help="code vectors per image (default 4)")
+    q.add_argument("--metric", choices=("euclidean", "dot"),
+                   help="nearest code (euclidean, default) or largest dot product")
+    q.add_argument("--ema", action="store_true",
+                   help="learn the codebook by moving averages instead of its loss")
+    q.add_argument("--restart-after", type=_non_negative_int, metavar="STEPS",
+                   help="move a code unused for this many steps onto a random encoder output "
+                        "(default 0: never)")
+    q.add_argument("--kmeans-init", action="store_true",
+                   help="start the codebook from k-means on the first batch")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=_positive_int, metavar="N",
+                   help="passes over the training set (default 30)")
+    t.add_argument("--batch-size", type=_positive_int, metavar="N", help="default 128")
+    t.add_argument("--lr", type=_positive_float, help="learning rate (default 0.001)")
+    t.add_argument("--optimizer", choices=("adam", "sgd"),
+                   help="adam (default) or sgd with momentum 0.9")
+    t.add_argument("--clip", type=_positive_float, metavar="NORM",
+                   help="clip the global gradient norm to NORM (default: no clipping)")
+    t.add_argument("--seed", type=_non_negative_int,
+                   help="seed of initialization, data order and noise (default 0); the same seed "
+                        "gives identical results on the same backend and thread count")
+    t.add_argument("--backend", choices=("numba", "numpy"),
+                   help="compiled kernels (numba, default) or their NumPy twins")
+    t.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (one line per epoch is still printed)")
+    d = p.add_argument_group("data and output")
+    d.add_argument("--dataset", choices=("mnist", "fashion-mnist"), help="default mnist")
+    d.add_argument("--data-dir", metavar="DIR",
+                   help="where datasets are cached (default $NPVAE_DATA or ~/.cache/npvae)")
+    d.add_argument("--binarize", choices=("none", "static", "dynamic"),
+                   help="dynamic for Bernoulli decoders, none for Gaussian (default)")
+    d.add_argument("--limit", type=_positive_int, metavar="N",
+                   help="train on the first N training images only, and validate on at most "
+                        "N (quick tries)")
+    d.add_argument("--val", type=_positive_int, metavar="N",
+                   help="training images held out for validation (default 5000, at most a "
+                        "tenth of a small dataset)")
+    d.add_argument("--out", metavar="RUN", help="run directory (default runs/<model>-<date>-<time>)")
+    d.add_argument("--resume", metavar="RUN",
+                   help="continue the run in RUN from its checkpoint, with its saved settings "
+                        "(only --epochs, --backend, --data-dir and --no-progress may be given)")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate a trained run on the test set",
+        description=_wrap("Evaluate a run's checkpoint on the test set: the ELBO and its terms, the "
+                    "importance-weighted log-likelihood estimate log p(x) with K samples, the "
+                    "number of active latent units and, for a VQ-VAE, codebook statistics. "
+                    "Prints a table and writes RUN/eval.json."),
+        epilog="examples:\n  npvae eval runs/vae-bernoulli-20250101-120000\n"
+               "  npvae eval RUN --k 0            ELBO only (fast)\n"
+               "  npvae eval RUN --k 5000 --limit 1000\n",
+        formatter_class=_formatter)
+    p.add_argument("run", metavar="RUN", help="a run directory or checkpoint.npz file")
+    p.add_argument("--k", type=_non_negative_int, default=100,
+                   help="importance samples per image for log p(x) (default 100; 0 skips it; "
+                        "more is tighter but slower)")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N test images")
+    p.add_argument("--seed", type=_non_negative_int, default=None,
+                   help="seed of the evaluation noise (default: the run's seed)")
+    p.add_argument("--data-dir", metavar="DIR", help="where datasets are cached")
+    p.add_argument("--backend", choices=("numba", "numpy"),
+                   help="compiled kernels (numba, default) or their NumPy twins")
+    p.set_defaults(func=cmd_eval)
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser(
+        "sample", help="draw samples from a trained model into a PNG",
+        description=_wrap("Decode draws from the prior of a trained model and save them as a grid."),
+        epilog="examples:\n  npvae sample runs/vae-bernoulli-20250101-120000\n"
+               "  npvae sample RUN --n 100 --seed 3 --out digits.png\n",
+        formatter_class=_formatter)
+    p.add_argument("run", metavar="RUN", help="a run directory or checkpoint.npz file")
+    p.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="default 0")
+    p.add_argument("--out", metavar="PNG", help="output file (default RUN/samples-seed<SEED>.png)")
+    p.add_argument("--backend", choices=("numba", "numpy"),
+                   help="compiled kernels (numba, default) or their NumPy twins")
+    p.set_defaults(func=cmd_sample)
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser(
+        "plot", help="remake a run's figures from its checkpoint and metrics",
+        description=_wrap("Redraw every figure of a run (reconstructions, samples, loss curves, latent "
+                    "scatter, interpolation, manifold for a 2-D latent space, codebook usage "
+                    "and perplexity for a VQ-VAE) from its checkpoint and the test set."),
+        epilog="example:\n  npvae plot runs/vae-bernoulli-20250101-120000\n",
+        formatter_class=_formatter)
+    p.add_argument("run", metavar="RUN", help="a run directory or checkpoint.npz file")
+    p.add_argument("--data-dir", metavar="DIR", help="where datasets are cached")
+    p.add_argument("--backend", choices=("numba", "numpy"),
+                   help="compiled kernels (numba, default) or their NumPy twins")
+    p.set_defaults(func=cmd_plot)
+
+
+def _add_gradcheck(sub) -> None:
+    p = sub.add_parser(
+        "gradcheck", help="compare a model's gradients with finite differences",
+        description=_wrap("Build a small float64 model of the given kind, a random batch and fixed "
+                    "noise, and compare every parameter's hand-written gradient with central "
+                    "differences. Prints one row per parameter; exits with 1 if any relative "
+                    "error exceeds the tolerance."),
+        epilog="examples:\n  npvae gradcheck vae-bernoulli\n"
+               "  npvae gradcheck vqvae --seed 3\n  NPVAE_BACKEND=numpy npvae gradcheck ae\n",
+        formatter_class=_formatter)
+    p.add_argument("kind", metavar="MODEL", choices=MODELS, help=" | ".join(MODELS))
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="default 0")
+    p.add_argument("--batch", type=_positive_int, default=5, help="batch size (default 5)")
+    p.add_argument("--tol", type=_positive_float, default=1e-6,
+                   help="largest relative error that passes (default 1e-6)")
+    p.add_argument("--backend", choices=("numba", "numpy"),
+                   help="compiled kernels (numba, default) or their NumPy twins")
+    p.set_defaults(func=cmd_gradcheck)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="npvae",
+        description=_wrap("Variational autoencoders in NumPy with hand-written gradients: train them "
+                    "on MNIST, evaluate, sample, plot, and check their gradients."),
+        epilog=_MAIN_EPILOG, formatter_class=_formatter)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"npvae {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_sample(sub)
+    _add_plot(sub)
+    _add_gradcheck(sub)
+    return parser
+
+
+# ----------------------------------------------------------------------------- shared steps
+
+_announced = {"registered": False, "said": False}
+
+
+def _announce_compilation() -> None:
+    """Print one line the first time a compiled kernel is prepared in this process."""
+    if _announced["registered"]:
+        return
+    from .backend import on_first_compile
+
+    def tell(_kernel_name):
+        if not _announced["said"]:
+            _announced["said"] = True
+            from tqdm import tqdm
+
+            tqdm.write("npvae: preparing compiled kernels (compiled on the first run only, "
+                       "loaded from the cache afterwards)…", file=sys.stderr)
+
+    on_first_compile(tell)
+    _announced["registered"] = True
+
+
+def _set_backend(name) -> None:
+    if name:
+        from .backend import set_backend
+
+        set_backend(name)
+
+
+def _load_split(dataset, split, data_dir, dtype):
+    from . import data
+
+    images, labels = data.load(dataset, split, data_dir=data_dir,
+                               progress=lambda msg: _say(f"npvae: {msg}"))
+    return data.to_unit(images, np.dtype(dtype)), labels
+
+
+def load_training_data(settings: dict):
+    """(x_train, x_val) for a run's settings: split off the validation images, then --limit."""
+    from . import data
+
+    x, y = _load_split(settings["dataset"], "train", settings["data_dir"], settings["dtype"])
+    n_val = settings["val"] if len(x) >= 2 * settings["val"] else max(1, len(x) // 10)
+    (x_tr, _), (x_va, _) = data.train_val_split(x, y, n_val, seed=0)  # the same split for every seed
+    if settings["limit"]:
+        x_tr, x_va = x_tr[: settings["limit"]], x_va[: settings["limit"]]
+    return np.ascontiguousarray(x_tr), np.ascontiguousarray(x_va)
+
+
+def _hidden_list(text) -> list:
+    return [int(h) for h in str(text).split(",")]
+
+
+def model_config(s: dict, data_dim: int, steps_per_epoch: int) -> dict:
+    """The model config for a run's settings (warm-up converted to steps)."""
+    value, unit = parse_warmup(s["warmup"])
+    warmup_steps = value * steps_per_epoch if unit == "epochs" else value
+    kind = s["model"]
+    cfg = dict(kind=kind, data_dim=data_dim, hidden=_hidden_list(s["hidden"]),
+               activation=s["activation"], dtype=s["dtype"])
+    if kind in ("vae-gaussian", "vae-bernoulli"):
+        cfg.update(latent=s["latent"], beta=s["beta"], warmup_steps=warmup_steps,
+                   free_bits=s["free_bits"])
+        if kind == "vae-gaussian":
+            cfg["sigma2"] = s["sigma2"]
+    elif kind == "ae":
+        cfg.update(latent=s["latent"], likelihood=s["likelihood"], sigma2=s["sigma2"],
+                   sampled=s["sampled"], beta=s["beta"], warmup_steps=warmup_steps)
+    else:
+        cfg.update(num_codes=s["codes"], code_dim=s["code_dim"], num_vectors=s["code_vectors"],
+                   likelihood=s["likelihood"], sigma2=s["sigma2"], metric=s["metric"],
+                   beta=s["beta"], ema=s["ema"], restart_after=s["restart_after"],
+                   kmeans_init=s["kmeans_init"])
+    return cfg
+
+
+def _new_run_settings(given: dict) -> dict:
+    s = {**DEFAULTS, **given}
+    kind = s["model"]
+    wrong = [k for k, models in ONLY_FOR.items() if k in given and kind not in models]
+    if wrong:
+        k = wrong[0]
+        raise UsageError(f"--{k.replace('_', '-')} is for --model {' or '.join(ONLY_FOR[k])}, "
+                         f"not {kind}; see npvae train --help")
+    s["likelihood"] = LIKELIHOOD.get(kind) or s["likelihood"] or "bernoulli"
+    if s["beta"] is None:
+        s["beta"] = 0.25 if kind == "vqvae" else 1.0
+    if s["binarize"] is None:
+        s["binarize"] = "dynamic" if s["likelihood"] == "bernoulli" else "none"
+    if s["binarize"] != "none" and s["likelihood"] != "bernoulli":
+        _say(f"npvae: note: --binarize {s['binarize']} with a Gaussian decoder")
+    return s
+
+
+def _default_run_dir(kind: str) -> Path:
+    base = Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run, i = base, 2
+    while run.exists():
+        run, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return run
+
+
+def _test_set(settings, data_dir=None):
+    """Grey test images (for figures) and the fixed binary sample the ELBO is measured on."""
+    from .train import binarize_for_eval
+
+    x, y = _load_split(settings["dataset"], "test", data_dir or settings.get("data_dir"),
+                       settings["dtype"])
+    return x, y, binarize_for_eval(x, settings["binarize"], settings["seed"], "test")
+
+
+def _load_run(run):
+    from .checkpoint import load_checkpoint
+
+    ck = load_checkpoint(run)
+    missing = [k for k in ("dataset", "dtype", "binarize", "seed") if k not in ck.args]
+    if missing:
+        raise UsageError(f"{ck.path}: was not written by `npvae train` (its settings lack {missing})")
+    return ck
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_train(ns) -> int:
+    from . import evaluate
+    from .models import build
+    from .train import make_figures, side_rng, train
+
+    given = {k: v for k, v in vars(ns).items() if k not in ("command", "func")}
+    if "resume" in given:
+        not_allowed = sorted(set(given) - RESUME_OK)
+        if not_allowed:
+            flags = ", ".join("--" + k.replace("_", "-") for k in not_allowed)
+            raise UsageError(f"{flags} cannot be changed when resuming: --resume continues with "
+                             f"the run's saved settings (only --epochs, --backend, --data-dir and "
+                             f"--no-progress may be given)")
+        ck = _load_run(given["resume"])
+        s = {**DEFAULTS, **ck.args, **{k: v for k, v in given.items() if k != "resume"}}
+        run_dir = ck.path.parent
+        model = ck.model
+    else:
+        s = _new_run_settings(given)
+        ck = None
+        run_dir = Path(s["out"]) if s["out"] else _default_run_dir(s["model"])
+    _set_backend(s["backend"])
+    _announce_compilation()
+
+    x_train, x_val = load_training_data(s)
+    steps_per_epoch = -(-len(x_train) // s["batch_size"])
+    if ck is None:
+        try:
+            model = build(model_config(s, x_train.shape[1], steps_per_epoch), rng=s["seed"])
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if ck is not None and ck.epoch >= s["epochs"]:
+        _say(f"npvae: {run_dir} has already trained for {ck.epoch} epochs; pass --epochs N "
+             f"with N > {ck.epoch} to train further")
+    stored = {k: v for k, v in s.items() if k not in ("progress", "out", "resume")}
+    what = "continuing" if ck is not None else "training"
+    _say(f"npvae: {what} {s['model']} ({model.num_params():,} parameters) on {len(x_train):,} "
+         f"{s['dataset']} images ({len(x_val):,} held out for validation) for {s['epochs']} "
+         f"epochs; run directory {run_dir}")
+    history = train(model, x_train, x_val, epochs=s["epochs"], batch_size=s["batch_size"],
+                    lr=s["lr"], optimizer=s["optimizer"], clip=s["clip"], seed=s["seed"],
+                    binarize=s["binarize"], run_dir=run_dir, progress=s["progress"],
+                    resume_from=ck, args=stored)
+
+    x_grey, y_test, x_test = _test_set(s)
+    res = evaluate.elbo(model, x_test, side_rng(s["seed"], "test-noise"), batch_size=EVAL_BATCH)
+    figures = make_figures(model, run_dir, x_grey, y_test, history, side_rng(s["seed"], "figures"))
+    seconds = sum(r.get("seconds", 0.0) for r in history)
+    print(f"test ELBO {res['elbo']:.2f} nats per image (reconstruction {res['recon']:.2f}, "
+          f"KL {res['kl']:.2f}) on {len(x_test):,} test images; {len(history)} epochs in "
+          f"{seconds:.0f} s of training")
+    print(f"run directory: {run_dir}")
+    print(f"  {Path(run_dir) / 'metrics.jsonl'}   one JSON line of metrics per epoch")
+    print(f"  {Path(run_dir) / 'checkpoint.npz'}  model, optimizer and RNG state")
+    print(f"  figures: {', '.join(Path(p).name for p in figures.values())}")
+    print(f"next: npvae eval {run_dir}   |   npvae sample {run_dir}")
+    return 0
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+    return str(value)
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def cmd_eval(ns) -> int:
+    from . import evaluate
+    from .train import side_rng
+
+    _set_backend(ns.backend)
+    _announce_compilation()
+    ck = _load_run(ns.run)
+    s = ck.args
+    _, _, x_test = _test_set(s, ns.data_dir)
+    if ns.limit:
+        x_test = x_test[: ns.limit]
+    seed = s["seed"] if ns.seed is None else ns.seed
+    t0 = time.perf_counter()
+    res = evaluate.evaluate_all(ck.model, x_test, side_rng(seed, "test-noise"), k=ns.k,
+                                batch_size=EVAL_BATCH)
+    res = _jsonable(res)
+    report = {"run": str(ck.path.parent), "checkpoint": str(ck.path), "epochs": ck.epoch,
+              "model": ck.model.config["kind"], "test_images": len(x_test), "k": ns.k,
+              "seconds": time.perf_counter() - t0, **res}
+    out = ck.path.parent / "eval.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    width = max(len(k) for k in report)
+    print(f"{'metric':<{width}}  value")
+    for key, value in report.items():
+        if isinstance(value, (list, dict)):
+            continue  # e.g. per-code counts: in eval.json
+        print(f"{key:<{width}}  {_fmt(value)}")
+    print(f"written to {out}")
+    return 0
+
+
+def cmd_sample(ns) -> int:
+    from . import plots
+    from .checkpoint import load_checkpoint
+
+    _set_backend(ns.backend)
+    _announce_compilation()
+    ck = load_checkpoint(ns.run)
+    images = ck.model.sample(ns.n, np.random.default_rng(ns.seed))
+    out = Path(ns.out) if ns.out else ck.path.parent / f"samples-seed{ns.seed}.png"
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out must name a .png file, got {out}")
+    plots.save_samples(out, np.clip(images, 0.0, 1.0), ncols=math.ceil(math.sqrt(ns.n)),
+                       title=f"{ns.n} samples from the prior (seed {ns.seed})")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_plot(ns) -> int:
+    from .train import make_figures, side_rng
+
+    _set_backend(ns.backend)
+    _announce_compilation()
+    ck = _load_run(ns.run)
+    x_grey, y_test, _ = _test_set(ck.args, ns.data_dir)
+    figures = make_figures(ck.model, ck.path.parent, x_grey, y_test, ck.history,
+                           side_rng(ck.args["seed"], "figures"))
+    for path in figures.values():
+        print(f"wrote {path}")
+    return 0
+
+
+def gradcheck_model(kind: str, seed: int = 0, batch: int = 5):
+    """A small float64 model of ``kind``, a batch x in (0, 1) and fixed noise eps."""
+    from .models import build
+
+    rng = np.random.default_rng(seed)
+    data_dim, hidden = 12, [7]
+    if kind == "vqvae":
+        cfg = dict(kind=kind, data_dim=data_dim, hidden=hidden, num_codes=6, code_dim=3,
+                   num_vectors=2, likelihood="bernoulli", dtype="float64")
+    else:
+        cfg = dict(kind=kind, data_dim=data_dim, hidden=hidden, latent=3, dtype="float64")
+        if kind == "ae":
+            cfg["sampled"] = True
+    model = build(cfg, rng=seed)
+    x = rng.uniform(0.05, 0.95, size=(batch, data_dim))
+    eps = None if kind == "vqvae" else rng.standard_normal((batch, 3))
+    return model, x, eps
+
+
+def cmd_gradcheck(ns) -> int:
+    from .gradcheck import GradRow, check_model, numerical_gradient, rel_error
+
+    _set_backend(ns.backend)
+    _announce_compilation()
+    model, x, eps = gradcheck_model(ns.kind, ns.seed, ns.batch)
+    if ns.kind == "vqvae":
+        # The VQ loss is piecewise constant in the encoder output, so finite differences
+        # are taken of the straight-through objective, whose gradient is the one used.
+        margin = model.assignment_margin(x)
+        if margin < 1e-4:
+            raise UsageError(f"seed {ns.seed} puts an encoder output almost exactly between two "
+                             f"codes (margin {margin:.1e}); try another --seed")
+        f = model.straight_through_objective(x)
+        _, grads, _ = model.loss_and_grads(x)
+        grads = {k: np.array(g, dtype=np.float64) for k, g in grads.items()}
+        rows = []
+        for name, p in model.params.items():
+            num = numerical_gradient(f, p)
+            rows.append(GradRow(name, float(np.linalg.norm(grads[name])), float(np.linalg.norm(num)),
+                                rel_error(grads[name], num), p.size))
+    else:
+        rows = check_model(model, x, eps=eps)
+    header = f"{'parameter':<12} {'entries':>7}  {'|analytic|':>11}  {'|numeric|':>11}  {'rel. error':>10}"
+    print(f"gradient check: {ns.kind}, float64, batch {ns.batch}, seed {ns.seed}, "
+          f"central differences h = 1e-6")
+    print(header)
+    print("-" * len(header))
+    failed = []
+    for r in rows:
+        mark = "" if r.rel_error <= ns.tol else "  FAIL"
+        if mark:
+            failed.append(r.name)
+        print(f"{r.name:<12} {r.entries:>7}  {r.analytic_norm:>11.4e}  {r.numeric_norm:>11.4e}  "
+              f"{r.rel_error:>10.2e}{mark}")
+    worst = max(r.rel_error for r in rows)
+    if failed:
+        print(f"FAILED: {len(failed)} of {len(rows)} parameters above {ns.tol:g}: {', '.join(failed)}")
+        return 1
+    print(f"ok: all {len(rows)} parameters agree (largest relative error {worst:.1e} <= {ns.tol:g})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status."""
+    from .checkpoint import CheckpointError
+    from .data import DataUnavailableError
+    from .train import TrainingDiverged, TrainingInterrupted
+
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return int(ns.func(ns) or 0)
+    except TrainingInterrupted as exc:
+        _say(f"npvae: {exc}")
+        if exc.checkpoint is not None:
+            _say(f"npvae: continue with: npvae train --resume {Path(exc.checkpoint).parent}")
+        return 130
+    except KeyboardInterrupt:
+        _say("npvae: interrupted")
+        return 130
+    except TrainingDiverged as exc:
+        _say(f"npvae: {exc}")
+        return 1
+    except (UsageError, CheckpointError, DataUnavailableError) as exc:
+        _say(f"npvae: error: {exc}")
+        return 2
+    except OSError as exc:
+        _say(f"npvae: error: {exc}")
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,510 @@
+"""The training loop, meant to be read top to bottom.
+
+    for each epoch:
+        draw this epoch's binary sample of the data (dynamic binarization) and its order
+        for each batch:
+            copy the batch into one preallocated array
+            loss, grads, stats = model.loss_and_grads(batch, rng=rng, step=step)
+            clip the gradient norm, stop if the loss or gradient is NaN/inf
+            optimizer step; the model's after_step hook (VQ-VAE moving averages)
+        validation ELBO, one line of metrics.jsonl, checkpoint.npz
+
+Randomness: one ``numpy.random.Generator``, seeded with ``seed``, supplies the epoch's
+order, the dynamic binarization and the model's noise, in that order, and is saved in
+every checkpoint. The same seed therefore gives bit-identical parameters on the same
+backend and thread count, and a resumed run continues exactly where it stopped.
+Data that must not change during a run (a static binary sample, the binary samples of
+the validation and test images) and the noise used for validation come from separate
+fixed streams, ``side_rng(seed, purpose)``, so that evaluation never moves the
+training stream and every epoch is validated on the same draws.
+
+Stopping:
+- Ctrl-C: the current step finishes, a checkpoint is saved with the position inside
+  the epoch, and :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) is raised.
+  ``train(..., resume_from=run_dir)`` then ends with exactly the parameters an
+  uninterrupted run would have had. A second Ctrl-C stops at once.
+- A NaN or inf loss or gradient: :class:`TrainingDiverged` names the step; the bad
+  update is not applied and the last checkpoint on disk is left as it was.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from . import data as npdata
+from .checkpoint import (
+    FILENAME, Checkpoint, CheckpointError, load_checkpoint, rng_state, save_checkpoint,
+)
+
+OPTIMIZERS = ("adam", "sgd")
+BINARIZE = ("none", "static", "dynamic")
+METRICS_FILE = "metrics.jsonl"
+SGD_MOMENTUM = 0.9
+EVAL_BATCH = 1000
+
+# Fixed side streams, np.random.default_rng([seed, k]), one per purpose.
+_SIDE_STREAMS = {"static": 1, "val-data": 2, "test-data": 3, "val-noise": 4,
+                 "test-noise": 5, "figures": 6}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN or inf; ``step`` and ``epoch`` say where."""
+
+    def __init__(self, message, *, step, epoch, checkpoint=None):
+        super().__init__(message)
+        self.step, self.epoch, self.checkpoint = step, epoch, checkpoint
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training; ``checkpoint`` is where the state was saved (or None)."""
+
+    def __init__(self, message, *, checkpoint, epoch, step):
+        super().__init__(message)
+        self.message, self.checkpoint, self.epoch, self.step = message, checkpoint, epoch, step
+
+    def __str__(self):
+        return self.message
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def side_rng(seed: int, purpose: str) -> np.random.Generator:
+    """A fresh Generator for one fixed purpose, independent of the training stream."""
+    return np.random.default_rng([int(seed), _SIDE_STREAMS[purpose]])
+
+
+def binarize_for_eval(x, binarize: str, seed: int, split: str = "val") -> np.ndarray:
+    """The fixed images a run is evaluated on: one Bernoulli sample when training binarizes.
+
+    ``split`` is "val" or "test"; each has its own fixed stream.
+    """
+    if binarize == "none":
+        return x
+    return npdata.binarize_static(x, "sample", rng=side_rng(seed, f"{split}-data"))
+
+
+def make_optimizer(name: str, params, lr: float):
+    """Adam (betas 0.9, 0.999) or SGD with momentum 0.9 over ``params``."""
+    from . import optim
+
+    if name == "adam":
+        return optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    if name == "sgd":
+        return optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def fingerprint(x: np.ndarray) -> dict:
+    """Shape, dtype and CRC-32 of an array: enough to notice different training data."""
+    return {"shape": list(x.shape), "dtype": x.dtype.name,
+            "crc32": zlib.crc32(np.ascontiguousarray(x).data) & 0xFFFFFFFF}
+
+
+def read_metrics(run_dir) -> list:
+    """The per-epoch rows of ``run_dir/metrics.jsonl``."""
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_metrics(path: Path, history) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in history))
+
+
+def _append_metrics(path: Path, row) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+class _DeferredInterrupt:
+    """While active in the main thread, the first Ctrl-C only sets ``requested``.
+
+    The loop checks the flag between steps, so it stops on a consistent state. A second
+    Ctrl-C raises KeyboardInterrupt at once.
+    """
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = None
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip, binarize):
+    for name, x in (("x_train", x_train), ("x_val", x_val)):
+        if not isinstance(x, np.ndarray) or x.ndim != 2:
+            raise ValueError(f"{name} must be a 2-D numpy array (N, D), got {type(x).__name__}"
+                             f"{'' if not isinstance(x, np.ndarray) else ' of shape ' + str(x.shape)}")
+        if x.dtype != model.dtype:
+            raise ValueError(f"{name} must have the model's dtype {model.dtype}, got {x.dtype}")
+        if x.shape[0] < 1:
+            raise ValueError(f"{name} must hold at least one example")
+    if int(epochs) < 1 or int(batch_size) < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    if not (float(lr) > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if clip is not None and not float(clip) > 0:
+        raise ValueError(f"clip must be > 0 or None, got {clip}")
+    if binarize not in BINARIZE:
+        raise ValueError(f"binarize must be one of {BINARIZE}, got {binarize!r}")
+
+
+def _restore(model, opt, ck: Checkpoint, settings: dict) -> None:
+    """Put a checkpoint's parameters, buffers and optimizer state into this run."""
+    if ck.model.config != model.config:
+        raise CheckpointError(
+            f"{ck.path}: holds a model with config {json.dumps(ck.model.config)}, "
+            f"not the model being trained ({json.dumps(model.config)})"
+        )
+    for key in ("batch_size", "optimizer", "binarize", "seed", "data"):
+        if key in ck.args and ck.args[key] != settings[key]:
+            what = "the training data differ" if key == "data" else (
+                f"{key} was {ck.args[key]!r} and is now {settings[key]!r}")
+            raise CheckpointError(
+                f"{ck.path}: cannot continue this run: {what}; a resumed run must use "
+                f"the same {key.replace('_', ' ')}"
+            )
+    if ck.model is not model:
+        model.params.flat[...] = ck.model.params.flat
+        for name, arr in getattr(model, "buffers", {}).items():
+            arr[...] = ck.model.buffers[name]
+    try:
+        opt.load_state_dict(ck.optimizer_state)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{ck.path}: its optimizer state does not fit: {exc}") from None
+
+
+def _validate(model, x_val, seed, batch_size) -> dict:
+    """Validation ELBO and its terms; for a VQ-VAE also codebook perplexity and usage."""
+    from . import evaluate
+
+    rng = side_rng(seed, "val-noise")  # the same draws every epoch
+    res = evaluate.elbo(model, x_val, rng, batch_size=batch_size)
+    row = {f"val_{k}": float(res[k]) for k in ("loss", "elbo", "recon", "kl") if k in res}
+    if model.config["kind"] == "vqvae":
+        cb = evaluate.codebook_stats(model, x_val, batch_size=batch_size)
+        row["val_perplexity"] = float(cb["perplexity"])
+        row["val_used_fraction"] = float(cb["used_fraction"])
+    return row
+
+
+def _summary(row, epochs) -> str:
+    text = (f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.3f}  "
+            f"val loss {row.get('val_loss', float('nan')):.3f}  "
+            f"val ELBO {row.get('val_elbo', float('nan')):.3f}")
+    if "val_kl" in row:
+        text += f" (recon {row['val_recon']:.2f}, KL {row['val_kl']:.2f})"
+    if "val_perplexity" in row:
+        text += f"  perplexity {row['val_perplexity']:.1f}"
+    return text + f"  {row['seconds']:.1f}s"
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
+          optimizer: str = "adam", clip: float | None = None, seed: int = 0,
+          binarize: str = "none", run_dir, log_every: int = 10, progress: bool = True,
+          verbose: bool = True, resume_from=None, checkpoint_every_epoch: bool = True,
+          on_epoch_end=None, args: dict | None = None) -> list:
+    """Train ``model`` in place for ``epochs`` epochs in total; returns the metrics history.
+
+    x_train (N, D), x_val (V, D): arrays of the model's dtype, values in [0, 1] (grey
+        levels; ``binarize`` "static" or "dynamic" turns them into binary samples).
+    optimizer: "adam" or "sgd" (momentum 0.9); clip: max global gradient norm, or None.
+    run_dir: receives metrics.jsonl (one JSON line per epoch) and checkpoint.npz.
+    log_every: steps between updates of the progress bar's loss; progress: show a
+        tqdm bar (only on a terminal); verbose: print one summary line per epoch.
+    resume_from: a checkpoint path, run directory or :class:`Checkpoint` to continue
+        from; the other arguments must describe the same run (``epochs`` may grow).
+    on_epoch_end: called as ``on_epoch_end(row)`` with each epoch's metrics dict.
+    args: extra JSON-friendly settings stored in checkpoints (the command line keeps
+        everything it needs to rebuild the run there).
+    """
+    from tqdm.auto import tqdm
+
+    from .optim import clip_grad_norm
+
+    _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip, binarize)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = run_dir / FILENAME, run_dir / METRICS_FILE
+    settings = dict(args or {}, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
+                    optimizer=optimizer, clip=clip, seed=int(seed), binarize=binarize,
+                    data=fingerprint(x_train))
+
+    # ---- data: a fixed binary sample for "static"; "dynamic" draws a new one per epoch
+    n, d = x_train.shape
+    x_base = x_train
+    if binarize == "static":
+        x_base = npdata.binarize_static(x_train, "sample", rng=side_rng(seed, "static"))
+    x_val = binarize_for_eval(x_val, binarize, seed, "val")
+    n_batches = -(-n // batch_size)
+    batch = np.empty((min(batch_size, n), d), dtype=model.dtype)  # reused by every step
+
+    # ---- state: fresh, or as a checkpoint left it
+    rng = np.random.default_rng(seed)
+    opt = make_optimizer(optimizer, model.params, lr)
+    start_epoch, step, history, resume = 0, 0, [], None
+    if resume_from is not None:
+        ck = resume_from if isinstance(resume_from, Checkpoint) else load_checkpoint(resume_from)
+        _restore(model, opt, ck, settings)
+        start_epoch, step, history = ck.epoch, ck.step, list(ck.history)
+        rng.bit_generator.state = rng_state(ck.rng)
+        if ck.position is not None:
+            resume = dict(ck.position, rng=rng_state(ck.rng))
+        _write_metrics(metrics_path, history)  # forget epochs the checkpoint does not hold
+    else:
+        _write_metrics(metrics_path, [])
+    before_batch = getattr(model, "on_batch_start", None)  # e.g. k-means codebook init
+    after_step = getattr(model, "after_step", None)  # e.g. moving-average codebook
+
+    # What a checkpoint written now would hold: "boundary" between epochs, a dict
+    # (the position inside an epoch) between steps, None while parameters change.
+    here = "boundary" if resume is None else None
+    boundary_rng = rng_state(rng)
+    stop = _DeferredInterrupt()
+    try:
+        with stop:
+            for epoch in range(start_epoch, epochs):
+                # -- the epoch's binary sample and order, drawn from the run's stream
+                epoch_rng = resume["epoch_rng"] if resume else rng_state(rng)
+                rng.bit_generator.state = epoch_rng
+                x_epoch = npdata.binarize_dynamic(x_base, rng) if binarize == "dynamic" else x_base
+                order = rng.permutation(n)
+                first, sums, seen, seconds = 0, {}, 0, 0.0
+                if resume:  # continue inside this epoch, where the checkpoint stopped
+                    first, sums, seen = resume["batch"], resume["sums"], resume["seen"]
+                    seconds = resume["seconds"]
+                    rng.bit_generator.state = resume["rng"]
+                    resume = None
+                t0 = time.perf_counter() - seconds
+                here = dict(epoch=epoch, batch=first, epoch_rng=epoch_rng, sums=dict(sums),
+                            seen=seen, seconds=seconds, rng=rng_state(rng))
+
+                with tqdm(total=n_batches, initial=first, desc=f"epoch {epoch + 1}/{epochs}",
+                          unit="batch", disable=None if progress else True, leave=False,
+                          dynamic_ncols=True, file=sys.stderr) as bar:
+                    for b in range(first, n_batches):
+                        if stop.requested:
+                            raise KeyboardInterrupt
+                        # -- forward and backward on one batch
+                        idx = order[b * batch_size:(b + 1) * batch_size]
+                        xb = batch[:idx.size]
+                        np.take(x_epoch, idx, axis=0, out=xb)  # (B, D), contiguous
+                        if before_batch is not None:
+                            before_batch(xb, rng)
+                        loss, grads, stats = model.loss_and_grads(xb, rng=rng, step=step)
+                        grad_norm = clip_grad_norm(grads, clip)  # the norm before clipping
+                        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                            raise _diverged(loss, grad_norm, step, epoch, b, n_batches, ckpt_path)
+                        # -- update (no consistent state to save until the step is counted)
+                        here = None
+                        opt.step(grads)
+                        if after_step is not None:
+                            after_step(rng)
+                        step += 1
+                        # -- bookkeeping: example-weighted sums of every stat
+                        m = idx.size
+                        for k, v in stats.items():
+                            sums[k] = sums.get(k, 0.0) + float(v) * m
+                        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm * m
+                        seen += m
+                        here = dict(epoch=epoch, batch=b + 1, epoch_rng=epoch_rng, sums=dict(sums),
+                                    seen=seen, seconds=time.perf_counter() - t0, rng=rng_state(rng))
+                        bar.update(1)
+                        if step % log_every == 0 or b + 1 == n_batches:
+                            bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", refresh=False)
+
+                # -- end of epoch: validation, metrics, checkpoint
+                train_seconds = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                row = {"epoch": epoch + 1, "step": step}
+                row.update({f"train_{k}": v / seen for k, v in sums.items()
+                            if k not in ("kl_weight", "grad_norm")})
+                for k in ("kl_weight", "grad_norm"):  # epoch means that are not loss terms
+                    if k in sums:
+                        row[k] = sums[k] / seen
+                row.update(_validate(model, x_val, seed, min(EVAL_BATCH, len(x_val))))
+                row["seconds"] = train_seconds
+                row["val_seconds"] = time.perf_counter() - t1
+                history.append(row)
+                if checkpoint_every_epoch or epoch + 1 == epochs:
+                    save_checkpoint(ckpt_path, model, opt, rng, epoch + 1, step, history, settings)
+                here, boundary_rng = "boundary", rng_state(rng)
+                _append_metrics(metrics_path, row)
+                if verbose:
+                    print(_summary(row, epochs), flush=True)
+                if on_epoch_end is not None:
+                    on_epoch_end(row)
+                if stop.requested and epoch + 1 < epochs:
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        # -- Ctrl-C: save the last consistent state, then stop
+        epochs_done = history[-1]["epoch"] if history else start_epoch
+        saved, where = None, ""
+        if isinstance(here, dict):  # between two steps (or inside a step that changed nothing)
+            rng.bit_generator.state = here["rng"]  # undo draws of a step cut short
+            position = {k: here[k] for k in ("batch", "epoch_rng", "sums", "seen", "seconds")}
+            saved = save_checkpoint(ckpt_path, model, opt, rng, here["epoch"], step,
+                                    history, settings, position=position)
+            where = f"in epoch {here['epoch'] + 1} after {here['batch']} of {n_batches} batches"
+        elif here == "boundary":  # between epochs
+            rng.bit_generator.state = boundary_rng  # undo the next epoch's draws, if any
+            saved = save_checkpoint(ckpt_path, model, opt, rng, epochs_done, step, history, settings)
+            where = f"after epoch {epochs_done}"
+        elif ckpt_path.exists():  # stopped in the middle of an update: keep the last one
+            saved, where = ckpt_path, _saved_epoch(ckpt_path)
+        msg = (f"interrupted; the state {where} is saved in {saved}" if saved
+               else "interrupted before anything could be saved")
+        raise TrainingInterrupted(msg, checkpoint=saved, epoch=epochs_done, step=step) from None
+    return history
+
+
+def _saved_epoch(path) -> str:
+    """'after epoch E' for the checkpoint at ``path``, as far as it can be read."""
+    try:
+        return f"after epoch {load_checkpoint(path).epoch}"
+    except CheckpointError:
+        return "as it was on disk"
+
+
+def _diverged(loss, grad_norm, step, epoch, b, n_batches, ckpt_path) -> TrainingDiverged:
+    what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
+    if ckpt_path.exists():
+        kept = f"the last good checkpoint, {ckpt_path} ({_saved_epoch(ckpt_path)}), is kept"
+    else:
+        kept = "no checkpoint had been saved yet"
+    return TrainingDiverged(
+        f"training diverged: the {what} became {value} at step {step} (epoch {epoch + 1}, "
+        f"batch {b + 1} of {n_batches}); that update was not applied and {kept}. "
+        f"Try a smaller learning rate or gradient clipping.",
+        step=step, epoch=epoch + 1, checkpoint=ckpt_path if ckpt_path.exists() else None)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _latents(model, x) -> np.ndarray:
+    """One point per example for the latent scatter: q's mean, the code, or VQ's z_e."""
+    z = model.encode(x)
+    if isinstance(z, tuple):  # a VAE gives (mu, logvar)
+        z = z[0]
+    return np.asarray(z).reshape(len(x), -1)
+
+
+def _pixels(images) -> np.ndarray:
+    """Decoder means as displayable pixels: a Gaussian decoder's mean may leave [0, 1]."""
+    return np.clip(images, 0.0, 1.0)
+
+
+def _decoder(model):
+    """decode(z (n, Z) float64) -> images (n, D) in [0, 1]."""
+    return lambda z: _pixels(model.decode(np.asarray(z, dtype=model.dtype)))
+
+
+def _vq_decoder(model):
+    """Quantize points of the encoder's output space, then decode the chosen codes."""
+    from .ops.vq import vq_assign
+
+    def decode(z):
+        rows = np.asarray(z, dtype=model.dtype).reshape(-1, model.Dz)
+        idx = np.asarray(vq_assign(rows, model.params["codebook"], model.config["metric"]))
+        return _pixels(model.decode_indices(idx.reshape(len(z), model.M)))
+
+    return decode
+
+
+def _two_different_digits(y, n: int) -> tuple[int, int]:
+    """Indices of the first example and of the first one with another label."""
+    if y is not None:
+        other = np.flatnonzero(np.asarray(y[:n]) != y[0])
+        if other.size:
+            return 0, int(other[0])
+    return 0, min(1, n - 1)
+
+
+def _loss_terms(history, config) -> list:
+    """History rows without the entries that would repeat a curve: the ELBO (minus the
+    loss when beta = 1) and the KL term of the objective unless free bits change it."""
+    drop = {"train_elbo", "val_elbo"}
+    if not config.get("free_bits"):
+        drop.add("train_kl_term")
+    return [{k: v for k, v in row.items() if k not in drop} for row in history]
+
+
+def make_figures(model, run_dir, x_test, y_test, history, rng, *, n_scatter: int = 5000) -> dict:
+    """Write the run's PNG figures into ``run_dir``; returns {name: path}.
+
+    x_test (N, D) images in [0, 1] of the model's dtype, y_test (N,) their labels (or
+    None). Figures: reconstructions, samples, loss curves (when there is a history),
+    latent scatter (PCA when Z > 2), an interpolation between two test digits of
+    different classes, the decoded manifold when the latent space is 2-D, and for a
+    VQ-VAE the codebook usage histogram and perplexity per epoch.
+    """
+    from . import plots
+
+    run_dir = Path(run_dir)
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    is_vq = model.config["kind"] == "vqvae"
+    out = {}
+    x_show = x_test[:20]
+    out["reconstructions"] = plots.save_reconstructions(
+        run_dir / "reconstructions.png", x_show, _pixels(model.reconstruct(x_show)),
+        title="Test digits (top) and their reconstructions")
+    out["samples"] = plots.save_samples(run_dir / "samples.png", _pixels(model.sample(100, rng)),
+                                        ncols=10, title="Samples from the prior")
+    if history:
+        out["loss_curves"] = plots.save_loss_curves(run_dir / "loss_curves.png",
+                                                    _loss_terms(history, model.config))
+
+    xs = x_test[:n_scatter]
+    z = _latents(model, xs)
+    labels = None if y_test is None else np.asarray(y_test[:n_scatter])
+    out["latent_scatter"] = plots.save_latent_scatter(
+        run_dir / "latent_scatter.png", z, labels,
+        title="Encoder outputs (before quantization)" if is_vq else "Test set in latent space")
+
+    a, b = _two_different_digits(y_test, len(x_test))
+    decode = _vq_decoder(model) if is_vq else _decoder(model)
+    if len(x_test) > 1:
+        z_ab = _latents(model, x_test[[a, b]])
+        out["interpolation"] = plots.save_interpolation(
+            run_dir / "interpolation.png", decode, z_ab[0], z_ab[1], steps=10,
+            title="Interpolation between two test digits" + (" (each point quantized)" if is_vq else ""))
+    if not is_vq and z.shape[1] == 2:
+        out["manifold"] = plots.save_manifold(run_dir / "manifold.png", decode, n=20)
+    if is_vq:
+        from . import evaluate
+
+        stats = evaluate.codebook_stats(model, x_test, batch_size=EVAL_BATCH)
+        counts = np.asarray(stats["counts"])
+        if counts.sum() > 0:
+            out["codebook_usage"] = plots.save_codebook_usage(
+                run_dir / "codebook_usage.png", counts, title="Codebook usage on the test set")
+        if any("val_perplexity" in r or "train_perplexity" in r for r in history):
+            out["perplexity"] = plots.save_perplexity(
+                run_dir / "perplexity.png", history, num_codes=model.config["num_codes"])
+    return out

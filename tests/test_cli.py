@@ -1,0 +1,281 @@
+"""The npvae command line, on a tiny fake dataset (no network)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from npvae import cli, data
+from npvae.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {"train": 300, "test": 60}
+TINY = ["--hidden", "16", "--batch-size", "32", "--limit", "120", "--no-progress"]
+
+
+def fake_load(dataset="mnist", split="train", data_dir=None, download=True, progress=None):
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    n = SIZES[split]
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+    return images, labels
+
+
+@pytest.fixture(autouse=True)
+def fake_data(monkeypatch):
+    monkeypatch.setattr(data, "load", fake_load)
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One small run shared by the eval, sample and plot tests."""
+    run = tmp_path_factory.mktemp("cli") / "run"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(data, "load", fake_load)
+    try:
+        assert cli.main(["train", *TINY, "--latent", "2", "--epochs", "2", "--out", str(run)]) == 0
+    finally:
+        mp.undo()
+    return run
+
+
+FIGURES = {"reconstructions.png", "samples.png", "loss_curves.png", "latent_scatter.png",
+           "interpolation.png"}
+
+
+# ----------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("command, words", [
+    ([], ["train", "eval", "sample", "plot", "gradcheck", "examples"]),
+    (["train"], ["--model", "--hidden", "--latent", "--epochs", "--batch-size", "--lr", "--beta",
+                 "--warmup", "--free-bits", "--binarize", "--dataset", "--data-dir", "--seed",
+                 "--backend", "--dtype", "--out", "--resume", "--clip", "--sigma2", "--sampled",
+                 "--codes", "--code-dim", "--code-vectors", "--metric", "--ema",
+                 "--restart-after", "--kmeans-init", "--limit", "--no-progress", "examples"]),
+    (["eval"], ["RUN", "--k", "eval.json", "examples"]),
+    (["sample"], ["RUN", "--n", "--seed", "examples"]),
+    (["plot"], ["RUN", "example"]),
+    (["gradcheck"], ["vae-gaussian", "vae-bernoulli", "ae", "vqvae", "examples"]),
+])
+def test_help(capsys, command, words):
+    with pytest.raises(SystemExit) as info:
+        cli.main([*command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for word in words:
+        assert word in text, word
+
+
+def test_python_dash_m_help():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-m", "npvae", "--help"], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "gradcheck" in out.stdout and "train" in out.stdout
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def test_train_writes_a_run_directory(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"metrics.jsonl", "checkpoint.npz", "manifold.png"} | FIGURES <= names
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    ck = load_checkpoint(trained_run)
+    assert ck.model.config["kind"] == "vae-bernoulli" and ck.model.config["latent"] == 2
+    assert ck.args["limit"] == 120 and ck.args["binarize"] == "dynamic"
+    assert ck.epoch == 2 and ck.step == 2 * 4  # 120 images in batches of 32
+
+
+def test_train_prints_test_elbo_and_paths(capsys, tmp_path):
+    run = tmp_path / "r"
+    code, out, err = run_cli(capsys, "train", *TINY, "--epochs", "1", "--latent", "3",
+                             "--out", str(run), "--warmup", "1epochs")
+    assert code == 0, err
+    assert "test ELBO" in out and str(run) in out and "checkpoint.npz" in out
+    assert "epoch 1/1" in out
+    assert load_checkpoint(run).model.config["warmup_steps"] == 4  # one epoch of 4 steps
+    assert FIGURES <= {p.name for p in run.iterdir()}
+
+
+@pytest.mark.parametrize("extra", [
+    ["--model", "vqvae", "--codes", "8", "--code-dim", "2", "--code-vectors", "2", "--ema",
+     "--restart-after", "2", "--kmeans-init"],
+    ["--model", "ae", "--sampled", "--beta", "0.5"],
+    ["--model", "vae-gaussian", "--sigma2", "0.5", "--free-bits", "0.1"],
+])
+def test_train_other_models(capsys, tmp_path, extra):
+    code, out, err = run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(tmp_path / "r"),
+                             *extra)
+    assert code == 0, err
+    assert "test ELBO" in out
+
+
+def test_resume_continues_a_run(capsys, tmp_path):
+    run = tmp_path / "r"
+    assert run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(run))[0] == 0
+    code, out, err = run_cli(capsys, "train", "--resume", str(run), "--epochs", "2", "--no-progress")
+    assert code == 0, err
+    assert "continuing" in err and "epoch 2/2" in out
+    assert load_checkpoint(run).epoch == 2
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--lr", "0.1")
+    assert code == 2 and "--lr cannot be changed when resuming" in err
+
+
+def test_ctrl_c_saves_and_exits_130(capsys, tmp_path, monkeypatch):
+    from npvae.models.vae import VAE
+
+    original, calls = VAE.loss_and_grads, [0]
+
+    def interrupted(self, x, **kw):
+        calls[0] += kw.get("step") is not None
+        if calls[0] == 6:
+            raise KeyboardInterrupt
+        return original(self, x, **kw)
+
+    monkeypatch.setattr(VAE, "loss_and_grads", interrupted)
+    run = tmp_path / "r"
+    code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "3", "--out", str(run))
+    assert code == 130
+    assert "saved in" in err and f"npvae train --resume {run}" in err
+    assert load_checkpoint(run).position["batch"] == 1
+    monkeypatch.setattr(VAE, "loss_and_grads", original)
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--no-progress")
+    assert code == 0, err
+    assert load_checkpoint(run).epoch == 3
+
+
+def test_divergence_exits_1_with_the_step(capsys, tmp_path, monkeypatch):
+    from npvae.models.vae import VAE
+
+    original = VAE.loss_and_grads
+
+    def nan_loss(self, x, **kw):
+        loss, grads, stats = original(self, x, **kw)
+        return (float("nan") if kw.get("step") == 5 else loss), grads, stats
+
+    monkeypatch.setattr(VAE, "loss_and_grads", nan_loss)
+    code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "3", "--out", str(tmp_path / "r"))
+    assert code == 1
+    assert "diverged" in err and "at step 5 (epoch 2" in err and "Traceback" not in err
+    assert load_checkpoint(tmp_path / "r").epoch == 1
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def one_line_error(code, err):
+    assert code == 2
+    assert err.startswith("npvae: error: ") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_checkpoint_path_exits_2(capsys, tmp_path):
+    for command in ("eval", "sample", "plot"):
+        code, _, err = run_cli(capsys, command, str(tmp_path / "missing"))
+        one_line_error(code, err)
+        assert "no such checkpoint" in err
+
+
+def test_corrupt_checkpoint_exits_2(capsys, tmp_path):
+    (tmp_path / "checkpoint.npz").write_bytes(b"not a zip file at all")
+    code, _, err = run_cli(capsys, "eval", str(tmp_path))
+    one_line_error(code, err)
+    assert "not a readable checkpoint" in err
+
+
+def test_options_for_another_model_exit_2(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--codes", "8", "--out", str(tmp_path / "r"))
+    one_line_error(code, err)
+    assert "--codes" in err and "vae-bernoulli" in err
+
+
+def test_bad_values_exit_2(capsys):
+    for argv in (["train", "--latent", "0"], ["train", "--hidden", "4,x"],
+                 ["train", "--warmup", "soon"], ["gradcheck", "gan"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 2
+        assert "Traceback" not in capsys.readouterr().err
+
+
+def test_data_unavailable_exits_2(capsys, tmp_path, monkeypatch):
+    def unavailable(*args, **kwargs):
+        raise data.DataUnavailableError("could not load MNIST (split 'train'); every route failed")
+
+    monkeypatch.setattr(data, "load", unavailable)
+    code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "r"))
+    one_line_error(code, err)
+    assert "could not load MNIST" in err
+
+
+# ----------------------------------------------------------------------------- eval, sample, plot
+
+
+def test_eval_writes_eval_json(capsys, trained_run):
+    code, out, err = run_cli(capsys, "eval", str(trained_run), "--k", "8")
+    assert code == 0, err
+    report = json.loads((trained_run / "eval.json").read_text())
+    for key in ("elbo", "recon", "kl", "log_px", "active_units"):
+        assert key in report and key in out
+    assert report["test_images"] == SIZES["test"] and report["k"] == 8
+    assert report["log_px"] >= report["elbo"] - 5.0  # a tighter bound, up to noise
+
+
+def test_sample_and_plot(capsys, trained_run, tmp_path):
+    out_png = tmp_path / "s.png"
+    code, out, err = run_cli(capsys, "sample", str(trained_run), "--n", "9", "--out", str(out_png))
+    assert code == 0, err
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+    code, _, _ = run_cli(capsys, "sample", str(trained_run))
+    assert code == 0 and (trained_run / "samples-seed0.png").exists()
+
+    for name in FIGURES:
+        (trained_run / name).unlink()
+    code, out, err = run_cli(capsys, "plot", str(trained_run))
+    assert code == 0, err
+    assert FIGURES | {"manifold.png"} <= {p.name for p in trained_run.iterdir()}
+
+
+# ----------------------------------------------------------------------------- gradcheck
+
+
+def test_gradcheck_prints_one_row_per_parameter(capsys):
+    code, out, err = run_cli(capsys, "gradcheck", "vae-bernoulli")
+    assert code == 0, out + err
+    model, _, _ = cli.gradcheck_model("vae-bernoulli")
+    rows = [line for line in out.splitlines() if line.split() and line.split()[0] in model.params]
+    assert [r.split()[0] for r in rows] == list(model.params)
+    assert "ok: all" in out
+
+
+@pytest.mark.parametrize("kind", ["vae-gaussian", "ae", "vqvae"])
+def test_gradcheck_other_models(capsys, kind):
+    code, out, err = run_cli(capsys, "gradcheck", kind)
+    assert code == 0, out + err
+
+
+def test_gradcheck_fails_on_a_wrong_gradient(capsys, monkeypatch):
+    from npvae.models.vae import VAE
+
+    original = VAE.loss_and_grads
+
+    def wrong(self, x, **kw):
+        loss, grads, stats = original(self, x, **kw)
+        grads["dec.0.b"] *= 1.01
+        return loss, grads, stats
+
+    monkeypatch.setattr(VAE, "loss_and_grads", wrong)
+    code, out, _ = run_cli(capsys, "gradcheck", "vae-bernoulli")
+    assert code == 1 and "FAIL" in out and "dec.0.b" in out
