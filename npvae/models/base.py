@@ -117,4 +117,6 @@ def kl_weight(beta: float, warmup_steps: int, step) -> float:
     """beta * min(1, step / warmup_steps); the full beta when step is None or no warm-up (OBJ.2)."""
     if step is None or warmup_steps <= 0:
         return float(beta)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
     return float(beta) * min(1.0, float(step) / float(warmup_steps))

@@ -1,0 +1,316 @@
+"""Train the same VAE in npvae and in PyTorch, side by side, and print the ratios.
+
+    python benchmarks/bench_train.py                  # configs A and B, 3 alternating runs
+    python benchmarks/bench_train.py --config A --epochs 10 --runs 1   # the 10-epoch loss
+
+Both sides get the same data (MNIST, grey-level targets, the same batches in the same
+order), the same initial weights (PyTorch's are copied from npvae's), Adam with the same
+settings, the same batch size, thread count and number of steps. Each run is a fresh
+worker process per side, so peak resident memory is measured per side; runs alternate
+between the sides so that drift in the machine's speed hits both equally.
+
+Configurations
+  A  784-400-20, ReLU, batch 128   the pytorch/examples VAE
+  B  784-200-200-50, tanh, batch 20   the MLP of the IWAE paper (Burda et al. 2015)
+
+The script also times the *matrix-product floor*: the step's matrix products alone, in
+NumPy, with the same shapes; an npvae step cannot be faster than that.
+
+PyTorch is optional (``pip install torch==2.13.0``); without it only npvae is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
+
+CONFIGS = {
+    "A": dict(hidden=[400], latent=20, activation="relu", batch=128),
+    "B": dict(hidden=[200, 200], latent=50, activation="tanh", batch=20),
+}
+
+
+def peak_rss_mb() -> float:
+    """VmHWM: the peak resident set size of this process, in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def load_data(limit_train: int):
+    import numpy as np
+
+    from npvae import data
+
+    xtr, _ = data.load("mnist", "train")
+    xte, _ = data.load("mnist", "test")
+    xtr = data.to_unit(xtr, np.float32)[:limit_train]
+    xte = data.to_unit(xte, np.float32)
+    return xtr, xte
+
+
+def batches(n: int, batch: int, epoch: int, seed: int):
+    """The same shuffled batches for both sides: numpy permutation per epoch."""
+    import numpy as np
+
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return [perm[i:i + batch] for i in range(0, n - batch + 1, batch)]
+
+
+def make_npvae(cfg, seed):
+    import numpy as np
+
+    from npvae.models import BernoulliVAE
+
+    return BernoulliVAE(hidden=cfg["hidden"], latent=cfg["latent"],
+                        activation=cfg["activation"], dtype=np.float32, rng=seed)
+
+
+def test_loss(model, xte) -> float:
+    """Negative ELBO in nats per test example (one posterior sample), by npvae's evaluator."""
+    import numpy as np
+
+    from npvae.evaluate import elbo
+
+    return float(-elbo(model, xte, np.random.default_rng(123))["elbo"])
+
+
+# ----------------------------------------------------------------------------------
+# Workers: one side, one process
+
+
+def worker_npvae(cfg, args):
+    import numpy as np
+
+    from npvae.optim import Adam
+
+    xtr, xte = load_data(args.limit)
+    model = make_npvae(cfg, args.seed)
+    opt = Adam(model.params, lr=1e-3)
+    rng = np.random.default_rng(args.seed)
+    xb = np.empty((cfg["batch"], xtr.shape[1]), np.float32)
+
+    def step(idx):
+        np.take(xtr, idx, axis=0, out=xb)
+        _, grads, _ = model.loss_and_grads(xb, rng=rng)
+        opt.step(grads)
+
+    for idx in batches(len(xtr), cfg["batch"], 999_999, args.seed)[:20]:
+        step(idx)  # warm up: kernels loaded, buffers touched
+    model = make_npvae(cfg, args.seed)  # then start over from the shared init
+    opt = Adam(model.params, lr=1e-3)
+    times = []
+    for epoch in range(args.epochs):
+        plan = batches(len(xtr), cfg["batch"], epoch, args.seed)
+        t0 = time.perf_counter()
+        for idx in plan:
+            step(idx)
+        times.append(time.perf_counter() - t0)
+    return dict(epoch_seconds=times, test_loss=test_loss(model, xte), peak_rss_mb=peak_rss_mb())
+
+
+def worker_torch(cfg, args):
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    xtr, xte = load_data(args.limit)
+    init = make_npvae(cfg, args.seed)  # npvae's initial weights, copied below
+    z_dim = cfg["latent"]
+
+    def layers(prefix):
+        out, i = [], 0
+        while f"{prefix}.{i}.W" in init.params:
+            lin = torch.nn.Linear(*init.params[f"{prefix}.{i}.W"].shape)
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(init.params[f"{prefix}.{i}.W"].T.copy()))
+                lin.bias.copy_(torch.from_numpy(init.params[f"{prefix}.{i}.b"].copy()))
+            out.append(lin)
+            i += 1
+        return torch.nn.ModuleList(out)
+
+    act = torch.relu if cfg["activation"] == "relu" else torch.tanh
+    enc, dec = layers("enc"), layers("dec")
+
+    def mlp(net, h):
+        for i, lin in enumerate(net):
+            h = lin(h)
+            if i < len(net) - 1:
+                h = act(h)
+        return h
+
+    params = list(enc.parameters()) + list(dec.parameters())
+    xt = torch.from_numpy(xtr)
+
+    def make_opt():
+        return torch.optim.Adam(params, lr=1e-3)
+
+    def step(opt, idx):
+        x = xt[idx]
+        h = mlp(enc, x)
+        mu, logvar = h[:, :z_dim], h[:, z_dim:]
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        logits = mlp(dec, z)
+        rec = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        kl = 0.5 * torch.sum(mu.pow(2) + logvar.exp() - logvar - 1.0)
+        loss = (rec + kl) / x.shape[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    warm = make_opt()
+    snapshot = [p.detach().clone() for p in params]
+    for idx in batches(len(xtr), cfg["batch"], 999_999, args.seed)[:20]:
+        step(warm, torch.from_numpy(idx))
+    with torch.no_grad():  # start over from the shared init
+        for p, s in zip(params, snapshot):
+            p.copy_(s)
+    opt = make_opt()
+    torch.manual_seed(args.seed)
+    times = []
+    for epoch in range(args.epochs):
+        plan = [torch.from_numpy(i) for i in batches(len(xtr), cfg["batch"], epoch, args.seed)]
+        t0 = time.perf_counter()
+        for idx in plan:
+            step(opt, idx)
+        times.append(time.perf_counter() - t0)
+    # evaluate with npvae's evaluator, so both sides are scored identically
+    for prefix, net in (("enc", enc), ("dec", dec)):
+        for i, lin in enumerate(net):
+            init.params[f"{prefix}.{i}.W"] = lin.weight.detach().numpy().T
+            init.params[f"{prefix}.{i}.b"] = lin.bias.detach().numpy()
+    return dict(epoch_seconds=times, test_loss=test_loss(init, xte), peak_rss_mb=peak_rss_mb())
+
+
+def worker_floor(cfg, args):
+    """The step's matrix products alone, in NumPy, for one epoch's worth of steps."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    b, z = cfg["batch"], cfg["latent"]
+    enc_sizes = [784, *cfg["hidden"], 2 * z]
+    dec_sizes = [z, *cfg["hidden"][::-1], 784]
+    f32 = np.float32
+    Ws = [rng.standard_normal((i, o)).astype(f32) for s in (enc_sizes, dec_sizes)
+          for i, o in zip(s[:-1], s[1:])]
+    n_enc = len(enc_sizes) - 1
+    x = rng.standard_normal((b, 784)).astype(f32)
+    zz = rng.standard_normal((b, z)).astype(f32)
+
+    def step():
+        hs = [x]
+        for W in Ws[:n_enc]:
+            hs.append(hs[-1] @ W)
+        hd = [zz]
+        for W in Ws[n_enc:]:
+            hd.append(hd[-1] @ W)
+        for chain, Wl in ((hd, Ws[n_enc:]), (hs, Ws[:n_enc])):
+            d = chain[-1]
+            for i in reversed(range(len(Wl))):
+                _ = chain[i].T @ d  # dW
+                if i > 0 or chain is hd:
+                    d = d @ Wl[i].T  # dx (skipped for the data input)
+                else:
+                    break
+
+    steps = 60000 // b
+    for _ in range(50):
+        step()
+    times = []
+    for _ in range(args.epochs):
+        t0 = time.perf_counter()
+        for _ in range(steps * args.limit // 60000):
+            step()
+        times.append(time.perf_counter() - t0)
+    return dict(epoch_seconds=times)
+
+
+WORKERS = {"npvae": worker_npvae, "torch": worker_torch, "floor": worker_floor}
+
+
+def run_worker(side, config, args) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", side, "--config", config,
+           "--epochs", str(args.epochs), "--limit", str(args.limit),
+           "--seed", str(args.seed), "--threads", str(args.threads)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
+               OPENBLAS_NUM_THREADS=str(args.threads))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        print(f"  {side} worker failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def have_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(CONFIGS), action="append",
+                   help="A and/or B (default: both)")
+    p.add_argument("--runs", type=int, default=3, help="alternating runs per side (median reported)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs per run")
+    p.add_argument("--limit", type=int, default=60000, help="training images per epoch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        cfg = CONFIGS[args.config[0]]
+        print(json.dumps(WORKERS[args.worker](cfg, args)))
+        return 0
+
+    torch_ok = have_torch()
+    if not torch_ok:
+        print("PyTorch is not installed (pip install torch==2.13.0): timing npvae alone.")
+    for config in args.config or sorted(CONFIGS):
+        cfg = CONFIGS[config]
+        print(f"\nconfig {config}: 784-{'-'.join(map(str, cfg['hidden']))}-{cfg['latent']} "
+              f"{cfg['activation']}, batch {cfg['batch']}, Adam 1e-3, {args.limit} images/epoch, "
+              f"{args.threads} threads, {args.runs} alternating runs x {args.epochs} epoch(s)")
+        results = {"npvae": [], "torch": [], "floor": []}
+        for r in range(args.runs):
+            order = ["npvae", "torch"] if r % 2 == 0 else ["torch", "npvae"]
+            for side in order + ["floor"]:
+                if side == "torch" and not torch_ok:
+                    continue
+                res = run_worker(side, config, args)
+                if res is not None:
+                    results[side].append(res)
+        med = {s: statistics.median(t for res in rs for t in res["epoch_seconds"])
+               for s, rs in results.items() if rs}
+        for side in ("npvae", "torch", "floor"):
+            if side not in med:
+                continue
+            rs = results[side]
+            extra = ""
+            if "test_loss" in rs[-1]:
+                extra = (f"  final test loss {statistics.median(r['test_loss'] for r in rs):.2f}"
+                         f"  peak RSS {statistics.median(r['peak_rss_mb'] for r in rs):.0f} MiB")
+            print(f"  {side:<6} epoch {med[side]:7.3f} s{extra}")
+        if "torch" in med:
+            print(f"  ratio npvae/torch epoch time: {med['npvae'] / med['torch']:.3f}")
+            rss = statistics.median(r["peak_rss_mb"] for r in results["npvae"]) / \
+                statistics.median(r["peak_rss_mb"] for r in results["torch"])
+            print(f"  ratio npvae/torch peak RSS:   {rss:.3f}")
+        print(f"  ratio npvae/matmul floor:     {med['npvae'] / med['floor']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
