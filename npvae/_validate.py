@@ -11,6 +11,25 @@ import numpy as np
 
 FLOAT_DTYPES = (np.float32, np.float64)
 
+_trust = {"depth": 0}
+
+
+class trusted:
+    """Inside ``with trusted():`` the value scans (NaN/inf, [0, 1]) are skipped.
+
+    A model checks its input once, at its entry point, then runs its chain of ops inside
+    this block: the ops' own scans would only repeat that work on every step. Shape and
+    dtype checks, which cost nothing, still run.
+    """
+
+    def __enter__(self):
+        _trust["depth"] += 1
+        return self
+
+    def __exit__(self, *exc):
+        _trust["depth"] -= 1
+        return False
+
 
 def array(name: str, value, ndim: int | tuple[int, ...] | None = None) -> np.ndarray:
     """``value`` as a floating NumPy array of the expected rank."""
@@ -30,8 +49,13 @@ def array(name: str, value, ndim: int | tuple[int, ...] | None = None) -> np.nda
     return value
 
 
-def finite(name: str, value: np.ndarray) -> np.ndarray:
-    """Reject NaN and inf, naming the argument and the first bad position."""
+def finite(name: str, value: np.ndarray, always: bool = False) -> np.ndarray:
+    """Reject NaN and inf, naming the argument and the first bad position.
+
+    Skipped inside :class:`trusted` unless ``always`` (for checks at a model's entry).
+    """
+    if _trust["depth"] and not always:
+        return value
     total = value.sum()
     if np.isfinite(total):
         return value
@@ -68,7 +92,9 @@ def shape(name: str, value: np.ndarray, expected: tuple) -> None:
         raise ValueError(f"{name} must have shape {pretty}, got {value.shape}")
 
 
-def in_unit_interval(name: str, value: np.ndarray) -> None:
+def in_unit_interval(name: str, value: np.ndarray, always: bool = False) -> None:
+    if _trust["depth"] and not always:
+        return
     lo, hi = value.min(initial=0.0), value.max(initial=1.0)
     if lo < 0.0 or hi > 1.0:
         raise ValueError(

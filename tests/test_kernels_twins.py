@@ -2,7 +2,7 @@
 precision in float32, on random inputs."""
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, strategies as st
 
 from npvae.ops import activations, kl, likelihoods
 
@@ -74,3 +74,13 @@ def test_activation_twins(dtype, name, n, d, seed):
     dh = rng.normal(size=(n, d)).astype(dtype)
     g1, g2 = both(activations.act_grad_kernel, dh, h2, code, slope, np.empty_like(a))
     assert_twins_agree(g1, g2, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(st.integers(0, 200), seeds)
+def test_sum_of_squares_twins(dtype, n, seed):
+    from npvae.optim import sumsq_kernel
+    a = np.random.default_rng(seed).normal(size=n).astype(dtype)
+    exact = float(np.sum(a.astype(np.float64) ** 2))
+    for twin in (sumsq_kernel.numba, sumsq_kernel.numpy):
+        assert abs(twin(a) - exact) <= 1e-12 * max(exact, 1.0)

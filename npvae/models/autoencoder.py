@@ -23,7 +23,7 @@ import numpy as np
 from ..ops.activations import activation_code
 from ..ops.mlp import mlp_backward, mlp_forward, mlp_init, mlp_shapes
 from .base import (
-    Model, as_rng, check_likelihood, kl_weight, likelihood_backward, likelihood_forward,
+    Model, trusted, as_rng, check_likelihood, kl_weight, likelihood_backward, likelihood_forward,
     likelihood_mean,
 )
 
@@ -55,32 +55,33 @@ class Autoencoder(Model):
         mlp_init(self.params, "enc", activation, rng)
         mlp_init(self.params, "dec", activation, rng)
 
-    def loss_and_grads(self, x, *, rng=None, eps=None, step=None):
+    def loss_and_grads(self, x, *, rng=None, eps=None, step=None, out=None):
         """Forward chain, then reverse chain. eps (N, Z) fixes the noise of the sampled form."""
         cfg = self.config
         x = self.check_x(x)
         n = x.shape[0]
         w = kl_weight(cfg["beta"], cfg["warmup_steps"], step)
 
-        # ---- forward
-        code, enc_cache = mlp_forward(self.params, "enc", x, cfg["activation"])  # (N, Z)
-        if cfg["sampled"]:
-            z = code + self.noise((n, self.latent), rng, eps)  # (N, Z)  (REP.1) with logvar = 0
-        else:
-            z = code  # (N, Z)
-        out, dec_cache = mlp_forward(self.params, "dec", z, cfg["activation"])  # (N, D)
-        logp, lik_cache = likelihood_forward(cfg["likelihood"], out, x, cfg["sigma2"])  # (N,)
-        l2 = 0.5 * np.einsum("nz,nz->n", code, code)  # (N,)  (AE.1)
-        recon = -logp.mean()
-        loss = recon + w * l2.mean()  # ()  (AE.2)
+        with trusted():  # x was checked above: the ops need not scan it again
+            # ---- forward
+            code, enc_cache = mlp_forward(self.params, "enc", x, cfg["activation"])  # (N, Z)
+            if cfg["sampled"]:
+                z = code + self.noise((n, self.latent), rng, eps)  # (N, Z)  (REP.1) with logvar = 0
+            else:
+                z = code  # (N, Z)
+            dec_out, dec_cache = mlp_forward(self.params, "dec", z, cfg["activation"])  # (N, D)
+            logp, lik_cache = likelihood_forward(cfg["likelihood"], dec_out, x, cfg["sigma2"])  # (N,)
+            l2 = 0.5 * np.einsum("nz,nz->n", code, code)  # (N,)  (AE.1)
+            recon = -logp.mean()
+            loss = recon + w * l2.mean()  # ()  (AE.2)
 
-        # ---- reverse
-        grads = self.new_grads()
-        dlogp = np.full(n, -1.0 / n, dtype=self.dtype)  # (N,)
-        dout = likelihood_backward(cfg["likelihood"], dlogp, lik_cache)  # (N, D)  (LIK.2/4)
-        dz, _ = mlp_backward(dout, dec_cache, grads)  # (N, Z); dz/dcode = I  (REP.2)
-        dcode = dz + (w / n) * code  # (N, Z)  the L2 term's gradient, added  (AE.3)
-        mlp_backward(dcode, enc_cache, grads, need_dx=False)
+            # ---- reverse
+            grads = self.new_grads(out)
+            dlogp = np.full(n, -1.0 / n, dtype=self.dtype)  # (N,)
+            ddec_out = likelihood_backward(cfg["likelihood"], dlogp, lik_cache)  # (N, D)  (LIK.2/4)
+            dz, _ = mlp_backward(ddec_out, dec_cache, grads)  # (N, Z); dz/dcode = I  (REP.2)
+            dcode = dz + (w / n) * code  # (N, Z)  the L2 term's gradient, added  (AE.3)
+            mlp_backward(dcode, enc_cache, grads, need_dx=False)
 
         stats = dict(loss=float(loss), recon=float(recon), kl=float(l2.mean()),
                      elbo=float((logp - l2).mean()), kl_weight=w)

@@ -21,6 +21,7 @@ from ..ops import (
 )
 from ..ops.activations import stable_sigmoid
 from ..params import FlatDict
+from .._validate import trusted  # noqa: F401  (re-exported for the models)
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -59,9 +60,9 @@ class Model:
                 f"{name} must have dtype {self.dtype} like the model, got {x.dtype}; "
                 f"convert with {name}.astype(np.{self.dtype})"
             )
-        v.finite(name, x)
+        v.finite(name, x, always=True)
         if self.config.get("likelihood") == "bernoulli":
-            v.in_unit_interval(name, x)
+            v.in_unit_interval(name, x, always=True)
         return x
 
     def check_eps(self, eps, shape) -> np.ndarray:
@@ -69,7 +70,7 @@ class Model:
         v.shape("eps", eps, shape)
         if eps.dtype != self.dtype:
             raise ValueError(f"eps must have dtype {self.dtype} like the model, got {eps.dtype}")
-        return eps
+        return v.finite("eps", eps, always=True)
 
     def noise(self, shape, rng, eps):
         """The reparameterization noise: ``eps`` if given (checked), else drawn from ``rng``."""
@@ -79,8 +80,16 @@ class Model:
             raise ValueError("pass rng (a numpy Generator) to draw the noise, or eps to fix it")
         return as_rng(rng).standard_normal(shape, dtype=self.dtype)
 
-    def new_grads(self) -> FlatDict:
-        return self.params.empty_like()
+    def new_grads(self, out=None) -> FlatDict:
+        """Where backward writes: ``out`` if given (a FlatDict laid out like ``params``,
+        reused from step to step by the training loop), else a new buffer."""
+        if out is None:
+            return self.params.empty_like()
+        if not isinstance(out, FlatDict) or out.flat.shape != self.params.flat.shape \
+                or out.flat.dtype != self.dtype or list(out) != list(self.params):
+            raise ValueError("out must be a FlatDict laid out like model.params "
+                             "(make one with model.params.empty_like())")
+        return out
 
     def num_params(self) -> int:
         return int(self.params.flat.size)

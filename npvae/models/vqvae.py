@@ -41,7 +41,7 @@ from ..ops.vq import (
     perplexity, quantize_backward, quantize_forward,
 )
 from .base import (
-    Model, as_rng, check_likelihood, likelihood_backward, likelihood_forward, likelihood_mean,
+    Model, trusted, as_rng, check_likelihood, likelihood_backward, likelihood_forward, likelihood_mean,
 )
 
 
@@ -96,44 +96,45 @@ class VQVAE(Model):
         self._last = None  # (rows (R, Dz), idx (R,)) of the latest loss_and_grads
 
     # -- the objective ---------------------------------------------------------------
-    def loss_and_grads(self, x, *, rng=None, eps=None, step=None, tape=None):
+    def loss_and_grads(self, x, *, rng=None, eps=None, step=None, out=None, tape=None):
         """Forward chain, then reverse chain. The model has no noise: rng, eps, step unused."""
         cfg = self.config
         x = self.check_x(x)
         n, R = x.shape[0], x.shape[0] * self.M
         codebook = self.params["codebook"]
 
-        # ---- forward
-        h, enc_cache = mlp_forward(self.params, "enc", x, cfg["activation"])  # (N, M Dz)
-        rows = h.reshape(R, self.Dz)  # (R, Dz)  z_e, one row per code vector
-        z_q, q_cache = quantize_forward(rows, codebook, cfg["metric"])  # (R, Dz)  (VQ.1-3)
-        idx = q_cache.idx  # (R,)
-        cb, cb_cache = codebook_loss_forward(rows, codebook, idx)  # (R,)  (VQ.4)
-        cm, cm_cache = commitment_loss_forward(rows, codebook, idx, cfg["beta"])  # (R,)  (VQ.5)
-        out, dec_cache = mlp_forward(self.params, "dec", z_q.reshape(n, -1), cfg["activation"])
-        logp, lik_cache = likelihood_forward(cfg["likelihood"], out, x, cfg["sigma2"])  # (N,)
-        recon = -logp.mean()  # ()
-        codebook_term = 0.0 if cfg["ema"] else cb.sum() / n  # ()  mean over examples of sum_m
-        commitment = cm.sum() / n  # ()
-        loss = recon + codebook_term + commitment  # ()  (VQVAE.2)
+        with trusted():  # x was checked above: the ops need not scan it again
+            # ---- forward
+            h, enc_cache = mlp_forward(self.params, "enc", x, cfg["activation"])  # (N, M Dz)
+            rows = h.reshape(R, self.Dz)  # (R, Dz)  z_e, one row per code vector
+            z_q, q_cache = quantize_forward(rows, codebook, cfg["metric"])  # (R, Dz)  (VQ.1-3)
+            idx = q_cache.idx  # (R,)
+            cb, cb_cache = codebook_loss_forward(rows, codebook, idx)  # (R,)  (VQ.4)
+            cm, cm_cache = commitment_loss_forward(rows, codebook, idx, cfg["beta"])  # (R,)  (VQ.5)
+            dec_out, dec_cache = mlp_forward(self.params, "dec", z_q.reshape(n, -1), cfg["activation"])
+            logp, lik_cache = likelihood_forward(cfg["likelihood"], dec_out, x, cfg["sigma2"])  # (N,)
+            recon = -logp.mean()  # ()
+            codebook_term = 0.0 if cfg["ema"] else cb.sum() / n  # ()  mean over examples of sum_m
+            commitment = cm.sum() / n  # ()
+            loss = recon + codebook_term + commitment  # ()  (VQVAE.2)
 
-        # ---- reverse
-        grads = self.new_grads()
-        dlogp = np.full(n, -1.0 / n, dtype=self.dtype)  # (N,)
-        dout = likelihood_backward(cfg["likelihood"], dlogp, lik_cache)  # (N, D)  (LIK.2/4)
-        dzq, _ = mlp_backward(dout, dec_cache, grads)  # (N, M Dz)  decoder-input gradient
-        dz_st = quantize_backward(dzq.reshape(R, self.Dz), q_cache)  # (R, Dz)  (VQ.3)
-        drow = np.full(R, 1.0 / n, dtype=self.dtype)  # (R,)  d loss / d l_r
-        dz_cm = commitment_loss_backward(drow, cm_cache)  # (R, Dz)  (VQ.5)
-        dz_e = dz_st + dz_cm  # (R, Dz)  two paths into z_e add up
-        if cfg["ema"]:
-            grads["codebook"][...] = 0.0  # (K, Dz)  learned by moving averages, not gradient  (VQ.6)
-        else:
-            grads["codebook"] = codebook_loss_backward(drow, cb_cache)  # (K, Dz)  (VQ.4)
-        mlp_backward(dz_e.reshape(n, -1), enc_cache, grads, need_dx=False)
-        if tape is not None:
-            tape.update(dz_q=dzq.reshape(R, self.Dz), dz_straight_through=dz_st,
-                        dz_commitment=dz_cm, dz_e=dz_e)
+            # ---- reverse
+            grads = self.new_grads(out)
+            dlogp = np.full(n, -1.0 / n, dtype=self.dtype)  # (N,)
+            ddec_out = likelihood_backward(cfg["likelihood"], dlogp, lik_cache)  # (N, D)  (LIK.2/4)
+            dzq, _ = mlp_backward(ddec_out, dec_cache, grads)  # (N, M Dz)  decoder-input gradient
+            dz_st = quantize_backward(dzq.reshape(R, self.Dz), q_cache)  # (R, Dz)  (VQ.3)
+            drow = np.full(R, 1.0 / n, dtype=self.dtype)  # (R,)  d loss / d l_r
+            dz_cm = commitment_loss_backward(drow, cm_cache)  # (R, Dz)  (VQ.5)
+            dz_e = dz_st + dz_cm  # (R, Dz)  two paths into z_e add up
+            if cfg["ema"]:
+                grads["codebook"][...] = 0.0  # (K, Dz)  learned by moving averages, not gradient  (VQ.6)
+            else:
+                grads["codebook"] = codebook_loss_backward(drow, cb_cache)  # (K, Dz)  (VQ.4)
+            mlp_backward(dz_e.reshape(n, -1), enc_cache, grads, need_dx=False)
+            if tape is not None:
+                tape.update(dz_q=dzq.reshape(R, self.Dz), dz_straight_through=dz_st,
+                            dz_commitment=dz_cm, dz_e=dz_e)
 
         self._last = (rows.copy(), idx)
         counts = code_counts(idx, self.K)
@@ -241,8 +242,8 @@ class VQVAE(Model):
             h, _ = mlp_forward(p, "enc", x, cfg["activation"])
             rows = h.reshape(-1, self.Dz)  # (R, Dz)
             z_q = rows + (e0 - z0)  # (R, Dz)
-            out, _ = mlp_forward(p, "dec", z_q.reshape(n, -1), cfg["activation"])
-            logp, _ = likelihood_forward(cfg["likelihood"], out, x, cfg["sigma2"])
+            dec_out, _ = mlp_forward(p, "dec", z_q.reshape(n, -1), cfg["activation"])
+            logp, _ = likelihood_forward(cfg["likelihood"], dec_out, x, cfg["sigma2"])
             cb = 0.0 if cfg["ema"] else np.sum((z0 - p["codebook"][idx0]) ** 2) / n
             cm = cfg["beta"] * np.sum((rows - e0) ** 2) / n
             return float(-logp.mean() + cb + cm)
