@@ -47,15 +47,16 @@ def peak_rss_mb() -> float:
 
 
 def load_data(limit_train: int):
+    """Training images as uint8 (N, 784), scaled per batch by each side's loop (as npvae's
+    training loop and a PyTorch MNIST dataset both do); test images as float32."""
     import numpy as np
 
     from npvae import data
 
     xtr, _ = data.load("mnist", "train")
     xte, _ = data.load("mnist", "test")
-    xtr = data.to_unit(xtr, np.float32)[:limit_train]
-    xte = data.to_unit(xte, np.float32)
-    return xtr, xte
+    xtr = np.ascontiguousarray(xtr.reshape(len(xtr), -1)[:limit_train])
+    return xtr, data.to_unit(xte, np.float32)
 
 
 def batches(n: int, batch: int, epoch: int, seed: int):
@@ -98,10 +99,13 @@ def worker_npvae(cfg, args):
     opt = Adam(model.params, lr=1e-3)
     rng = np.random.default_rng(args.seed)
     xb = np.empty((cfg["batch"], xtr.shape[1]), np.float32)
+    raw = np.empty(xb.shape, np.uint8)
+    gbuf = model.params.empty_like()
 
     def step(idx):
-        np.take(xtr, idx, axis=0, out=xb)
-        _, grads, _ = model.loss_and_grads(xb, rng=rng)
+        np.take(xtr, idx, axis=0, out=raw)
+        np.divide(raw, np.float32(255), out=xb)
+        _, grads, _ = model.loss_and_grads(xb, rng=rng, out=gbuf)
         opt.step(grads)
 
     for idx in batches(len(xtr), cfg["batch"], 999_999, args.seed)[:20]:
@@ -156,7 +160,7 @@ def worker_torch(cfg, args):
         return torch.optim.Adam(params, lr=1e-3)
 
     def step(opt, idx):
-        x = xt[idx]
+        x = xt[idx].float().div_(255)
         h = mlp(enc, x)
         mu, logvar = h[:, :z_dim], h[:, z_dim:]
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)

@@ -401,11 +401,14 @@ def load_training_data(settings: dict):
     """(x_train, x_val) for a run's settings: split off the validation images, then --limit."""
     from . import data
 
-    x, y = _load_split(settings["dataset"], "train", settings["data_dir"], settings["dtype"])
+    images, y = data.load(settings["dataset"], "train", data_dir=settings["data_dir"],
+                          progress=lambda msg: _say(f"npvae: {msg}"))
+    x = images.reshape(len(images), -1)  # uint8 (N, D): the loop scales each batch
     n_val = settings["val"] if len(x) >= 2 * settings["val"] else max(1, len(x) // 10)
     (x_tr, _), (x_va, _) = data.train_val_split(x, y, n_val, seed=0)  # the same split for every seed
     if settings["limit"]:
         x_tr, x_va = x_tr[: settings["limit"]], x_va[: settings["limit"]]
+    x_va = data.to_unit(x_va, np.dtype(settings["dtype"]))
     return np.ascontiguousarray(x_tr), np.ascontiguousarray(x_va)
 
 

@@ -150,13 +150,24 @@ class _DeferredInterrupt:
         return False
 
 
+def _static_sample(x, dtype, rng, rows: int = 4096) -> np.ndarray:
+    """One Bernoulli sample of every pixel, as uint8 0/1, drawn a block of rows at a time."""
+    out = np.empty(x.shape, dtype=np.uint8)
+    for start in range(0, len(x), rows):
+        block = x[start:start + rows]
+        p = npdata.to_unit(block, dtype) if block.dtype == np.uint8 else block
+        out[start:start + rows] = rng.random(p.shape, dtype=p.dtype) < p
+    return out
+
+
 def _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip, binarize):
     for name, x in (("x_train", x_train), ("x_val", x_val)):
         if not isinstance(x, np.ndarray) or x.ndim != 2:
             raise ValueError(f"{name} must be a 2-D numpy array (N, D), got {type(x).__name__}"
                              f"{'' if not isinstance(x, np.ndarray) else ' of shape ' + str(x.shape)}")
-        if x.dtype != model.dtype:
-            raise ValueError(f"{name} must have the model's dtype {model.dtype}, got {x.dtype}")
+        if x.dtype != model.dtype and x.dtype != np.uint8:
+            raise ValueError(f"{name} must have the model's dtype {model.dtype} (values in [0, 1]) "
+                             f"or be uint8 images (values 0-255), got {x.dtype}")
         if x.shape[0] < 1:
             raise ValueError(f"{name} must hold at least one example")
     if int(epochs) < 1 or int(batch_size) < 1:
@@ -232,7 +243,10 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
     """Train ``model`` in place for ``epochs`` epochs in total; returns the metrics history.
 
     x_train (N, D), x_val (V, D): arrays of the model's dtype, values in [0, 1] (grey
-        levels; ``binarize`` "static" or "dynamic" turns them into binary samples).
+        levels), or uint8 images with values 0-255 (read as v / 255; kept as bytes and
+        scaled one batch at a time, which saves three quarters of the memory).
+        ``binarize`` "static" draws one binary sample of the training set; "dynamic"
+        draws a fresh one for every batch, so each image is resampled on every visit.
     optimizer: "adam" or "sgd" (momentum 0.9); clip: max global gradient norm, or None.
     run_dir: receives metrics.jsonl (one JSON line per epoch) and checkpoint.npz.
     log_every: steps between updates of the progress bar's loss; progress: show a
@@ -255,14 +269,18 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                     optimizer=optimizer, clip=clip, seed=int(seed), binarize=binarize,
                     data=fingerprint(x_train))
 
-    # ---- data: a fixed binary sample for "static"; "dynamic" draws a new one per epoch
+    # ---- data: kept as given (uint8 images stay uint8: a quarter of the memory) and
+    # turned into a float batch of the model's dtype one batch at a time
     n, d = x_train.shape
-    x_base = x_train
-    if binarize == "static":
-        x_base = npdata.binarize_static(x_train, "sample", rng=side_rng(seed, "static"))
+    x_base, scale = x_train, (255 if x_train.dtype == np.uint8 else None)
+    if binarize == "static":  # one fixed binary sample, as 0/1 bytes
+        x_base, scale = _static_sample(x_train, model.dtype, side_rng(seed, "static")), 1
+    if x_val.dtype == np.uint8:
+        x_val = npdata.to_unit(x_val, model.dtype)
     x_val = binarize_for_eval(x_val, binarize, seed, "val")
     n_batches = -(-n // batch_size)
     batch = np.empty((min(batch_size, n), d), dtype=model.dtype)  # reused by every step
+    raw = np.empty((min(batch_size, n), d), dtype=np.uint8) if scale else None
 
     # ---- state: fresh, or as a checkpoint left it
     rng = np.random.default_rng(seed)
@@ -293,7 +311,6 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                 # -- the epoch's binary sample and order, drawn from the run's stream
                 epoch_rng = resume["epoch_rng"] if resume else rng_state(rng)
                 rng.bit_generator.state = epoch_rng
-                x_epoch = npdata.binarize_dynamic(x_base, rng) if binarize == "dynamic" else x_base
                 order = rng.permutation(n)
                 first, sums, seen, seconds = 0, {}, 0, 0.0
                 if resume:  # continue inside this epoch, where the checkpoint stopped
@@ -314,7 +331,13 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                         # -- forward and backward on one batch
                         idx = order[b * batch_size:(b + 1) * batch_size]
                         xb = batch[:idx.size]
-                        np.take(x_epoch, idx, axis=0, out=xb)  # (B, D), contiguous
+                        if scale is None:
+                            np.take(x_base, idx, axis=0, out=xb)  # (B, D), contiguous
+                        else:
+                            np.take(x_base, idx, axis=0, out=raw[:idx.size])  # (B, D) bytes
+                            np.divide(raw[:idx.size], xb.dtype.type(scale), out=xb)  # to [0, 1]
+                        if binarize == "dynamic":  # a fresh Bernoulli sample, every visit
+                            xb[...] = rng.random(xb.shape, dtype=xb.dtype) < xb
                         if before_batch is not None:
                             before_batch(xb, rng)
                         loss, grads, stats = model.loss_and_grads(xb, rng=rng, step=step, out=grad_buf)

@@ -267,3 +267,26 @@ def test_figures_after_training(tmp_path, config, expected):
     assert set(figures) == names | expected
     for path in figures.values():
         assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("binarize", ["none", "dynamic", "static"])
+def test_uint8_images_train_exactly_like_their_float_values(tmp_path, binarize):
+    """Bytes scaled one batch at a time give the run that v / 255 as floats gives."""
+    rng = np.random.default_rng(5)
+    x_u8 = rng.integers(0, 256, size=(100, D), dtype=np.uint8)
+    x_f = x_u8.astype(np.float32) / np.float32(255)
+    val = x_f[:20]
+    kw = dict(LOOP, binarize=binarize, epochs=2)
+    models = []
+    for x, sub in ((x_u8, "u8"), (x_f, "f")):
+        model = build(VAE, rng=1)
+        train(model, x, val, seed=3, run_dir=tmp_path / sub, **kw)
+        models.append(model)
+    assert np.array_equal(models[0].params.flat, models[1].params.flat)
+
+
+def test_training_data_must_be_floats_or_bytes(tmp_path):
+    model = build(VAE, rng=1)
+    with pytest.raises(ValueError, match=r"x_train must have the model's dtype float32.*or be uint8"):
+        train(model, np.zeros((10, D), np.int32), np.zeros((5, D), np.float32),
+              run_dir=tmp_path, **dict(LOOP, epochs=1))
