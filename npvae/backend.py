@@ -75,9 +75,12 @@ class use_backend:
 
 
 def on_first_compile(callback) -> None:
-    """Register ``callback(kernel_name)``, called before a kernel is compiled or loaded.
+    """Register ``callback(kernel_name)``, called before a kernel's first call in a process.
 
-    The command line uses it to tell the user why the first step takes a while.
+    That call compiles the kernel, or loads it from the disk cache. ``callback`` may return
+    a function of no arguments, called when the first call is over: the command line starts
+    a short timer in ``callback`` and cancels it there, so it tells the user about a slow
+    compilation but says nothing when the cache is warm.
     """
     _compile_listeners.append(callback)
 
@@ -94,8 +97,6 @@ class _LazyKernel:
 
     def compiled(self):
         if self._compiled is None:
-            for listener in _compile_listeners:
-                listener(self.__name__)
             import numba  # imported here so `import npvae` stays light
 
             self._compiled = numba.njit(
@@ -105,7 +106,15 @@ class _LazyKernel:
         return self._compiled
 
     def __call__(self, *args):
-        return self.compiled()(*args)
+        if self._compiled is not None:
+            return self._compiled(*args)
+        finish = [listener(self.__name__) for listener in _compile_listeners]
+        try:
+            return self.compiled()(*args)  # compiles, or loads from the cache
+        finally:
+            for done in finish:
+                if callable(done):
+                    done()
 
 
 def numba_kernel(pyfunc=None, *, parallel: bool = False):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+_STARTED = time.perf_counter()  # for the "first step ... s after start" report
+
 MODELS = ("vae-gaussian", "vae-bernoulli", "ae", "vqvae")
 LIKELIHOOD = {"vae-gaussian": "gaussian", "vae-bernoulli": "bernoulli"}
 
@@ -370,13 +372,22 @@ def _announce_compilation() -> None:
         return
     from .backend import on_first_compile
 
-    def tell(_kernel_name):
+    import threading
+
+    def say():
         if not _announced["said"]:
             _announced["said"] = True
             from tqdm import tqdm
 
-            tqdm.write("npvae: preparing compiled kernels (compiled on the first run only, "
-                       "loaded from the cache afterwards)…", file=sys.stderr)
+            tqdm.write("npvae: compiling kernels (this happens on the first run only; "
+                       "they are cached on disk afterwards)…", file=sys.stderr)
+
+    def tell(_kernel_name):
+        # loading a cached kernel takes milliseconds: speak only if this one takes longer
+        timer = threading.Timer(0.5, say)
+        timer.daemon = True
+        timer.start()
+        return timer.cancel
 
     on_first_compile(tell)
     _announced["registered"] = True
@@ -487,6 +498,10 @@ def _load_run(run):
 # ----------------------------------------------------------------------------- commands
 
 
+def _report_first_step() -> None:
+    _say(f"npvae: first step done {time.perf_counter() - _STARTED:.1f} s after start")
+
+
 def cmd_train(ns) -> int:
     from . import evaluate
     from .models import build
@@ -529,7 +544,7 @@ def cmd_train(ns) -> int:
     history = train(model, x_train, x_val, epochs=s["epochs"], batch_size=s["batch_size"],
                     lr=s["lr"], optimizer=s["optimizer"], clip=s["clip"], seed=s["seed"],
                     binarize=s["binarize"], run_dir=run_dir, progress=s["progress"],
-                    resume_from=ck, args=stored)
+                    resume_from=ck, args=stored, on_first_step=_report_first_step)
 
     x_grey, y_test, x_test = _test_set(s)
     res = evaluate.elbo(model, x_test, side_rng(s["seed"], "test-noise"), batch_size=EVAL_BATCH)

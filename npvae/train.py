@@ -239,7 +239,7 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
           optimizer: str = "adam", clip: float | None = None, seed: int = 0,
           binarize: str = "none", run_dir, log_every: int = 10, progress: bool = True,
           verbose: bool = True, resume_from=None, checkpoint_every_epoch: bool = True,
-          on_epoch_end=None, args: dict | None = None) -> list:
+          on_epoch_end=None, on_first_step=None, args: dict | None = None) -> list:
     """Train ``model`` in place for ``epochs`` epochs in total; returns the metrics history.
 
     x_train (N, D), x_val (V, D): arrays of the model's dtype, values in [0, 1] (grey
@@ -254,6 +254,7 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
     resume_from: a checkpoint path, run directory or :class:`Checkpoint` to continue
         from; the other arguments must describe the same run (``epochs`` may grow).
     on_epoch_end: called as ``on_epoch_end(row)`` with each epoch's metrics dict.
+    on_first_step: called with no arguments once the first step of this call is done.
     args: extra JSON-friendly settings stored in checkpoints (the command line keeps
         everything it needs to rebuild the run there).
     """
@@ -350,6 +351,9 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                         if after_step is not None:
                             after_step(rng)
                         step += 1
+                        if on_first_step is not None:
+                            on_first_step()
+                            on_first_step = None
                         # -- bookkeeping: example-weighted sums of every stat
                         m = idx.size
                         for k, v in stats.items():
