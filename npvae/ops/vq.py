@@ -76,42 +76,31 @@ def _assign_numpy(z_e, codebook, metric_code):
 
 
 @numba_kernel
-def _assign_numba(z_e, codebook, metric_code):
-    """Same as _assign_numpy, as loops, one row at a time (no (R, K) matrix).
-
-    Each dot product is summed over j in order, as the naive triple loop would; the loop
-    over codes is innermost only so that it runs over contiguous memory. Both metrics
-    become "smallest score wins": ||e_k||^2 - 2 z.e_k, or -z.e_k, and a strict ``<``
-    keeps the first of equal scores, as np.argmin/np.argmax do.
-    """
-    r, d = z_e.shape
-    k = codebook.shape[0]
-    codes_t = np.ascontiguousarray(codebook.T)  # (Dz, K)
-    base = np.zeros(k)  # (K,)  ||e_k||^2 for (VQ.1), 0 for (VQ.2)
-    if metric_code == 0:
-        for c in range(k):
-            acc = 0.0
-            for j in range(d):
-                acc += codebook[c, j] * codebook[c, j]
-            base[c] = acc
-    scale = -2.0 if metric_code == 0 else -1.0
-    dots = np.empty(k)  # (K,)  z_r . e_k for the current row
-    idx = np.empty(r, dtype=np.int64)
+def _scores_loop(dots, sq_norms, scale):
+    """dots[r, k] <- sq_norms[k] + scale * dots[r, k], in place: one vectorizable pass."""
+    r, k = dots.shape
     for i in range(r):
-        dots[:] = 0.0
-        for j in range(d):
-            zij = z_e[i, j]
-            for c in range(k):
-                dots[c] += zij * codes_t[j, c]
-        best = 0
-        best_score = base[0] + scale * dots[0]  # (VQ.1) or (VQ.2)
-        for c in range(1, k):
-            score = base[c] + scale * dots[c]
-            if score < best_score:
-                best = c
-                best_score = score
-        idx[i] = best
-    return idx
+        for c in range(k):
+            dots[i, c] = sq_norms[c] + scale * dots[i, c]
+    return dots
+
+
+def _assign_numba(z_e, codebook, metric_code):
+    """Same as _assign_numpy: dot products from BLAS, scores in one compiled pass, NumPy's argmin.
+
+    Both metrics become "smallest score wins": ||e_k||^2 - 2 z.e_k for (VQ.1), -z.e_k for
+    (VQ.2). The scores are written over the dot products (no second (R, K) matrix); the
+    search for the minimum is left to np.argmin, whose SIMD loop a compiled loop with a
+    data-dependent branch cannot match. Ties go to the lowest k, as in the twin.
+    """
+    dots = z_e @ codebook.T  # (R, K)  z_r . e_k
+    if metric_code == 0:
+        sq_norms = np.einsum("kd,kd->k", codebook, codebook)  # (K,)  ||e_k||^2
+        scores = _scores_loop(dots, sq_norms, dots.dtype.type(-2.0))  # (R, K)  (VQ.1)
+    else:
+        scores = _scores_loop(dots, np.zeros(codebook.shape[0], dots.dtype),
+                              dots.dtype.type(-1.0))  # (R, K)  (VQ.2), as a minimum
+    return np.argmin(scores, axis=1).astype(np.int64)
 
 
 assign_kernel = dispatch(_assign_numpy, _assign_numba)
