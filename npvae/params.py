@@ -71,6 +71,8 @@ class FlatDict(dict):
                 f"{key!r} is not a parameter; a FlatDict's keys are fixed: {list(self)}"
             )
         view = dict.__getitem__(self, key)
+        if value is view:  # already written in place (e.g. np.matmul(..., out=view))
+            return
         value = np.asarray(value)
         if value.shape != view.shape:
             raise ValueError(

@@ -43,6 +43,7 @@ from . import data as npdata
 from .checkpoint import (
     FILENAME, Checkpoint, CheckpointError, load_checkpoint, rng_state, save_checkpoint,
 )
+from .threads import blas_threads, blas_threads_for
 
 OPTIMIZERS = ("adam", "sgd")
 BINARIZE = ("none", "static", "dynamic")
@@ -307,7 +308,7 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
     stop = _DeferredInterrupt()
     try:
         grad_buf = model.params.empty_like()  # backward writes here on every step
-        with stop:
+        with stop, blas_threads(blas_threads_for(model.params, batch_size)):
             for epoch in range(start_epoch, epochs):
                 # -- the epoch's binary sample and order, drawn from the run's stream
                 epoch_rng = resume["epoch_rng"] if resume else rng_state(rng)
