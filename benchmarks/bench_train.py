@@ -245,10 +245,10 @@ def worker_floor(cfg, args):
 WORKERS = {"npvae": worker_npvae, "torch": worker_torch, "floor": worker_floor}
 
 
-def run_worker(side, config, args) -> dict | None:
+def run_worker(side, config, args, seed) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", side, "--config", config,
            "--epochs", str(args.epochs), "--limit", str(args.limit),
-           "--seed", str(args.seed), "--threads", str(args.threads)]
+           "--seed", str(seed), "--threads", str(args.threads)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
                OPENBLAS_NUM_THREADS=str(args.threads))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -273,7 +273,7 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3, help="alternating runs per side (median reported)")
     p.add_argument("--epochs", type=int, default=1, help="epochs per run")
     p.add_argument("--limit", type=int, default=60000, help="training images per epoch")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="run r uses seed + r on both sides")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -296,7 +296,7 @@ def main(argv=None):
             for side in order + ["floor"]:
                 if side == "torch" and not torch_ok:
                     continue
-                res = run_worker(side, config, args)
+                res = run_worker(side, config, args, args.seed + r)  # run r: seed + r, both sides
                 if res is not None:
                     results[side].append(res)
         med = {s: statistics.median(t for res in rs for t in res["epoch_seconds"])
@@ -307,7 +307,9 @@ def main(argv=None):
             rs = results[side]
             extra = ""
             if "test_loss" in rs[-1]:
-                extra = (f"  final test loss {statistics.median(r['test_loss'] for r in rs):.2f}"
+                losses = [r["test_loss"] for r in rs]
+                extra = (f"  final test loss mean {statistics.mean(losses):.2f} "
+                         f"({', '.join(f'{v:.2f}' for v in losses)})"
                          f"  peak RSS {statistics.median(r['peak_rss_mb'] for r in rs):.0f} MiB")
             print(f"  {side:<6} epoch {med[side]:7.3f} s{extra}")
         if "torch" in med:

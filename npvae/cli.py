@@ -60,6 +60,8 @@ def _say(message: str) -> None:
 
 
 def _hidden(text: str) -> str:
+    if text.strip().lower() in ("", "none"):
+        return "none"  # no hidden layer: linear encoder and decoder
     try:
         sizes = [int(part) for part in text.split(",")]
     except ValueError:
@@ -197,7 +199,7 @@ def _add_train(sub) -> None:
                         "fixed encoder variance) or vqvae")
     m.add_argument("--hidden", type=_hidden, metavar="SIZES",
                    help="hidden layer sizes of the encoder (the decoder mirrors them), e.g. 400 "
-                        "or 512,256 (default 400)")
+                        "or 512,256, or none for a single linear layer each way (default 400)")
     m.add_argument("--activation", choices=("relu", "leaky_relu", "tanh", "sigmoid", "softplus"),
                    help="hidden-layer activation (default relu)")
     m.add_argument("--latent", type=_positive_int, metavar="Z",
@@ -424,7 +426,11 @@ def load_training_data(settings: dict):
 
 
 def _hidden_list(text) -> list:
-    return [int(h) for h in str(text).split(",")]
+    """"400" -> [400]; "200,200" -> [200, 200]; "" or "none" -> [] (no hidden layer)."""
+    text = str(text).strip()
+    if text.lower() in ("", "none"):
+        return []
+    return [int(h) for h in text.split(",")]
 
 
 def model_config(s: dict, data_dim: int, steps_per_epoch: int) -> dict:

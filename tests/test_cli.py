@@ -279,3 +279,10 @@ def test_gradcheck_fails_on_a_wrong_gradient(capsys, monkeypatch):
     monkeypatch.setattr(VAE, "loss_and_grads", wrong)
     code, out, _ = run_cli(capsys, "gradcheck", "vae-bernoulli")
     assert code == 1 and "FAIL" in out and "dec.0.b" in out
+
+
+def test_hidden_sizes_parse_including_no_hidden_layer():
+    from npvae.cli import _hidden, _hidden_list
+    assert _hidden_list(_hidden("400")) == [400]
+    assert _hidden_list(_hidden("200,200")) == [200, 200]
+    assert _hidden_list(_hidden("none")) == [] == _hidden_list(_hidden(""))
