@@ -9,4 +9,4 @@ from common import run
 
 report = run("vae-2d", ["--model", "vae-bernoulli", "--latent", "2", "--epochs", "30"], k=1000,
              figures=("manifold", "latent_scatter"))
-print(f"test ELBO {report['elbo']:.2f}, log p(x) (k=1000) {report['iw_log_px']:.2f} nats")
+print(f"test ELBO {report['elbo']:.2f}, log p(x) (k=1000) {report['log_px']:.2f} nats")

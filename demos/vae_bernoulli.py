@@ -9,5 +9,5 @@ from common import run
 
 report = run("vae-bernoulli", ["--model", "vae-bernoulli", "--epochs", "30"], k=1000,
              figures=("reconstructions", "samples", "latent_scatter", "interpolation", "loss_curves"))
-print(f"test ELBO {report['elbo']:.2f}, log p(x) (k=1000) {report['iw_log_px']:.2f} nats, "
+print(f"test ELBO {report['elbo']:.2f}, log p(x) (k=1000) {report['log_px']:.2f} nats, "
       f"{report['train_seconds']} s of training")

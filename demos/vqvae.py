@@ -2,10 +2,12 @@
 
     python demos/vqvae.py
 
-784-400-(4 x 16), K = 128 codes, nearest code by Euclidean distance, Gaussian decoder with
-sigma2 = 1 (as the tutorial), beta = 0.25, 30 epochs. The second run moves any code unused
-for 100 steps onto a recent encoder output. Reports the test MSE per pixel, the codebook
-perplexity and the fraction of codes in use.
+784-400-(4 x 16), K = 128 codes, nearest code by Euclidean distance, beta = 0.25, a
+Bernoulli decoder on dynamically binarized MNIST (the command line's default for MNIST;
+`--likelihood gaussian` gives the tutorial's N(Dec(z), I)), 30 epochs. The second run
+moves any code unused for 100 steps onto a recent encoder output. Reports the test MSE
+per pixel (against the binarized test images), the codebook perplexity and the fraction
+of codes in use.
 """
 from common import run
 

@@ -6,7 +6,7 @@ otherwise. Work is done in batches, so memory does not grow with N, and all rand
 comes from the ``rng`` argument (a ``numpy.random.Generator`` or a seed): the same seed
 gives the same numbers.
 
-**The ELBO** (tutorial eq. 5, T.5), always with beta = 1 and no free bits, so that it is
+**The ELBO** (tutorial eqs. 1-5) (T.1-5), always with beta = 1 and no free bits, so that it is
 the true bound whatever the training objective was:
 
     ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z))                                  (EVAL.1)

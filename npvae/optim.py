@@ -73,7 +73,7 @@ sumsq_kernel = dispatch(_sumsq_numpy, _sumsq_numba)
 
 
 def clip_grad_norm(grads, max_norm) -> float:
-    """Scale all gradients together so their global L2 norm is at most ``max_norm``.
+    """Scale all gradients together so their global L2 norm is at most ``max_norm`` (CLIP.1).
 
     grads: a FlatDict (its ``flat`` buffer is used) or a dict of arrays, changed in place.
     ``max_norm`` None or inf only measures. Returns the norm before clipping. A non-finite

@@ -1,4 +1,4 @@
-"""The autoencoder as the tutorial derives it (section 5, eqs. 13-14).
+"""The autoencoder as the tutorial derives it (section 5, eqs. 13-14) (T.13-14).
 
 Fix the encoder's variance at I: q(z|x) = N(Enc(x), I). The KL to N(0, I) with
 logvar = 0 is (KL.1) with the variance terms cancelling:

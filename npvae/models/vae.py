@@ -5,12 +5,13 @@
     p(x|z) = N(Dec(z), sigma2 I)  or  Bernoulli(sigmoid(Dec(z)))               (VAE.2)
 
 One sample z = mu + eps * exp(logvar / 2) estimates the reconstruction term; the KL is
-in closed form. The objective, in nats per example, averaged over the batch:
+in closed form. The objective, in nats per example, averaged over the batch (for a
+Gaussian decoder with sigma2 = 1, half the negative of the tutorial's (T.11), constants kept):
 
     loss = -log p(x|z) + w * KL(q(z|x) || p(z))                                (OBJ.1)
 
 with the KL weight w = beta * min(1, step / warmup_steps) (OBJ.2); beta = 1, no
-warm-up gives the negative ELBO (T.5). With free bits lambda > 0 the KL term becomes
+warm-up gives the negative ELBO (T.5-6). With free bits lambda > 0 the KL term becomes
 
     sum_j max(lambda, mean_n KL_nj)                                            (OBJ.3)
 

@@ -10,7 +10,8 @@ choice, sigma2 = 1) or Bernoulli.
     KL(q || p) = M log K, a constant                                          (T.15)
     ELBO = log p(x | z_q) - M log K                                           (VQVAE.1)
 
-The constant does not train anything, so the objective is, per example,
+The constant does not train anything, so what is left of the ELBO is the reconstruction
+term (T.16-17). The objective is, per example,
 
     loss = -log p(x|z_q) + sum_m ||sg[z_e] - e||^2 + beta sum_m ||z_e - sg[e]||^2   (VQVAE.2)
 

@@ -1,8 +1,8 @@
 """Closed-form KL divergences between diagonal Gaussians (tutorial eqs. 7-8).
 
-    KL( N(mu, diag s2) || N(0, I) ) per dimension = (mu^2 + s2 - log s2 - 1) / 2     (KL.1)
+    KL( N(mu, diag s2) || N(0, I) ) per dimension = (mu^2 + s2 - log s2 - 1) / 2     (KL.1) (T.7)
     KL( N(m1, diag v1) || N(m2, diag v2) ) per dim
-        = (log v2 - log v1 + (v1 + (m1 - m2)^2) / v2 - 1) / 2                        (KL.4)
+        = (log v2 - log v1 + (v1 + (m1 - m2)^2) / v2 - 1) / 2                        (KL.4) (T.8)
 
 Both take log-variances, as an encoder produces them. Outputs are *per latent
 dimension*, (N, Z); sum over axis 1 for the per-example KL (free bits need the

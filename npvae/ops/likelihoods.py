@@ -1,12 +1,12 @@
 """Decoder likelihoods log p(x|z), per example, with gradients w.r.t. the decoder output.
 
-Gaussian with fixed variance s2 (tutorial eqs. 9-10), keeping the constant so the
+Gaussian with fixed variance s2 (tutorial eqs. 9-10) (T.9-10), keeping the constant so the
 value is a true log-density:
 
     log N(x; m, s2 I) = -||x - m||^2 / (2 s2) - (D/2) log(2 pi s2)           (LIK.1)
     d/dm              = (x - m) / s2                                          (LIK.2)
 
-Bernoulli from logits l (tutorial eq. 12, with Dec(z) = sigmoid(l)):
+Bernoulli from logits l (tutorial eq. 12) (T.12), with Dec(z) = sigmoid(l):
 
     log p(x|l) = sum_d x_d l_d - softplus(l_d)                                (LIK.3)
     d/dl       = x - sigmoid(l)                                               (LIK.4)

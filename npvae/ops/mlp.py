@@ -6,7 +6,7 @@ the last layer uses ``out_activation`` (``identity`` for an encoder head or logi
 
     h_0 = x;   a_i = h_i W_i;   h_{i+1} = act_i(a_i + b_i)                      (MLP.1)
 
-Backward runs the layers in reverse, each step one line per gradient:
+Backward runs the layers in reverse, each step one line per gradient (MLP.2):
 
     da_i = dh_{i+1} * act_i'(h_{i+1})                                          (ACT)
     dW_i = h_i^T da_i;   db_i = sum_n da_i;   dh_i = da_i W_i^T                (LIN.2-4)

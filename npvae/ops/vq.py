@@ -380,7 +380,7 @@ def kmeans_init(z_e, num_codes: int, rng, iters: int = 10):
     """A codebook fitted to the rows of z_e by k-means.  z_e (R, Dz) -> codebook (K, Dz).
 
     Seeds with k-means++ (each new centre drawn with probability proportional to its
-    squared distance from the nearest centre so far), then runs ``iters`` Lloyd steps;
+    squared distance from the nearest centre so far), then runs ``iters`` Lloyd steps (VQ.7);
     a centre left without rows keeps its place. When R < K there are too few rows to
     choose from: the codebook is rows drawn with replacement plus a small jitter, so no
     two codes coincide. ``rng`` is a numpy.random.Generator; the result has z_e's dtype.
