@@ -488,3 +488,25 @@ def test_negative_warmup_step_is_refused():
     assert kl_weight(2.0, 10, 5) == 1.0
     with pytest.raises(ValueError, match=r"step must be >= 0"):
         kl_weight(1.0, 10, -5)
+
+
+def test_dead_code_restart_moves_unused_codes_onto_encoder_outputs():
+    """(VQVAE.3): a code unused for restart_after steps lands on (near) a row of the batch."""
+    rng = np.random.default_rng(0)
+    model = VQVAE(data_dim=6, hidden=(5,), num_codes=4, code_dim=2, num_vectors=1,
+                  activation="tanh", restart_after=2, dtype=np.float64, rng=0)
+    far = np.full(2, 50.0)
+    model.params["codebook"][3] = far  # never the nearest: dead from the start
+    x = rng.uniform(size=(8, 6))
+    for step in range(2):
+        model.loss_and_grads(x)
+        used_before = model.buffers["steps_unused"].copy()
+        model.after_step(rng)
+    rows = model.encode(x).reshape(-1, 2)
+    new = model.params["codebook"][3]
+    assert not np.allclose(new, far)
+    assert np.min(np.linalg.norm(rows - new, axis=1)) < 1e-2  # on a recent encoder output
+    assert model.buffers["steps_unused"][3] == 0
+    assert used_before[3] == 1  # it had been counted as unused before the restart
+    live = [k for k in range(3) if model.buffers["steps_unused"][k] < 2]
+    assert live  # codes in use were left alone
