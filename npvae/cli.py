@@ -1,4 +1,4 @@
-"""The ``npvae`` command: train, eval, sample, plot, gradcheck.
+"""The ``npvae`` command: train, eval, sample, plot, gradcheck, tour.
 
 Every subcommand has ``--help`` with examples. User errors (missing data, a bad
 checkpoint, arguments that do not fit together) print one clear message to stderr and
@@ -146,6 +146,7 @@ examples:
   npvae eval runs/vae-bernoulli-20250101-120000
   npvae sample RUN --n 64 --seed 1
   npvae gradcheck vae-bernoulli        check the hand-written gradients
+  npvae tour vqvae                     follow one backward pass node by node
 
 A run directory (RUN) holds checkpoint.npz, metrics.jsonl and the figures.
 Set NPVAE_DATA to choose where datasets are cached; NPVAE_BACKEND=numpy runs
@@ -360,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_plot(sub)
     _add_gradcheck(sub)
+    from .tour import add_tour_command  # `npvae tour`: one backward pass, node by node
+
+    add_tour_command(sub)
     return parser
 
 

@@ -148,14 +148,14 @@ def check_model(model, x, *, eps=None, h: float = H, max_entries: int | None = N
     rng = np.random.default_rng(0) if rng is None else rng
     params = model.params
 
-    def loss():
-        return model.loss_and_grads(x, eps=eps, **loss_kwargs)[0]
-
     # A model whose gradient is chosen rather than derived (the VQ-VAE's straight-through
     # estimator) provides the function whose true gradient its backward computes.
     surrogate = getattr(model, "straight_through_objective", None)
     if surrogate is not None:
         loss = surrogate(x)
+    else:
+        def loss():
+            return model.loss_and_grads(x, eps=eps, **loss_kwargs)[0]
 
     _, grads, _ = model.loss_and_grads(x, eps=eps, **loss_kwargs)
     grads = {k: np.array(g, dtype=np.float64, copy=True) for k, g in grads.items()}

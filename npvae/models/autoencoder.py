@@ -23,12 +23,11 @@ import numpy as np
 from ..ops.activations import activation_code
 from ..ops.mlp import mlp_backward, mlp_forward, mlp_init, mlp_shapes
 from .base import (
-    Model, trusted, as_rng, check_likelihood, kl_weight, likelihood_backward, likelihood_forward,
-    likelihood_mean,
+    ContinuousLatentModel, trusted, as_rng, check_likelihood, kl_weight, likelihood_backward, likelihood_forward,
 )
 
 
-class Autoencoder(Model):
+class Autoencoder(ContinuousLatentModel):
     """Encoder MLP x (N, D) -> code (N, Z); decoder MLP code -> output (N, D)."""
 
     kind = "ae"
@@ -97,24 +96,8 @@ class Autoencoder(Model):
         """x (N, D) -> the code Enc(x) (N, Z)."""
         return self.encode(x)
 
-    def decoder_output(self, z):
-        z = np.asarray(z, dtype=self.dtype)
-        if z.ndim != 2 or z.shape[1] != self.latent:
-            raise ValueError(f"z must have shape (N, {self.latent}), got {z.shape}")
-        out, _ = mlp_forward(self.params, "dec", z, self.config["activation"])
-        return out
-
-    def decode(self, z):
-        """z (N, Z) -> E[x|z] (N, D)."""
-        return likelihood_mean(self.config["likelihood"], self.decoder_output(z))
-
     def reconstruct(self, x, rng=None):
         z = self.encode(x)
         if rng is not None and self.config["sampled"]:
             z = z + as_rng(rng).standard_normal(z.shape, dtype=self.dtype)
-        return self.decode(z)
-
-    def sample(self, n: int, rng):
-        """Decode codes drawn from the prior N(0, I) that the L2 term pulls codes towards."""
-        z = as_rng(rng).standard_normal((int(n), self.latent), dtype=self.dtype)
         return self.decode(z)

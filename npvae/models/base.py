@@ -20,6 +20,7 @@ from ..ops import (
     gaussian_loglik_forward,
 )
 from ..ops.activations import stable_sigmoid
+from ..ops.mlp import mlp_forward
 from ..params import FlatDict
 from .._validate import trusted  # noqa: F401  (re-exported for the models)
 
@@ -93,6 +94,32 @@ class Model:
 
     def num_params(self) -> int:
         return int(self.params.flat.size)
+
+
+class ContinuousLatentModel(Model):
+    """A model with a real latent z (N, Z), prior N(0, I), and an MLP decoder ``dec.*``.
+
+    Shared by the VAEs and the autoencoder; subclasses set ``self.latent`` (Z).
+    """
+
+    latent: int
+
+    def decoder_output(self, z):
+        """z (N, Z) -> the decoder's raw output (N, D): Gaussian mean or Bernoulli logits."""
+        z = np.asarray(z, dtype=self.dtype)
+        if z.ndim != 2 or z.shape[1] != self.latent:
+            raise ValueError(f"z must have shape (N, {self.latent}), got {z.shape}")
+        out, _ = mlp_forward(self.params, "dec", z, self.config["activation"])
+        return out
+
+    def decode(self, z):
+        """z (N, Z) -> E[x|z] (N, D): probabilities for Bernoulli, the mean for Gaussian."""
+        return likelihood_mean(self.config["likelihood"], self.decoder_output(z))
+
+    def sample(self, n: int, rng):
+        """n draws of z ~ p(z) = N(0, I), decoded to E[x|z] (n, D)."""
+        z = as_rng(rng).standard_normal((int(n), self.latent), dtype=self.dtype)
+        return self.decode(z)
 
 
 # ----------------------------------------------------------------------------------

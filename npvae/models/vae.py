@@ -31,12 +31,11 @@ from ..ops import (
 from ..ops.activations import activation_code
 from ..ops.mlp import mlp_backward, mlp_forward, mlp_init, mlp_shapes
 from .base import (
-    Model, trusted, as_rng, check_likelihood, kl_weight, likelihood_backward, likelihood_forward,
-    likelihood_mean,
+    ContinuousLatentModel, trusted, as_rng, check_likelihood, kl_weight, likelihood_backward, likelihood_forward,
 )
 
 
-class VAE(Model):
+class VAE(ContinuousLatentModel):
     """A VAE with a diagonal Gaussian encoder and a Gaussian or Bernoulli decoder.
 
     Parameters: ``enc.{i}.W/b`` map x (N, D) to [mu, logvar] (N, 2Z); ``dec.{i}.W/b``
@@ -131,29 +130,12 @@ class VAE(Model):
         """x (N, D) -> the posterior mean mu (N, Z), e.g. for a latent plot."""
         return self.encode(x)[0]
 
-    def decoder_output(self, z):
-        """z (N, Z) -> the decoder's raw output (N, D): Gaussian mean or Bernoulli logits."""
-        z = np.asarray(z, dtype=self.dtype)
-        if z.ndim != 2 or z.shape[1] != self.latent:
-            raise ValueError(f"z must have shape (N, {self.latent}), got {z.shape}")
-        out, _ = mlp_forward(self.params, "dec", z, self.config["activation"])
-        return out
-
-    def decode(self, z):
-        """z (N, Z) -> E[x|z] (N, D): probabilities for Bernoulli, the mean for Gaussian."""
-        return likelihood_mean(self.config["likelihood"], self.decoder_output(z))
-
     def reconstruct(self, x, rng=None):
         """Decode the posterior mean (rng None) or one posterior sample (rng given)."""
         mu, logvar = self.encode(x)
         if rng is not None:
             mu = mu + as_rng(rng).standard_normal(mu.shape, dtype=self.dtype) * np.exp(0.5 * logvar)
         return self.decode(mu)
-
-    def sample(self, n: int, rng):
-        """n draws of z ~ p(z) = N(0, I), decoded to E[x|z] (n, D)."""
-        z = as_rng(rng).standard_normal((int(n), self.latent), dtype=self.dtype)
-        return self.decode(z)
 
 
 class GaussianVAE(VAE):

@@ -1,0 +1,183 @@
+"""npvae tour: one backward pass node by node, each node checked, equal to the model's own."""
+import numpy as np
+import pytest
+
+from npvae import cli
+from npvae import tour as tour_module
+from npvae.models import build
+from npvae.tour import NODE_TOL, Node, format_tour, tour, tour_model
+
+KINDS = ("vae-gaussian", "vae-bernoulli", "ae", "vqvae")
+# What sits between the decoder's first layer and the encoder's last, in backward order.
+LATENT_NODES = {
+    "vae-gaussian": ["reparameterization", "KL(", "sum of the two paths into mu/logvar"],
+    "vae-bernoulli": ["reparameterization", "KL(", "sum of the two paths into mu/logvar"],
+    "ae": ["L2 penalty", "sum of the two paths into code"],
+    "vqvae": ["quantizer", "commitment loss", "sum of the two paths into z_e", "codebook loss"],
+}
+
+
+@pytest.fixture(scope="module")
+def tours():
+    """Each kind's tour, run once for the whole module."""
+    return {kind: tour(*tour_model(kind)) for kind in KINDS}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nodes_run_from_the_loss_back_to_the_first_layer(tours, kind):
+    nodes = tours[kind]
+    assert all(isinstance(node, Node) for node in nodes)
+    names = [node.name for node in nodes]
+    assert names[0].startswith("loss = mean(-logp)")
+    assert names[1].startswith("likelihood")
+    assert names[2:6] == ["dec.1 bias (no activation)", "dec.1 linear a = h W",
+                          "dec.0 bias + relu", "dec.0 linear a = h W"]
+    latent = names[6:-4]
+    assert len(latent) == len(LATENT_NODES[kind])
+    assert all(name.startswith(start) for name, start in zip(latent, LATENT_NODES[kind]))
+    assert names[-4:] == ["enc.1 bias (no activation)", "enc.1 linear a = h W",
+                          "enc.0 bias + relu", "enc.0 linear a = h W"]
+    # the gradient each node sends is what the next node in the table receives
+    for before, after in zip(nodes[2:5], nodes[3:6]):
+        assert list(before.grad_norms.values())[0] == after.upstream[0][2]
+    assert all(node.tags for node in nodes)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_derived_node_agrees_with_central_differences(tours, kind):
+    for node in tours[kind]:
+        if node.copied:
+            continue
+        assert node.error is not None and node.error <= NODE_TOL, (node.name, node.error)
+        assert node.passed
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tour_gradients_equal_loss_and_grads(tours, kind):
+    model, x, eps = tour_model(kind)
+    nodes = tours[kind]
+    _, grads, _ = model.loss_and_grads(x, eps=eps)
+    assert set(nodes.grads) == set(model.params)
+    for name in model.params:
+        np.testing.assert_allclose(nodes.grads[name], grads[name], rtol=0, atol=1e-12)
+    assert nodes.max_difference <= 1e-12 and nodes.matches_model and nodes.ok
+
+
+def test_only_the_straight_through_node_is_copied(tours):
+    for kind in ("vae-gaussian", "vae-bernoulli", "ae"):
+        assert not any(node.copied for node in tours[kind])
+    copied = [node for node in tours["vqvae"] if node.copied]
+    assert len(copied) == 1
+    q = copied[0]
+    assert q.name.startswith("quantizer") and "VQ.3" in q.tags
+    assert "copied (straight-through), not derived (VQ.3)" in q.note
+    assert "dz_e == dz_q exactly: True" in q.note
+    # dz_e is dz_q itself: the same norm to the last bit
+    assert q.grad_norms["dz_e"] == q.upstream[0][2]
+    # the true derivative of the selection is zero: central differences see nothing
+    assert q.numeric_norm == 0.0 and q.error == 1.0
+    assert q.stopped["codebook"] > 0.1  # the derivative in the codebook, dropped on purpose
+
+
+def test_model_copies_the_gradient_exactly():
+    """The model's own tape: dz_e from the quantizer is dz_q, bit for bit (VQ.3)."""
+    model, x, _ = tour_model("vqvae")
+    tape = {}
+    model.loss_and_grads(x, tape=tape)
+    assert np.array_equal(tape["dz_straight_through"], tape["dz_q"])
+
+
+def test_vq_stop_gradients_are_shown(tours):
+    by_name = {node.name.split(" ")[0] + " " + node.name.split(" ")[1]: node
+               for node in tours["vqvae"]}
+    commitment, codebook = by_name["commitment loss"], by_name["codebook loss"]
+    assert set(commitment.grad_shapes) == {"dz_e"} and set(commitment.stopped) == {"codebook"}
+    assert set(codebook.grad_shapes) == {"dcodebook"} and set(codebook.stopped) == {"z_e"}
+    assert commitment.stopped["codebook"] > 0 and codebook.stopped["z_e"] > 0
+    assert "sg[" in commitment.note and "sg[" in codebook.note
+
+
+def test_tour_leaves_no_pending_vq_update():
+    model, x, _ = tour_model("vqvae")
+    tour(model, x)
+    assert model._last is None  # nothing for after_step to apply
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(kind="ae", hidden=[6, 5], latent=3, sampled=True, activation="tanh"),
+    dict(kind="vae-bernoulli", hidden=[6], latent=3, free_bits=0.3, beta=0.5,
+         activation="softplus"),
+    dict(kind="vae-gaussian", hidden=[6], latent=3, sigma2=0.5, activation="leaky_relu"),
+    dict(kind="vqvae", hidden=[], num_codes=5, code_dim=2, num_vectors=2, ema=True,
+         metric="dot"),
+], ids=["ae-sampled", "vae-free-bits", "vae-gaussian-sigma2", "vqvae-ema-dot"])
+def test_other_configurations(cfg):
+    model = build(dict(cfg, data_dim=10, dtype="float64"), rng=2)
+    x = np.random.default_rng(1).uniform(0.05, 0.95, (3, 10))
+    nodes = tour(model, x, max_entries=8)
+    assert nodes.ok, [(node.name, node.error) for node in nodes if not node.passed]
+    assert nodes[-1].name.startswith("enc.0 linear")
+
+
+def test_float32_model_is_refused():
+    model = build(dict(kind="vae-bernoulli", data_dim=6, hidden=[4], latent=2), rng=0)
+    with pytest.raises(ValueError, match="float64"):
+        tour(model, np.full((2, 6), 0.5, dtype=np.float32))
+
+
+def _scaled(real, which):
+    def wrong(*args):
+        grads = list(real(*args))
+        grads[which] = 1.01 * grads[which]
+        return tuple(grads)
+    return wrong
+
+
+@pytest.mark.parametrize("op, which, marks, count", [
+    ("reparameterize_backward", 1, "reparameterization", 1),  # dlogvar 1% too large
+    ("bias_activation_backward", 1, " bias", 4),  # db 1% too large, in every layer
+])
+def test_a_wrong_backward_is_caught(monkeypatch, capsys, op, which, marks, count):
+    monkeypatch.setattr(tour_module, op, _scaled(getattr(tour_module, op), which))
+    nodes = tour(*tour_model("vae-bernoulli"))
+    failed = [n for n in nodes if not n.passed]
+    assert len(failed) == count and all(marks in n.name for n in failed)
+    assert all(n.error > 1e-3 for n in failed)
+    assert not nodes.matches_model and not nodes.ok
+    assert cli.main(["tour", "vae-bernoulli"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "MISMATCH" in out
+
+
+def test_cli_prints_the_node_table(capsys):
+    assert cli.main(["tour", "vae-bernoulli"]) == 0
+    out = capsys.readouterr().out
+    for words in ["loss = mean(-logp) + w*mean(KL)", "(LIK.4)", "dec.1 linear a = h W",
+                  "(LIN.2, LIN.3)", "(ACT.1, LIN.4)", "(REP.2, REP.3)", "(KL.2, KL.3)",
+                  "sum of the two paths into mu/logvar", "enc.0 linear a = h W", "rel. error",
+                  "the tour's gradients match model.loss_and_grads: max difference"]:
+        assert words in out, words
+    assert out.index("likelihood") < out.index("reparameterization") < out.index("enc.0 linear")
+    assert "FAIL" not in out
+
+
+def test_cli_vqvae_shows_the_copy(capsys):
+    assert cli.main(["tour", "vqvae", "--batch", "2", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "copied (straight-through), not derived (VQ.3)" in out
+    assert "dz_e == dz_q exactly: True" in out
+    assert "stopped" in out
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["tour", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for word in ["MODEL", "vqvae", "--seed", "--batch", "--data-dim", "examples"]:
+        assert word in text, word
+
+
+def test_format_tour_takes_a_plain_list(tours):
+    text = format_tour(list(tours["ae"]))
+    assert "L2 penalty" in text and "match model.loss_and_grads" not in text
