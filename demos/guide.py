@@ -1,7 +1,7 @@
 """The runs behind docs/guide.md: posterior collapse and what changes it, codebook collapse
 and what fixes it. Each run is one `npvae train` command, printed before it runs.
 
-    python demos/guide.py            # all of them, about ten minutes on 2 cores
+    python demos/guide.py            # all of them, about fifteen minutes on 2 cores
     python demos/guide.py vq-dot     # just one (names below)
 """
 import json
@@ -20,13 +20,19 @@ RUNS = {
     # codebook collapse: with the tutorial's dot-product choice, long codes win every vector
     "vq-dot": ["--model", "vqvae", "--metric", "dot"],
     "vq-dot-restarts": ["--model", "vqvae", "--metric", "dot", "--restart-after", "100"],
+    # a large codebook with the paper's Euclidean choice: restarts bring dead codes back
+    "vq512": ["--model", "vqvae", "--codes", "512", "--code-dim", "8", "--code-vectors", "8",
+              "--epochs", "10"],
+    "vq512-restarts": ["--model", "vqvae", "--codes", "512", "--code-dim", "8",
+                       "--code-vectors", "8", "--restart-after", "100", "--epochs", "10"],
 }
 EPOCHS = "20"
 
 
 def one(name):
     run_dir = ROOT / "runs" / f"guide-{name}"
-    args = ["train", *RUNS[name], "--epochs", EPOCHS, "--out", str(run_dir), "--no-progress"]
+    epochs = [] if "--epochs" in RUNS[name] else ["--epochs", EPOCHS]
+    args = ["train", *RUNS[name], *epochs, "--out", str(run_dir), "--no-progress"]
     print("npvae " + " ".join(args[:-3]), flush=True)
     if main(args) != 0 or main(["eval", str(run_dir), "--k", "0"]) != 0:
         raise SystemExit(f"{name} failed")
