@@ -46,6 +46,7 @@ ONLY_FOR = {
 # What may be given together with --resume: everything else comes from the checkpoint.
 RESUME_OK = {"resume", "epochs", "progress", "backend", "data_dir"}
 EVAL_BATCH = 1000
+BACKENDS = ("numba", "numpy")
 
 
 class UsageError(Exception):
@@ -230,8 +231,7 @@ def _add_train(sub) -> None:
     t.add_argument("--seed", type=_non_negative_int,
                    help="seed of initialization, data order and noise (default 0); the same seed "
                         "gives identical results on the same backend and thread count")
-    t.add_argument("--backend", choices=("numba", "numpy"),
-                   help="compiled kernels (numba, default) or their NumPy twins")
+    _add_backend(t)
     t.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (one line per epoch is still printed)")
     d = p.add_argument_group("data and output")
@@ -272,8 +272,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--seed", type=_non_negative_int, default=None,
                    help="seed of the evaluation noise (default: the run's seed)")
     p.add_argument("--data-dir", metavar="DIR", help="where datasets are cached")
-    p.add_argument("--backend", choices=("numba", "numpy"),
-                   help="compiled kernels (numba, default) or their NumPy twins")
+    _add_backend(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -288,9 +287,13 @@ def _add_sample(sub) -> None:
     p.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="default 0")
     p.add_argument("--out", metavar="PNG", help="output file (default RUN/samples-seed<SEED>.png)")
-    p.add_argument("--backend", choices=("numba", "numpy"),
-                   help="compiled kernels (numba, default) or their NumPy twins")
+    _add_backend(p)
     p.set_defaults(func=cmd_sample)
+
+
+def _add_backend(parser) -> None:
+    parser.add_argument("--backend", choices=BACKENDS,
+                        help="compiled kernels (numba, default) or their NumPy twins")
 
 
 def _add_plot(sub) -> None:
@@ -303,8 +306,7 @@ def _add_plot(sub) -> None:
         formatter_class=_formatter)
     p.add_argument("run", metavar="RUN", help="a run directory or checkpoint.npz file")
     p.add_argument("--data-dir", metavar="DIR", help="where datasets are cached")
-    p.add_argument("--backend", choices=("numba", "numpy"),
-                   help="compiled kernels (numba, default) or their NumPy twins")
+    _add_backend(p)
     p.set_defaults(func=cmd_plot)
 
 
@@ -323,8 +325,7 @@ def _add_gradcheck(sub) -> None:
     p.add_argument("--batch", type=_positive_int, default=5, help="batch size (default 5)")
     p.add_argument("--tol", type=_positive_float, default=1e-6,
                    help="largest relative error that passes (default 1e-6)")
-    p.add_argument("--backend", choices=("numba", "numpy"),
-                   help="compiled kernels (numba, default) or their NumPy twins")
+    _add_backend(p)
     p.set_defaults(func=cmd_gradcheck)
 
 

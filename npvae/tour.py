@@ -731,8 +731,7 @@ def add_tour_command(sub) -> None:
     p.add_argument("--batch", type=cli._positive_int, default=4, help="examples (default 4)")
     p.add_argument("--data-dim", type=cli._positive_int, default=64,
                    help="values per example (default 64, an 8x8 image)")
-    p.add_argument("--backend", choices=("numba", "numpy"),
-                   help="compiled kernels (numba, default) or their NumPy twins")
+    cli._add_backend(p)
     p.set_defaults(func=cmd_tour)
 
 
