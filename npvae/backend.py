@@ -23,7 +23,6 @@ from vectorizing a loop (Adam runs 14 times faster without it).
 from __future__ import annotations
 
 import os
-import sys
 
 BACKENDS = ("numba", "numpy")
 
@@ -32,12 +31,23 @@ _compile_listeners = []
 
 
 def _from_env() -> str:
+    """The backend named by ``NPVAE_BACKEND`` (default numba); ValueError for any other name."""
     value = os.environ.get("NPVAE_BACKEND", "numba").strip().lower() or "numba"
     if value not in BACKENDS:
         raise ValueError(
-            f"NPVAE_BACKEND must be one of {BACKENDS}, got {value!r}"
+            f"NPVAE_BACKEND must be one of {BACKENDS}, got {value!r}: set it to numba "
+            f"(compiled kernels) or numpy (their NumPy twins), or unset it"
         )
     return value
+
+
+def check_environment() -> None:
+    """Raise ValueError, with the fix, if ``NPVAE_BACKEND`` names no backend.
+
+    Importing npvae never fails on a bad value: the error comes from the first call
+    that needs the backend, or from here (the command line checks before anything else).
+    """
+    _from_env()
 
 
 def get_backend() -> str:
@@ -149,10 +159,3 @@ def numba_available() -> bool:
         return False
     return True
 
-
-if "NPVAE_BACKEND" in os.environ:  # fail early on a typo, with a clear message
-    try:
-        _from_env()
-    except ValueError as err:  # pragma: no cover - exercised by a subprocess test
-        print(f"npvae: {err}", file=sys.stderr)
-        raise

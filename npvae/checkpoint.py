@@ -15,16 +15,20 @@ one never runs code), whose members are
     position         JSON: null at an epoch boundary; for a run stopped inside an
                      epoch, where in that epoch it stopped (see npvae.train)
 
-:func:`save_checkpoint` writes to a temporary file in the same folder, flushes and
-fsyncs it, then renames it over the old file (``os.replace``), so a crash or Ctrl-C
-while saving leaves the previous checkpoint intact. :func:`load_checkpoint` checks
-everything it reads and reports any problem as a :class:`CheckpointError` that names
-the file and what is wrong with it.
+:func:`save_checkpoint` refuses parameters, buffers or optimizer state holding NaN or
+inf (:class:`NonFiniteState`), then writes to a hidden temporary file in the same folder
+(``.checkpoint.npz.<random>.tmp``), flushes and fsyncs it, and renames it over the old
+file (``os.replace``), so a crash, Ctrl-C or ``kill -9`` while saving leaves the previous
+checkpoint intact (``npvae.train`` removes such leftovers when a run starts).
+:func:`load_checkpoint` checks everything it reads (finite parameters, buffers and
+optimizer state; a config no larger than the file; a well-formed position) and reports
+any problem as a :class:`CheckpointError` that names the file and what is wrong with it.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -108,6 +112,8 @@ def save_checkpoint(path, model, optimizer, rng, epoch: int, step: int, history,
     ``rng`` is the run's numpy Generator. ``history`` and ``args`` must be JSON-friendly.
     """
     path = Path(os.fspath(path))
+    optimizer_state = _optimizer_state(optimizer)
+    _check_finite_state(path, model, optimizer_state)
     arrays = {
         "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
         "config": _json_array(model.config),
@@ -119,7 +125,7 @@ def save_checkpoint(path, model, optimizer, rng, epoch: int, step: int, history,
         "position": _json_array(position),
     }
     arrays.update({f"param/{k}": np.asarray(v) for k, v in model.params.items()})
-    arrays.update({f"optim/{k}": v for k, v in _optimizer_state(optimizer).items()})
+    arrays.update({f"optim/{k}": v for k, v in optimizer_state.items()})
     arrays.update({f"buffer/{k}": np.asarray(v) for k, v in _buffers(model).items()})
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +143,42 @@ def save_checkpoint(path, model, optimizer, rng, epoch: int, step: int, history,
         raise
     _fsync_dir(path.parent)
     return path
+
+
+class NonFiniteState(CheckpointError):
+    """The state to save holds NaN or inf: it is not written, the previous file is kept."""
+
+
+def first_non_finite(value: np.ndarray):
+    """The index of the first NaN or inf in ``value`` (a tuple), or None if all are finite.
+
+    Arrays that cannot hold NaN (integers, booleans, strings) are finite by definition.
+    """
+    value = np.asarray(value)
+    if value.dtype.kind not in "fc" or np.isfinite(value).all():
+        return None
+    return tuple(int(i) for i in np.argwhere(~np.isfinite(value))[0])
+
+
+def _non_finite_entries(model, optimizer_state: dict):
+    """(what, name, index, value) for each parameter, buffer or optimizer array with NaN/inf."""
+    groups = (("parameter", model.params.items()), ("model buffer", _buffers(model).items()),
+              ("optimizer state", optimizer_state.items()))
+    for what, items in groups:
+        for name, value in items:
+            bad = first_non_finite(value)
+            if bad is not None:
+                yield what, name, bad, np.asarray(value)[bad]
+
+
+def _check_finite_state(path: Path, model, optimizer_state: dict) -> None:
+    """Refuse to save NaN or inf: a checkpoint must always be one that training can go on from."""
+    for what, name, index, value in _non_finite_entries(model, optimizer_state):
+        kept = "the previous checkpoint is kept" if path.exists() else "nothing was written"
+        raise NonFiniteState(
+            f"{path}: not saved: {what} {name} holds {value} at index {index}, and a checkpoint "
+            f"must hold finite values ({kept}); the run has diverged: continue from the last "
+            f"good checkpoint with a smaller learning rate or gradient clipping")
 
 
 def _file_mode() -> int:
@@ -177,17 +219,44 @@ def load_checkpoint(path) -> Checkpoint:
         raise CheckpointError(f"{path}: no such checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
+    _check_zip_magic(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             members = {name: npz[name] for name in npz.files}
     except _READ_ERRORS as exc:
         raise CheckpointError(
             f"{path}: not a readable checkpoint (damaged, truncated, or not an .npz "
-            f"archive): {type(exc).__name__}: {exc}"
+            f"archive): {_reason(exc)}"
         ) from None
     if not isinstance(members, dict) or not members:
         raise CheckpointError(f"{path}: an empty archive, not a checkpoint")
     return _parse(path, members)
+
+
+# How every .npz (a zip archive) begins: a local file header, or an empty archive's end record.
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _check_zip_magic(path: Path) -> None:
+    """Refuse a file that is not a zip archive before NumPy guesses what else it might be."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    if head not in _ZIP_MAGIC:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint: not an .npz archive (it begins with {head!r}, "
+            f"not a zip header); a checkpoint is the checkpoint.npz that npvae train writes")
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as text for a message, without NumPy's advice to load pickles unsafely."""
+    text = str(exc)
+    if "pickle" in text.lower():
+        return ("it holds a pickled (object) member, which npvae never loads: "
+                "a checkpoint holds plain arrays only")
+    return f"{type(exc).__name__}: {text}"
 
 
 def _fail(path, what):
@@ -225,7 +294,7 @@ def _parse(path: Path, members: dict) -> Checkpoint:
     config = _json_member(path, members, "config")
     if not isinstance(config, dict):
         _fail(path, f"config must be a JSON object, got {type(config).__name__}")
-    model = _build(path, config)
+    model = _build(path, config, members)
     _fill_params(path, model, members)
 
     rng_json = _json_member(path, members, "rng")
@@ -244,14 +313,60 @@ def _parse(path: Path, members: dict) -> Checkpoint:
     if not isinstance(args, dict):
         _fail(path, "args must be a JSON object")
     position = _json_member(path, members, "position") if "position" in members else None
-    if position is not None and not isinstance(position, dict):
-        _fail(path, "position must be null or a JSON object")
+    if position is not None:
+        _check_position(path, position)
 
     optimizer_state = {k[len("optim/"):]: v for k, v in members.items() if k.startswith("optim/")}
+    _check_finite_members(path, "optimizer state", optimizer_state)
     buffers = _fill_buffers(path, model, members)
     return Checkpoint(path=path, model=model, optimizer_state=optimizer_state, rng=rng,
                       epoch=epoch, step=step, history=history, args=args, position=position,
                       format_version=FORMAT_VERSION, buffers=buffers)
+
+
+# What a position inside an epoch holds (see npvae.train), and what each entry must be.
+_POSITION_KEYS = ("batch", "epoch_rng", "sums", "seen", "seconds")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_position(path, position) -> None:
+    """A position must say where in the epoch the run stopped, in the form npvae.train wrote."""
+    if not isinstance(position, dict):
+        _fail(path, f"member 'position' must be null or a JSON object, got {type(position).__name__}")
+    missing = [k for k in _POSITION_KEYS if k not in position]
+    if missing:
+        _fail(path, f"member 'position' lacks {', '.join(missing)}: it does not say where in the "
+                    f"epoch the run stopped, so the run cannot be resumed from it")
+    problems = []
+    if not _is_count(position["batch"]) or not _is_count(position["seen"]):
+        problems.append("batch and seen must be integers >= 0")
+    if not (_is_number(position["seconds"]) and position["seconds"] >= 0):
+        problems.append("seconds must be a number >= 0")
+    sums = position["sums"]
+    if not (isinstance(sums, dict) and all(_is_number(v) for v in sums.values())):
+        problems.append("sums must map names to finite numbers")
+    try:
+        rng_from_state(position["epoch_rng"])
+    except (TypeError, KeyError, ValueError, AttributeError):
+        problems.append("epoch_rng must be a numpy bit generator state")
+    if problems:
+        _fail(path, f"member 'position' is malformed: {'; '.join(problems)}")
+
+
+def _check_finite_members(path, what: str, arrays: dict) -> None:
+    """Fail, naming the entry and the index, if any floating array holds NaN or inf."""
+    for name, value in arrays.items():
+        bad = first_non_finite(value)
+        if bad is not None:
+            _fail(path, f"{what} {name} holds {np.asarray(value)[bad]} at index {bad}; "
+                        f"a checkpoint must hold finite values")
 
 
 def _buffers(model) -> dict:
@@ -274,17 +389,56 @@ def _fill_buffers(path, model, members) -> dict:
         if value.shape != arr.shape or value.dtype != arr.dtype:
             _fail(path, f"model buffer {name} is {value.dtype} {value.shape}, "
                         f"but the model keeps {arr.dtype} {arr.shape}")
-        arr[...] = value
+    _check_finite_members(path, "model buffer", saved)
+    for name, arr in expected.items():
+        arr[...] = saved[name]
     return saved
 
 
-def _build(path, config):
-    from .models import build  # here, so that importing this module stays light
+def param_count(config: dict) -> int | None:
+    """How many parameters the model described by ``config`` has, computed without building it.
+
+    Python integers, so an absurd config gives an absurd number, not an overflow or an
+    allocation. None when the config is too malformed to say (building it then explains).
+    """
+    from .ops.mlp import mlp_shapes
+
+    def mlp(sizes):
+        return sum(math.prod(shape) for shape in mlp_shapes("", sizes).values())
 
     try:
+        kind, d = config["kind"], int(config["data_dim"])
+        hidden = [int(h) for h in config["hidden"]]
+        if kind == "vqvae":
+            width = int(config["num_vectors"]) * int(config["code_dim"])
+            codebook = int(config["num_codes"]) * int(config["code_dim"])
+            return mlp([d, *hidden, width]) + mlp([width, *hidden[::-1], d]) + codebook
+        latent = int(config["latent"])
+        if kind in ("vae", "vae-gaussian", "vae-bernoulli", "ae"):
+            code = latent if kind == "ae" else 2 * latent  # a VAE's encoder gives [mu, logvar]
+            return mlp([d, *hidden, code]) + mlp([latent, *hidden[::-1], d])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    return None
+
+
+def _build(path, config, members):
+    """The model a checkpoint's config describes, if the file holds that many parameters."""
+    from .models import build  # here, so that importing this module stays light
+
+    expected = param_count(config)
+    held = sum(int(v.size) for k, v in members.items() if k.startswith("param/"))
+    # Building allocates: refuse a config far larger than the file before it can exhaust
+    # memory (a small difference is left to the parameter-by-parameter checks, which say more).
+    if expected is not None and expected > 2 * held + 2**20:
+        _fail(path, f"its config calls for {expected:,} parameters but the file holds {held:,}; "
+                    f"config = {json.dumps(config)}")
+    try:
         return build(config, rng=0)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
         problem = f"its config does not describe a model ({exc}); config = {json.dumps(config)}"
+    except MemoryError:
+        problem = f"its config describes a model too large for this machine; config = {json.dumps(config)}"
     _fail(path, problem)
 
 
@@ -307,8 +461,8 @@ def _fill_params(path, model, members) -> None:
             _fail(path, f"parameter {name} has shape {value.shape}, but the config calls for {view.shape}")
         if value.dtype != view.dtype:
             _fail(path, f"parameter {name} has dtype {value.dtype}, but the config says {view.dtype}")
-        if not np.isfinite(value).all():
-            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(value))[0])
+        bad = first_non_finite(value)
+        if bad is not None:
             _fail(path, f"parameter {name} holds {value[bad]} at index {bad}; "
                         "a checkpoint must hold finite parameters")
         view[...] = value
