@@ -193,7 +193,7 @@ def test_adam_twins_agree(dtype, rtol, n, seed, wd):
     v = rng.uniform(0, 2, n).astype(dtype)
     c = np.dtype(dtype).type
     scalars = (c(1e-3), c(0.9), c(0.1), c(0.999), c(0.001), c(1 - 0.9**3), c(1 - 0.999**3),
-               c(1e-8), c(wd))
+               c(1e-8), c(wd), np.finfo(dtype).tiny)
     a = [x.copy() for x in (p, g, m, v)]
     b = [x.copy() for x in (p, g, m, v)]
     adam_kernel.numpy(*a, *scalars)
@@ -201,6 +201,81 @@ def test_adam_twins_agree(dtype, rtol, n, seed, wd):
     for x, y in zip(a, b):
         assert x.dtype == y.dtype == dtype
         np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol)
+
+
+def _adam_scalars(dtype, t=3, wd=0.0):
+    c = np.dtype(dtype).type
+    return (c(1e-3), c(0.9), c(0.1), c(0.999), c(0.001), c(1 - 0.9**t), c(1 - 0.999**t),
+            c(1e-8), c(wd), np.finfo(dtype).tiny)
+
+
+def _special_values(dtype, n, rng):
+    """n values mixing ordinary numbers with NaN, +-inf, +-0, subnormals and the normal edge."""
+    tiny = np.finfo(dtype).tiny
+    specials = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, tiny, -tiny, tiny / 2, -tiny / 4,
+                         tiny * 1.5, np.finfo(dtype).smallest_subnormal], dtype=dtype)
+    out = rng.standard_normal(n).astype(dtype)
+    where = rng.random(n) < 0.5
+    out[where] = rng.choice(specials, where.sum())
+    return out
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_adam_twins_agree_on_nan_inf_and_subnormal_input(dtype, wd):
+    # Non-finite values must propagate the same way in both twins (never hidden), and
+    # subnormal moments must be flushed the same way. Same operations in the same order,
+    # so finite results agree to rounding; NaN positions must match exactly.
+    rng = np.random.default_rng(7)
+    n = 400
+    p, g, m = (_special_values(dtype, n, rng) for _ in range(3))
+    v = np.abs(_special_values(dtype, n, rng))
+    a = [x.copy() for x in (p, g, m, v)]
+    b = [x.copy() for x in (p, g, m, v)]
+    with np.errstate(all="ignore"):
+        adam_kernel.numpy(*a, *_adam_scalars(dtype, wd=wd))
+        adam_kernel.numba(*b, *_adam_scalars(dtype, wd=wd))
+    rtol = 1e-12 if dtype == np.float64 else 1e-6
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.isnan(x), np.isnan(y))
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=0, equal_nan=True)
+    tiny = np.finfo(dtype).tiny
+    for moment in (a[2], a[3], b[2], b[3]):  # no subnormal survives in either moment
+        finite = moment[np.isfinite(moment)]
+        assert not np.any((finite != 0) & (np.abs(finite) < tiny))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_adam_moments_decay_to_zero_not_into_subnormals(dtype):
+    # A weight whose gradient stops being non-zero: m decays by beta1 each step. Without
+    # the flush it passes through ~2^23 (float32) subnormal values on its way down.
+    params = {"w": np.ones(3, dtype)}
+    opt = Adam(params, lr=1e-3)
+    opt.step({"w": np.array([1e-3, -1e-3, 0.0], dtype)})
+    tiny = np.finfo(dtype).tiny
+    zero_grad = {"w": np.zeros(3, dtype)}
+    steps_to_zero = None
+    for t in range(20000):
+        opt.step(zero_grad)
+        m = opt._buffers["m"]["w"]
+        assert not np.any((m != 0) & (np.abs(m) < tiny)), f"subnormal m at step {t}"
+        if steps_to_zero is None and not np.any(m):
+            steps_to_zero = t
+    # 1e-4 * 0.9^t falls below tiny after log(tiny / 1e-4) / log(0.9) steps, then is zero
+    expected = math.log(tiny / 1e-4) / math.log(0.9)
+    assert steps_to_zero is not None and abs(steps_to_zero - expected) < 3
+
+
+def test_sgd_momentum_buffer_never_subnormal():
+    params = {"w": np.ones(2, np.float32)}
+    opt = SGD(params, lr=0.1, momentum=0.5)
+    opt.step({"w": np.array([1.0, -1.0], np.float32)})
+    for _ in range(300):
+        opt.step({"w": np.zeros(2, np.float32)})
+        buf = opt._buffers["buf"]["w"]
+        assert not np.any((buf != 0) & (np.abs(buf) < np.finfo(np.float32).tiny))
+    assert not np.any(opt._buffers["buf"]["w"])  # 0.5^300 is far below tiny: flushed to 0
 
 
 @needs_numba
