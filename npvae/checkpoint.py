@@ -146,7 +146,14 @@ def save_checkpoint(path, model, optimizer, rng, epoch: int, step: int, history,
 
 
 class NonFiniteState(CheckpointError):
-    """The state to save holds NaN or inf: it is not written, the previous file is kept."""
+    """The state to save holds NaN or inf: it is not written, the previous file is kept.
+
+    ``detail`` names the array and the index, e.g. "parameter dec.0.W holds nan at index (1, 2)".
+    """
+
+    def __init__(self, message: str, detail: str):
+        super().__init__(message)
+        self.detail = detail
 
 
 def first_non_finite(value: np.ndarray):
@@ -174,11 +181,33 @@ def _non_finite_entries(model, optimizer_state: dict):
 def _check_finite_state(path: Path, model, optimizer_state: dict) -> None:
     """Refuse to save NaN or inf: a checkpoint must always be one that training can go on from."""
     for what, name, index, value in _non_finite_entries(model, optimizer_state):
+        detail = f"{what} {name} holds {value} at index {index}"
         kept = "the previous checkpoint is kept" if path.exists() else "nothing was written"
         raise NonFiniteState(
-            f"{path}: not saved: {what} {name} holds {value} at index {index}, and a checkpoint "
-            f"must hold finite values ({kept}); the run has diverged: continue from the last "
-            f"good checkpoint with a smaller learning rate or gradient clipping")
+            f"{path}: not saved: {detail}, and a checkpoint must hold finite values ({kept})",
+            detail)
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a hidden temporary file renamed over it.
+
+    A reader sees the old file or the new one, never half of one; a crash leaves at most
+    a ``.<name>.<random>.tmp`` file, which ``npvae.train`` removes when the run next starts.
+    """
+    path = Path(os.fspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), _file_mode())  # mkstemp makes owner-only files
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def _file_mode() -> int:

@@ -23,25 +23,44 @@ Stopping:
   the epoch, and :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) is raised.
   ``train(..., resume_from=run_dir)`` then ends with exactly the parameters an
   uninterrupted run would have had. A second Ctrl-C stops at once.
+- SIGTERM and SIGHUP: the same as Ctrl-C (:class:`TrainingInterrupted` says which
+  signal; the command line exits with 128 + its number).
 - A NaN or inf loss or gradient: :class:`TrainingDiverged` names the step; the bad
-  update is not applied and the last checkpoint on disk is left as it was.
+  update is not applied and the last checkpoint on disk is left as it was. NaN or inf
+  in the parameters or optimizer state at the end of an epoch is refused the same way
+  (a checkpoint never holds it). Resume with a smaller ``lr`` or with ``clip``.
+
+The run folder: :func:`run_lock` keeps a second process out of it for the whole run,
+stale temporary files of a killed writer are removed when a run starts, and a folder
+that cannot be written to is reported before the first step. metrics.jsonl appears with
+the first finished epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 import zlib
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX: runs are not locked
+    fcntl = None
+
 import numpy as np
 
 from . import data as npdata
 from .checkpoint import (
-    FILENAME, Checkpoint, CheckpointError, load_checkpoint, rng_state, save_checkpoint,
+    FILENAME, Checkpoint, CheckpointError, NonFiniteState, load_checkpoint, rng_state,
+    save_checkpoint, write_text_atomic,
 )
 from .threads import blas_threads, blas_threads_for
 
@@ -65,14 +84,148 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training; ``checkpoint`` is where the state was saved (or None)."""
+    """Ctrl-C, SIGTERM or SIGHUP stopped training; ``checkpoint`` is where the state was
+    saved (or None), ``signum`` which signal it was (the exit status is 128 + signum)."""
 
-    def __init__(self, message, *, checkpoint, epoch, step):
+    def __init__(self, message, *, checkpoint, epoch, step, signum=signal.SIGINT):
         super().__init__(message)
         self.message, self.checkpoint, self.epoch, self.step = message, checkpoint, epoch, step
+        self.signum = signum
 
     def __str__(self):
         return self.message
+
+
+class RunInUse(RuntimeError):
+    """Another process holds the run folder's lock (it is training, or writing into the run)."""
+
+
+class SignalStop(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled like Ctrl-C; ``signum`` says which (exit status 128 + signum)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal_name(signum))
+        self.signum = signum
+
+
+# ----------------------------------------------------------------------------- signals
+
+# Signals that stop a run the way Ctrl-C does: save, say so, exit with 128 + signum.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def signal_name(signum: int) -> str:
+    """'Ctrl-C' for SIGINT, else the signal's name ('SIGTERM')."""
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def _raise_signal_stop(signum, frame):
+    raise SignalStop(signum)
+
+
+def stop_on_signals() -> None:
+    """Make SIGTERM and SIGHUP raise :class:`SignalStop` (a KeyboardInterrupt) in the main thread.
+
+    Only signals left at their default action are taken (an ignored SIGHUP, as under
+    ``nohup``, stays ignored). The training loop defers them to the end of a step, as it
+    does Ctrl-C; the command line calls this so that they also stop evaluation cleanly.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _raise_signal_stop)
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+# Files npvae writes into a run folder, and the hidden temporary files it writes them through
+# (".checkpoint.npz.<random>.tmp", from tempfile.mkstemp, then renamed over the file).
+FIGURES = ("reconstructions.png", "samples.png", "loss_curves.png", "latent_scatter.png",
+           "interpolation.png", "manifold.png", "codebook_usage.png", "perplexity.png")
+RUN_FILES = (FILENAME, METRICS_FILE, "eval.json") + FIGURES
+_SAMPLES = re.compile(r"samples-seed\d+\.png")
+_TEMP = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp")
+_held = {}  # real path of a run folder -> [fd, depth]: this process's locks
+
+
+def is_run_file(name: str) -> bool:
+    """True for a file npvae writes into a run folder (not a temporary file)."""
+    return name in RUN_FILES or bool(_SAMPLES.fullmatch(name))
+
+
+def is_temp_file(name: str) -> bool:
+    """True for a hidden temporary file through which npvae writes one of its run files."""
+    m = _TEMP.fullmatch(name)
+    return bool(m) and is_run_file(m.group("name"))
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """Hold an exclusive ``flock`` on the run folder while writing into it.
+
+    Raises :class:`RunInUse` at once if another process holds it. The kernel releases the
+    lock when the process ends, however it ends (``kill -9`` included), so a crash never
+    leaves a run locked. Re-entrant within a process (the command line holds it around
+    ``train``, which takes it too). Creates the folder if needed.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(run_dir)
+    if key in _held:
+        _held[key][1] += 1
+    else:
+        _held[key] = [_lock_folder(run_dir), 1]
+    try:
+        yield run_dir
+    finally:
+        _held[key][1] -= 1
+        if _held[key][1] == 0:
+            fd = _held.pop(key)[0]
+            if fd is not None:
+                os.close(fd)  # releases the lock
+
+
+def _lock_folder(run_dir: Path):
+    """An open descriptor of ``run_dir`` holding its exclusive lock (None where flock is missing)."""
+    if fcntl is None:  # pragma: no cover
+        return None
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RunInUse(
+            f"{run_dir} is in use: another npvae process is training or writing into it. "
+            f"Wait for it to finish (or stop it), or choose another run directory") from None
+    return fd
+
+
+def clean_temp_files(run_dir) -> list:
+    """Remove the hidden temporary files a killed writer left in ``run_dir``; returns them.
+
+    Call it only while holding :func:`run_lock`: then no live npvae process is writing
+    there, and every such file is a leftover of one that was killed (``kill -9``).
+    """
+    removed = []
+    for path in Path(run_dir).iterdir():
+        if is_temp_file(path.name) and path.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def check_writable(run_dir) -> None:
+    """Fail now, with a clear OSError, if files cannot be created in ``run_dir``."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=run_dir)
+    except OSError as exc:
+        raise PermissionError(
+            exc.errno, f"cannot write into the run directory {run_dir} ({exc.strerror}); "
+                       f"make it writable or choose another one") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -117,7 +270,12 @@ def read_metrics(run_dir) -> list:
 
 
 def _write_metrics(path: Path, history) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in history))
+    """Replace ``path`` with one line per row, atomically; no rows: no file at all."""
+    if not history:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in history))
 
 
 def _append_metrics(path: Path, row) -> None:
@@ -126,28 +284,33 @@ def _append_metrics(path: Path, row) -> None:
 
 
 class _DeferredInterrupt:
-    """While active in the main thread, the first Ctrl-C only sets ``requested``.
+    """While active in the main thread, the first Ctrl-C, SIGTERM or SIGHUP only sets
+    ``requested`` (and ``signum``).
 
     The loop checks the flag between steps, so it stops on a consistent state. A second
-    Ctrl-C raises KeyboardInterrupt at once.
+    one raises KeyboardInterrupt (:class:`SignalStop` for SIGTERM or SIGHUP) at once.
+    Handlers someone else installed are left alone, and restored ones on exit.
     """
 
     def __enter__(self):
-        self.requested = False
-        self._previous = None
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        self.requested, self.signum = False, None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            ours = {signal.SIGINT: (signal.default_int_handler,)}
+            ours.update({s: (signal.SIG_DFL, _raise_signal_stop) for s in STOP_SIGNALS})
+            for signum, defaults in ours.items():
+                if signal.getsignal(signum) in defaults:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise KeyboardInterrupt if signum == signal.SIGINT else SignalStop(signum)
+        self.requested, self.signum = True, signum
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
 
@@ -233,9 +396,37 @@ def _summary(row, epochs) -> str:
     return text + f"  {row['seconds']:.1f}s"
 
 
+def _setting_changes(opt, ck: Checkpoint, lr: float, clip) -> dict:
+    """Put ``lr`` into the restored optimizer; {name: [before, now]} for lr and clip if changed.
+
+    A resumed run may lower the learning rate or add clipping (what a diverged run needs);
+    the change is recorded in the metrics of the epoch in which it happened.
+    """
+    changes = {}
+    if float(opt.lr) != float(lr):
+        changes["lr"] = [float(opt.lr), float(lr)]
+        opt.lr = float(lr)
+    if "clip" in ck.args and ck.args["clip"] != clip:
+        changes["clip"] = [ck.args["clip"], clip]
+    return changes
+
+
+def _holding_run_lock(fn):
+    """Run ``fn`` while holding :func:`run_lock` on its ``run_dir`` argument."""
+    import functools
+
+    @functools.wraps(fn)
+    def locked(*args, run_dir, **kwargs):
+        with run_lock(run_dir):
+            return fn(*args, run_dir=run_dir, **kwargs)
+
+    return locked
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
+@_holding_run_lock
 def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
           optimizer: str = "adam", clip: float | None = None, seed: int = 0,
           binarize: str = "none", run_dir, log_every: int = 10, progress: bool = True,
@@ -249,11 +440,14 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
         ``binarize`` "static" draws one binary sample of the training set; "dynamic"
         draws a fresh one for every batch, so each image is resampled on every visit.
     optimizer: "adam" or "sgd" (momentum 0.9); clip: max global gradient norm, or None.
-    run_dir: receives metrics.jsonl (one JSON line per epoch) and checkpoint.npz.
+    run_dir: receives metrics.jsonl (one JSON line per epoch) and checkpoint.npz. It is
+        locked for the whole call (:class:`RunInUse` if another process holds it), its
+        stale temporary files are removed, and it must be writable before training starts.
     log_every: steps between updates of the progress bar's loss; progress: show a
         tqdm bar (only on a terminal); verbose: print one summary line per epoch.
     resume_from: a checkpoint path, run directory or :class:`Checkpoint` to continue
-        from; the other arguments must describe the same run (``epochs`` may grow).
+        from; the other arguments must describe the same run, except that ``epochs`` may
+        grow and ``lr`` and ``clip`` may change (recorded in that epoch's metrics).
     on_epoch_end: called as ``on_epoch_end(row)`` with each epoch's metrics dict.
     on_first_step: called with no arguments once the first step of this call is done.
     args: extra JSON-friendly settings stored in checkpoints (the command line keeps
@@ -264,8 +458,9 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
     from .optim import clip_grad_norm
 
     _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip, binarize)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir)  # created and locked by _holding_run_lock
+    clean_temp_files(run_dir)  # leftovers of a killed writer: no live one holds the lock
+    check_writable(run_dir)  # fail now, not after the first epoch
     ckpt_path, metrics_path = run_dir / FILENAME, run_dir / METRICS_FILE
     settings = dict(args or {}, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
                     optimizer=optimizer, clip=clip, seed=int(seed), binarize=binarize,
@@ -287,17 +482,19 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
     # ---- state: fresh, or as a checkpoint left it
     rng = np.random.default_rng(seed)
     opt = make_optimizer(optimizer, model.params, lr)
-    start_epoch, step, history, resume = 0, 0, [], None
+    start_epoch, step, history, resume, changes = 0, 0, [], None, {}
     if resume_from is not None:
         ck = resume_from if isinstance(resume_from, Checkpoint) else load_checkpoint(resume_from)
         _restore(model, opt, ck, settings)
         start_epoch, step, history = ck.epoch, ck.step, list(ck.history)
         rng.bit_generator.state = rng_state(ck.rng)
         if ck.position is not None:
+            if ck.position["batch"] > n_batches:
+                raise CheckpointError(f"{ck.path}: its position, batch {ck.position['batch']}, "
+                                      f"lies beyond the {n_batches} batches of an epoch")
             resume = dict(ck.position, rng=rng_state(ck.rng))
-        _write_metrics(metrics_path, history)  # forget epochs the checkpoint does not hold
-    else:
-        _write_metrics(metrics_path, [])
+        changes = _setting_changes(opt, ck, lr, clip)
+    _write_metrics(metrics_path, history)  # forget epochs the checkpoint does not hold
     before_batch = getattr(model, "on_batch_start", None)  # e.g. k-means codebook init
     after_step = getattr(model, "after_step", None)  # e.g. moving-average codebook
 
@@ -305,6 +502,7 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
     # (the position inside an epoch) between steps, None while parameters change.
     here = "boundary" if resume is None else None
     boundary_rng = rng_state(rng)
+    step_at_start = step
     stop = _DeferredInterrupt()
     try:
         grad_buf = model.params.empty_like()  # backward writes here on every step
@@ -370,7 +568,10 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                 # -- end of epoch: validation, metrics, checkpoint
                 train_seconds = time.perf_counter() - t0
                 t1 = time.perf_counter()
-                row = {"epoch": epoch + 1, "step": step}
+                row = {"epoch": epoch + 1, "step": step, "lr": float(lr), "clip": clip}
+                if changes:  # a resume in (or before) this epoch changed lr or clip
+                    row["changed"] = dict(changes, step=step_at_start)
+                    changes = {}
                 row.update({f"train_{k}": v / seen for k, v in sums.items()
                             if k not in ("kl_weight", "grad_norm")})
                 for k in ("kl_weight", "grad_norm"):  # epoch means that are not loss terms
@@ -381,7 +582,11 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                 row["val_seconds"] = time.perf_counter() - t1
                 history.append(row)
                 if checkpoint_every_epoch or epoch + 1 == epochs:
-                    save_checkpoint(ckpt_path, model, opt, rng, epoch + 1, step, history, settings)
+                    try:
+                        save_checkpoint(ckpt_path, model, opt, rng, epoch + 1, step, history,
+                                        settings)
+                    except NonFiniteState as exc:  # NaN that the loss and gradient did not show
+                        raise _diverged_state(exc, step, epoch, ckpt_path) from None
                 here, boundary_rng = "boundary", rng_state(rng)
                 _append_metrics(metrics_path, row)
                 if verbose:
@@ -390,25 +595,32 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                     on_epoch_end(row)
                 if stop.requested and epoch + 1 < epochs:
                     raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        # -- Ctrl-C: save the last consistent state, then stop
+    except KeyboardInterrupt as exc:
+        # -- Ctrl-C, SIGTERM or SIGHUP: save the last consistent state, then stop
+        signum = getattr(exc, "signum", None) or stop.signum or signal.SIGINT
         epochs_done = history[-1]["epoch"] if history else start_epoch
         saved, where = None, ""
-        if isinstance(here, dict):  # between two steps (or inside a step that changed nothing)
-            rng.bit_generator.state = here["rng"]  # undo draws of a step cut short
-            position = {k: here[k] for k in ("batch", "epoch_rng", "sums", "seen", "seconds")}
-            saved = save_checkpoint(ckpt_path, model, opt, rng, here["epoch"], step,
-                                    history, settings, position=position)
-            where = f"in epoch {here['epoch'] + 1} after {here['batch']} of {n_batches} batches"
-        elif here == "boundary":  # between epochs
-            rng.bit_generator.state = boundary_rng  # undo the next epoch's draws, if any
-            saved = save_checkpoint(ckpt_path, model, opt, rng, epochs_done, step, history, settings)
-            where = f"after epoch {epochs_done}"
-        elif ckpt_path.exists():  # stopped in the middle of an update: keep the last one
+        try:
+            if isinstance(here, dict):  # between two steps (or inside a step that changed nothing)
+                rng.bit_generator.state = here["rng"]  # undo draws of a step cut short
+                position = {k: here[k] for k in ("batch", "epoch_rng", "sums", "seen", "seconds")}
+                saved = save_checkpoint(ckpt_path, model, opt, rng, here["epoch"], step,
+                                        history, settings, position=position)
+                where = f"in epoch {here['epoch'] + 1} after {here['batch']} of {n_batches} batches"
+            elif here == "boundary":  # between epochs
+                rng.bit_generator.state = boundary_rng  # undo the next epoch's draws, if any
+                saved = save_checkpoint(ckpt_path, model, opt, rng, epochs_done, step, history,
+                                        settings)
+                where = f"after epoch {epochs_done}"
+        except NonFiniteState:  # the state to save holds NaN: keep the last good file
+            here = None
+        if saved is None and ckpt_path.exists():  # stopped mid-update, or NaN: keep the last one
             saved, where = ckpt_path, _saved_epoch(ckpt_path)
-        msg = (f"interrupted; the state {where} is saved in {saved}" if saved
-               else "interrupted before anything could be saved")
-        raise TrainingInterrupted(msg, checkpoint=saved, epoch=epochs_done, step=step) from None
+        name = signal_name(signum)
+        msg = (f"stopped by {name}; the state {where} is saved in {saved}" if saved
+               else f"stopped by {name} before anything could be saved")
+        raise TrainingInterrupted(msg, checkpoint=saved, epoch=epochs_done, step=step,
+                                  signum=signum) from None
     return history
 
 
@@ -420,16 +632,31 @@ def _saved_epoch(path) -> str:
         return "as it was on disk"
 
 
+def _what_next(ckpt_path: Path) -> str:
+    """What a diverged run can do: what is kept, and how to go on with a smaller step."""
+    if ckpt_path.exists():
+        return (f"the last good checkpoint, {ckpt_path} ({_saved_epoch(ckpt_path)}), is kept. "
+                f"Continue from it with a smaller learning rate or gradient clipping: "
+                f"npvae train --resume {ckpt_path.parent} --lr LR --clip NORM "
+                f"(in Python: train(..., resume_from=run_dir, lr=..., clip=...))")
+    return ("no checkpoint had been saved yet. Start again with a smaller learning rate "
+            "(--lr) or gradient clipping (--clip NORM)")
+
+
 def _diverged(loss, grad_norm, step, epoch, b, n_batches, ckpt_path) -> TrainingDiverged:
     what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
-    if ckpt_path.exists():
-        kept = f"the last good checkpoint, {ckpt_path} ({_saved_epoch(ckpt_path)}), is kept"
-    else:
-        kept = "no checkpoint had been saved yet"
     return TrainingDiverged(
         f"training diverged: the {what} became {value} at step {step} (epoch {epoch + 1}, "
-        f"batch {b + 1} of {n_batches}); that update was not applied and {kept}. "
-        f"Try a smaller learning rate or gradient clipping.",
+        f"batch {b + 1} of {n_batches}); that update was not applied and "
+        f"{_what_next(ckpt_path)}.",
+        step=step, epoch=epoch + 1, checkpoint=ckpt_path if ckpt_path.exists() else None)
+
+
+def _diverged_state(exc: NonFiniteState, step, epoch, ckpt_path) -> TrainingDiverged:
+    """The model or optimizer state holds NaN or inf at the end of an epoch: not saved."""
+    return TrainingDiverged(
+        f"training diverged: at the end of epoch {epoch + 1} (step {step}) the {exc.detail}; "
+        f"that state was not saved and {_what_next(ckpt_path)}.",
         step=step, epoch=epoch + 1, checkpoint=ckpt_path if ckpt_path.exists() else None)
 
 
