@@ -1,15 +1,18 @@
 """The ``npvae`` command: train, eval, sample, plot, gradcheck, tour.
 
 Every subcommand has ``--help`` with examples. User errors (missing data, a bad
-checkpoint, arguments that do not fit together) print one clear message to stderr and
-exit with status 2; a diverged run exits with 1; Ctrl-C saves a checkpoint and exits
-with 130.
+checkpoint, arguments that do not fit together, a run folder in use) print one clear
+message to stderr and exit with status 2; a diverged run, a file system error or
+running out of memory exits with 1. Ctrl-C, SIGTERM and SIGHUP save a checkpoint when
+training and exit with 128 + the signal's number: 130, 143 and 129.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 import textwrap
 import time
@@ -44,7 +47,9 @@ ONLY_FOR = {
     "kmeans_init": ("vqvae",),
 }
 # What may be given together with --resume: everything else comes from the checkpoint.
-RESUME_OK = {"resume", "epochs", "progress", "backend", "data_dir"}
+# A smaller --lr or a --clip is what a diverged run needs; the change goes into metrics.jsonl.
+RESUME_OK = {"resume", "epochs", "progress", "backend", "data_dir", "lr", "clip"}
+MAX_SAMPLES = 400  # npvae sample: a 20 x 20 grid is the most one readable image holds
 EVAL_BATCH = 1000
 BACKENDS = ("numba", "numpy")
 
@@ -61,8 +66,12 @@ def _say(message: str) -> None:
 
 
 def _hidden(text: str) -> str:
-    if text.strip().lower() in ("", "none"):
+    if text.strip().lower() == "none":
         return "none"  # no hidden layer: linear encoder and decoder
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "expected layer sizes like 400 or 512,256, got an empty value; "
+            "for no hidden layer at all, write --hidden none")
     try:
         sizes = [int(part) for part in text.split(",")]
     except ValueError:
@@ -149,7 +158,9 @@ examples:
   npvae train --model vqvae --codes 256 --code-vectors 8 --ema --restart-after 100
   npvae train --limit 2000 --epochs 2 --no-progress      a quick try
   npvae train --resume runs/vae-bernoulli-20250101-120000 --epochs 20
-      continue a stopped run (Ctrl-C saves one) exactly where it stopped.
+      continue a stopped run (Ctrl-C, SIGTERM and SIGHUP save one) exactly where
+      it stopped; after a divergence add a smaller --lr or a --clip NORM.
+  npvae train --out runs/mine --overwrite   replace the run in runs/mine
 
 Binarization (Bernoulli models): "dynamic" draws a fresh binary sample of every
 image each epoch, "static" draws one and keeps it, "none" trains on grey levels.
@@ -157,6 +168,8 @@ Validation and test images are binarized once, with a fixed seed.
 
 The run directory (default runs/<model>-<date>-<time>) receives metrics.jsonl
 (one JSON line per epoch), checkpoint.npz (after every epoch) and PNG figures.
+While a command writes into a run, the run is locked: a second npvae train, eval,
+sample or plot of the same run refuses at once.
 """
 
 
@@ -246,10 +259,17 @@ def _add_train(sub) -> None:
     d.add_argument("--val", type=_positive_int, metavar="N",
                    help="training images held out for validation (default 5000, at most a "
                         "tenth of a small dataset)")
-    d.add_argument("--out", metavar="RUN", help="run directory (default runs/<model>-<date>-<time>)")
+    d.add_argument("--out", metavar="RUN",
+                   help="run directory (default runs/<model>-<date>-<time>); one that already "
+                        "holds a run is refused, unless --overwrite is given")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out: its checkpoint, metrics, eval.json "
+                        "and figures are deleted first (files npvae did not write are never "
+                        "touched, and make it refuse)")
     d.add_argument("--resume", metavar="RUN",
                    help="continue the run in RUN from its checkpoint, with its saved settings "
-                        "(only --epochs, --backend, --data-dir and --no-progress may be given)")
+                        "(only --epochs, --lr, --clip, --backend, --data-dir and --no-progress "
+                        "may be given; a new --lr or --clip is recorded in metrics.jsonl)")
     p.set_defaults(func=cmd_train)
 
 
@@ -284,7 +304,8 @@ def _add_sample(sub) -> None:
                "  npvae sample RUN --n 100 --seed 3 --out digits.png\n",
         formatter_class=_formatter)
     p.add_argument("run", metavar="RUN", help="a run directory or checkpoint.npz file")
-    p.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
+    p.add_argument("--n", type=_positive_int, default=64,
+                   help=f"number of samples (default 64, at most {MAX_SAMPLES}: a 20 x 20 grid)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="default 0")
     p.add_argument("--out", metavar="PNG", help="output file (default RUN/samples-seed<SEED>.png)")
     _add_backend(p)
@@ -397,14 +418,31 @@ def _load_split(dataset, split, data_dir, dtype):
     return data.to_unit(images, np.dtype(dtype)), labels
 
 
-def load_training_data(settings: dict):
-    """(x_train, x_val) for a run's settings: split off the validation images, then --limit."""
+def validation_size(n: int, val: int, given: bool) -> int:
+    """How many of n training images to hold out: ``val``, when at most half of them.
+
+    A --val the user gave that leaves fewer training than validation images is an error;
+    the default (5000) falls back to a tenth of a small dataset.
+    """
+    if 2 * val <= n:
+        return val
+    if given:
+        raise UsageError(f"--val {val} would hold out more images than are left to train on: "
+                         f"the training set has {n:,} images, so --val can be at most {n // 2:,}")
+    return max(1, n // 10)
+
+
+def load_training_data(settings: dict, val_given: bool = False):
+    """(x_train, x_val) for a run's settings: split off the validation images, then --limit.
+
+    ``val_given``: the user chose --val (then it must fit; see :func:`validation_size`).
+    """
     from . import data
 
     images, y = data.load(settings["dataset"], "train", data_dir=settings["data_dir"],
                           progress=lambda msg: _say(f"npvae: {msg}"))
     x = images.reshape(len(images), -1)  # uint8 (N, D): the loop scales each batch
-    n_val = settings["val"] if len(x) >= 2 * settings["val"] else max(1, len(x) // 10)
+    n_val = validation_size(len(x), settings["val"], val_given)
     (x_tr, _), (x_va, _) = data.train_val_split(x, y, n_val, seed=0)  # the same split for every seed
     if settings["limit"]:
         x_tr, x_va = x_tr[: settings["limit"]], x_va[: settings["limit"]]
@@ -461,6 +499,77 @@ def _new_run_settings(given: dict) -> dict:
     return s
 
 
+def _physical_memory() -> int | None:
+    """This machine's memory in bytes, where the platform says."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return None
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1000
+
+
+def check_model_size(config: dict, batch_size: int) -> None:
+    """Refuse, before allocating anything, a model whose training cannot fit in memory.
+
+    Training keeps the parameters, the gradient and Adam's two moments (four copies, and
+    a fifth for slack) and, per batch, a few activations of the widest layer.
+    """
+    from .checkpoint import param_count
+
+    n = param_count(config)
+    if n is None:
+        return  # a malformed config: building the model explains what is wrong
+    itemsize = np.dtype(config["dtype"]).itemsize
+    widest = max([config["data_dim"], *config["hidden"]])
+    need = itemsize * (5 * n + 8 * batch_size * widest)
+    memory = _physical_memory()
+    if memory and need > memory:
+        raise UsageError(
+            f"this model has {n:,} parameters ({_bytes(n * itemsize)}), and training it needs "
+            f"about {_bytes(need)}, more than this machine's {_bytes(memory)} of memory; "
+            f"choose smaller --hidden sizes (or a smaller --latent, --codes or --batch-size)")
+
+
+def _run_files(run_dir: Path) -> tuple[list, list]:
+    """(files npvae wrote, anything else) in ``run_dir``, by name."""
+    from .train import is_run_file, is_temp_file
+
+    ours, others = [], []
+    for path in sorted(run_dir.iterdir()):
+        mine = path.is_file() and (is_run_file(path.name) or is_temp_file(path.name))
+        (ours if mine else others).append(path)
+    return ours, others
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Make sure a new run does not mix its files with another run's (hold the run's lock).
+
+    An empty or new folder is used as it is. A folder holding a run is refused, with the
+    way to continue it, unless ``overwrite``: then that run's files are deleted. Files
+    npvae did not write are never deleted, and make it refuse.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} is a file, not a directory; choose another --out")
+    ours, others = _run_files(run_dir) if run_dir.exists() else ([], [])
+    if others:
+        names = ", ".join(p.name for p in others[:5]) + (", ..." if len(others) > 5 else "")
+        raise UsageError(f"{run_dir} holds files that are not part of an npvae run ({names}); "
+                         f"choose a new or empty directory with --out")
+    if ours and not overwrite:
+        names = ", ".join(p.name for p in ours[:4]) + (", ..." if len(ours) > 4 else "")
+        raise UsageError(f"{run_dir} already holds a run ({names}). Continue it with "
+                         f"npvae train --resume {run_dir}, pass --overwrite to replace it, "
+                         f"or choose another --out")
+    for path in ours:
+        path.unlink()
+
+
 def _default_run_dir(kind: str) -> Path:
     base = Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     run, i = base, 2
@@ -476,6 +585,13 @@ def _test_set(settings, data_dir=None):
     x, y = _load_split(settings["dataset"], "test", data_dir or settings.get("data_dir"),
                        settings["dtype"])
     return x, y, binarize_for_eval(x, settings["binarize"], settings["seed"], "test")
+
+
+def _run_dir_of(run) -> Path:
+    """The run folder of RUN: the folder itself, or the folder holding a checkpoint file."""
+    from .checkpoint import checkpoint_path
+
+    return checkpoint_path(run).parent
 
 
 def _load_run(run):
@@ -496,40 +612,67 @@ def _report_first_step() -> None:
 
 
 def cmd_train(ns) -> int:
+    from .train import run_lock
+
+    given = {k: v for k, v in vars(ns).items() if k not in ("command", "func")}
+    if "resume" in given:
+        _check_resume_options(given)
+        run_dir = _run_dir_of(given["resume"])
+    elif given.get("out"):
+        run_dir = Path(given["out"])
+    else:
+        run_dir = _default_run_dir(given.get("model", DEFAULTS["model"]))
+    with run_lock(run_dir):  # held until the figures are written
+        return _train_run(given, run_dir)
+
+
+def _check_resume_options(given: dict) -> None:
+    if given.get("overwrite"):
+        raise UsageError("--overwrite and --resume exclude each other: --resume continues the "
+                         "run, --overwrite (with --out) replaces it")
+    not_allowed = sorted(set(given) - RESUME_OK)
+    if not_allowed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in not_allowed)
+        raise UsageError(f"{flags} cannot be changed when resuming: --resume continues with "
+                         f"the run's saved settings (only --epochs, --lr, --clip, --backend, "
+                         f"--data-dir and --no-progress may be given)")
+
+
+def _train_run(given: dict, run_dir: Path) -> int:
+    """`npvae train` once the run folder is locked: data, model, training, test ELBO, figures."""
     from . import evaluate
     from .models import build
     from .train import make_figures, side_rng, train
 
-    given = {k: v for k, v in vars(ns).items() if k not in ("command", "func")}
     if "resume" in given:
-        not_allowed = sorted(set(given) - RESUME_OK)
-        if not_allowed:
-            flags = ", ".join("--" + k.replace("_", "-") for k in not_allowed)
-            raise UsageError(f"{flags} cannot be changed when resuming: --resume continues with "
-                             f"the run's saved settings (only --epochs, --backend, --data-dir and "
-                             f"--no-progress may be given)")
         ck = _load_run(given["resume"])
         s = {**DEFAULTS, **ck.args, **{k: v for k, v in given.items() if k != "resume"}}
-        run_dir = ck.path.parent
         model = ck.model
     else:
         s = _new_run_settings(given)
         ck = None
-        run_dir = Path(s["out"]) if s["out"] else _default_run_dir(s["model"])
+        prepare_run_dir(run_dir, s.get("overwrite", False))
     _set_backend(s["backend"])
     _announce_compilation()
 
-    x_train, x_val = load_training_data(s)
+    x_train, x_val = load_training_data(s, val_given=ck is None and "val" in given)
     steps_per_epoch = -(-len(x_train) // s["batch_size"])
     if ck is None:
+        config = model_config(s, x_train.shape[1], steps_per_epoch)
+        check_model_size(config, s["batch_size"])
         try:
-            model = build(model_config(s, x_train.shape[1], steps_per_epoch), rng=s["seed"])
+            model = build(config, rng=s["seed"])
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     if ck is not None and ck.epoch >= s["epochs"]:
         _say(f"npvae: {run_dir} has already trained for {ck.epoch} epochs; pass --epochs N "
              f"with N > {ck.epoch} to train further")
-    stored = {k: v for k, v in s.items() if k not in ("progress", "out", "resume")}
+    if ck is not None:
+        for key in ("lr", "clip"):
+            if key in given and ck.args.get(key) != s[key]:
+                _say(f"npvae: --{key} {s[key]} from here on (it was {ck.args.get(key)}); "
+                     f"metrics.jsonl records the change")
+    stored = {k: v for k, v in s.items() if k not in ("progress", "out", "resume", "overwrite")}
     what = "continuing" if ck is not None else "training"
     _say(f"npvae: {what} {s['model']} ({model.num_params():,} parameters) on {len(x_train):,} "
          f"{s['dataset']} images ({len(x_val):,} held out for validation) for {s['epochs']} "
@@ -573,11 +716,19 @@ def _jsonable(value):
 
 
 def cmd_eval(ns) -> int:
-    from . import evaluate
-    from .train import side_rng
+    from .train import run_lock
 
     _set_backend(ns.backend)
     _announce_compilation()
+    with run_lock(_run_dir_of(ns.run), create=False):  # eval.json is written into the run
+        return _eval_run(ns)
+
+
+def _eval_run(ns) -> int:
+    from . import evaluate
+    from .checkpoint import write_text_atomic
+    from .train import side_rng
+
     ck = _load_run(ns.run)
     s = ck.args
     _, _, x_test = _test_set(s, ns.data_dir)
@@ -591,8 +742,7 @@ def cmd_eval(ns) -> int:
     report = {"run": str(ck.path.parent), "checkpoint": str(ck.path), "epochs": ck.epoch,
               "model": ck.model.config["kind"], "test_images": len(x_test), "k": ns.k,
               "seconds": time.perf_counter() - t0, **res}
-    out = ck.path.parent / "eval.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_text_atomic(ck.path.parent / "eval.json", json.dumps(report, indent=2) + "\n")
     width = max(len(k) for k in report)
     print(f"{'metric':<{width}}  value")
     for key, value in report.items():
@@ -604,16 +754,29 @@ def cmd_eval(ns) -> int:
 
 
 def cmd_sample(ns) -> int:
+    from .train import run_lock
+
+    if ns.n > MAX_SAMPLES:
+        raise UsageError(f"--n {ns.n} is more samples than one readable image holds (at most "
+                         f"{MAX_SAMPLES}, a 20 x 20 grid); for more, run npvae sample again with "
+                         f"other --seed values")
+    if ns.out and Path(ns.out).suffix.lower() != ".png":
+        raise UsageError(f"--out must name a .png file, got {ns.out}")
+    _set_backend(ns.backend)
+    _announce_compilation()
+    if ns.out:  # written elsewhere: the run is only read
+        return _sample_run(ns)
+    with run_lock(_run_dir_of(ns.run), create=False):  # the PNG goes into the run
+        return _sample_run(ns)
+
+
+def _sample_run(ns) -> int:
     from . import plots
     from .checkpoint import load_checkpoint
 
-    _set_backend(ns.backend)
-    _announce_compilation()
     ck = load_checkpoint(ns.run)
     images = ck.model.sample(ns.n, np.random.default_rng(ns.seed))
     out = Path(ns.out) if ns.out else ck.path.parent / f"samples-seed{ns.seed}.png"
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out must name a .png file, got {out}")
     plots.save_samples(out, np.clip(images, 0.0, 1.0), ncols=math.ceil(math.sqrt(ns.n)),
                        title=f"{ns.n} samples from the prior (seed {ns.seed})")
     print(f"wrote {out}")
@@ -621,14 +784,15 @@ def cmd_sample(ns) -> int:
 
 
 def cmd_plot(ns) -> int:
-    from .train import make_figures, side_rng
+    from .train import make_figures, run_lock, side_rng
 
     _set_backend(ns.backend)
     _announce_compilation()
-    ck = _load_run(ns.run)
-    x_grey, y_test, _ = _test_set(ck.args, ns.data_dir)
-    figures = make_figures(ck.model, ck.path.parent, x_grey, y_test, ck.history,
-                           side_rng(ck.args["seed"], "figures"))
+    with run_lock(_run_dir_of(ns.run), create=False):  # the figures are written into the run
+        ck = _load_run(ns.run)
+        x_grey, y_test, _ = _test_set(ck.args, ns.data_dir)
+        figures = make_figures(ck.model, ck.path.parent, x_grey, y_test, ck.history,
+                               side_rng(ck.args["seed"], "figures"))
     for path in figures.values():
         print(f"wrote {path}")
     return 0
@@ -701,31 +865,65 @@ def cmd_gradcheck(ns) -> int:
 
 def main(argv=None) -> int:
     """Run the command line; returns the exit status."""
+    from .backend import check_environment
     from .checkpoint import CheckpointError
     from .data import DataUnavailableError
-    from .train import TrainingDiverged, TrainingInterrupted
+    from .train import RunInUse, TrainingDiverged, TrainingInterrupted, stop_on_signals
 
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
-        return int(ns.func(ns) or 0)
+        check_environment()
+        with stop_on_signals():  # SIGTERM and SIGHUP stop like Ctrl-C
+            return int(ns.func(ns) or 0)
     except TrainingInterrupted as exc:
         _say(f"npvae: {exc}")
         if exc.checkpoint is not None:
             _say(f"npvae: continue with: npvae train --resume {Path(exc.checkpoint).parent}")
-        return 130
-    except KeyboardInterrupt:
-        _say("npvae: interrupted")
-        return 130
+        return 128 + exc.signum
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
+    except SystemError as exc:  # Ctrl-C inside a Numba dispatcher (compiling, say) surfaces so
+        stop = _keyboard_interrupt_behind(exc)
+        if stop is None:
+            raise
+        return _interrupted(stop)
     except TrainingDiverged as exc:
         _say(f"npvae: {exc}")
         return 1
-    except (UsageError, CheckpointError, DataUnavailableError) as exc:
+    except (UsageError, CheckpointError, DataUnavailableError, RunInUse) as exc:
         _say(f"npvae: error: {exc}")
         return 2
+    except ValueError as exc:  # NPVAE_BACKEND names no backend
+        if "NPVAE_BACKEND" not in str(exc):
+            raise
+        _say(f"npvae: error: {exc}")
+        return 2
+    except MemoryError:
+        _say("npvae: error: out of memory; choose a smaller model (--hidden, --latent), a "
+             "smaller --batch-size or, for eval, a smaller --k or --limit")
+        return 1
     except OSError as exc:
         _say(f"npvae: error: {exc}")
         return 1
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    """Ctrl-C, SIGTERM or SIGHUP outside a training loop: say so; 128 + the signal number."""
+    signum = getattr(exc, "signum", signal.SIGINT)
+    _say("npvae: interrupted" if signum == signal.SIGINT else f"npvae: stopped by {exc}")
+    return 128 + signum
+
+
+def _keyboard_interrupt_behind(exc: BaseException):
+    """The KeyboardInterrupt that ``exc`` was raised from or while handling, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -129,8 +129,25 @@ def test_resume_continues_a_run(capsys, tmp_path):
     assert code == 0, err
     assert "continuing" in err and "epoch 2/2" in out
     assert load_checkpoint(run).epoch == 2
-    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--lr", "0.1")
-    assert code == 2 and "--lr cannot be changed when resuming" in err
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--batch-size", "64")
+    assert code == 2 and "--batch-size cannot be changed when resuming" in err
+    assert "--lr, --clip" in err  # what may be given instead
+
+
+def test_resume_may_lower_the_learning_rate_and_add_clipping(capsys, tmp_path):
+    """What the divergence message advises must be possible, and recorded."""
+    run = tmp_path / "r"
+    assert run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(run))[0] == 0
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--epochs", "2", "--lr",
+                           "0.0003", "--clip", "5", "--no-progress")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert (rows[0]["lr"], rows[0]["clip"]) == (0.001, None) and "changed" not in rows[0]
+    assert (rows[1]["lr"], rows[1]["clip"]) == (0.0003, 5.0)
+    assert rows[1]["changed"] == {"lr": [0.001, 0.0003], "clip": [None, 5.0], "step": 4}
+    ck = load_checkpoint(run)
+    assert (ck.args["lr"], ck.args["clip"]) == (0.0003, 5.0)
+    assert float(ck.optimizer_state["lr"]) == 0.0003
 
 
 def test_ctrl_c_saves_and_exits_130(capsys, tmp_path, monkeypatch):
@@ -285,4 +302,13 @@ def test_hidden_sizes_parse_including_no_hidden_layer():
     from npvae.cli import _hidden, _hidden_list
     assert _hidden_list(_hidden("400")) == [400]
     assert _hidden_list(_hidden("200,200")) == [200, 200]
-    assert _hidden_list(_hidden("none")) == [] == _hidden_list(_hidden(""))
+    assert _hidden_list(_hidden("none")) == [] == _hidden_list(_hidden("None"))
+
+
+def test_empty_hidden_is_refused_with_the_way_to_say_none(capsys):
+    """--hidden '' used to mean no hidden layer, silently."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--hidden", ""])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "empty value" in err and "--hidden none" in err
