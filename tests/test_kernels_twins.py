@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from npvae.ops import activations, kl, likelihoods
+from npvae.ops import activations, kl, likelihoods, vq
 
 from strategies import batch, dim, seeds
 
@@ -84,3 +84,158 @@ def test_sum_of_squares_twins(dtype, n, seed):
     exact = float(np.sum(a.astype(np.float64) ** 2))
     for twin in (sumsq_kernel.numba, sumsq_kernel.numpy):
         assert abs(twin(a) - exact) <= 1e-12 * max(exact, 1.0)
+
+
+# ----------------------------------------------------------------------------------
+# Non-finite and subnormal input: every kernel pair must treat NaN, +inf, -inf and
+# subnormal numbers exactly as its NumPy twin does (NaN in the same places, the same
+# infinities). Finite results are compared bit for bit where the two twins perform the
+# same IEEE operations in the same order on the same values ("exact by construction");
+# where one twin calls the C library's scalar exp/log1p/expm1 and the other NumPy's SIMD
+# ufunc, or a float32 loop rounds once through float64 where the twin rounds twice, or a
+# sum is regrouped, they are compared with the stated relative and absolute tolerance
+# SPECIAL_TOL (a few float32 or float64 ulps of the value, or of 1 near zero).
+# optim.py's kernels are tested with the optimizer (tests/test_optim.py).
+
+SPECIAL_TOL = {np.float64: 1e-12, np.float32: 1e-5}
+
+
+def special_values(dtype):
+    """NaN, both infinities, subnormals of both signs, both zeros, and ordinary values."""
+    info = np.finfo(dtype)
+    return np.array([
+        np.nan, np.inf, -np.inf, info.smallest_subnormal, -info.smallest_subnormal,
+        info.tiny / 3, -info.tiny / 3, 0.0, -0.0, info.tiny, 1.0, -1.0, 2.5, -0.75,
+        30.0, -30.0, info.max, -info.max,
+    ], dtype=dtype)
+
+
+def pair_grid(dtype):
+    """(S, S) arrays u, w with (u[i, j], w[i, j]) running over every pair of special values."""
+    s = special_values(dtype)
+    u, w = np.meshgrid(s, s, indexing="ij")
+    return np.ascontiguousarray(u), np.ascontiguousarray(w)
+
+
+def assert_twins_match(got, want, exact):
+    """``got`` (compiled) equals ``want`` (NumPy twin): same dtype and shape, NaN in the
+    same places (NaN == NaN), the same infinities, and finite values equal bit for bit
+    when ``exact``, else within SPECIAL_TOL."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if exact or got.dtype.kind in "iu":
+        np.testing.assert_array_equal(got, want, strict=True)  # NaN == NaN here
+    else:
+        tol = SPECIAL_TOL[want.dtype.type]
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol, equal_nan=True)
+
+
+def numba_and_numpy(kernel, *args):
+    with np.errstate(all="ignore"):  # inf - inf and the like are the point here
+        return both(kernel, *args)
+
+
+# activations whose two twins do the same IEEE operations; sigmoid and softplus call
+# exp/log1p (forward) and expm1 (softplus derivative) from the C library in the compiled
+# loop and from NumPy's SIMD code in the twin
+EXACT_FORWARD = {"relu", "leaky_relu", "tanh", "identity"}
+EXACT_GRAD = {"relu", "leaky_relu", "tanh", "sigmoid", "identity"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", activations.ACTIVATIONS)
+def test_activation_twins_on_special_values(dtype, name):
+    code, slope = activations.activation_code(name), dtype(0.01)
+    a, b_grid = pair_grid(dtype)
+    b = special_values(dtype)  # a[i, j] + b[j] meets every pair
+    h1, h2 = numba_and_numpy(activations.bias_act_kernel, a, b, code, slope, np.empty_like(a))
+    assert_twins_match(h1, h2, exact=name in EXACT_FORWARD)
+    # the derivative from every (dh, h) pair, and from the outputs of the forward pass
+    for dh, h in ((a, b_grid), (b_grid, h2)):
+        g1, g2 = numba_and_numpy(activations.act_grad_kernel, dh, h, code, slope, np.empty_like(a))
+        assert_twins_match(g1, g2, exact=name in EXACT_GRAD)
+
+
+def test_compiled_relu_keeps_nan():
+    """The case that hid a NaN in the weights: relu(NaN) is NaN, its gradient is NaN."""
+    a = np.array([[np.nan, -1.0, 2.0]])
+    h = activations.bias_act_kernel.numba(a, np.zeros(3), 0, 0.01, np.empty_like(a))
+    assert np.isnan(h[0, 0]) and h[0, 1] == 0.0 and h[0, 2] == 2.0
+    dh = np.array([[1.0, np.nan, np.inf]])
+    g = activations.act_grad_kernel.numba(dh, np.array([[np.nan, 0.0, -1.0]]), 0, 0.01,
+                                          np.empty_like(dh))
+    assert g[0, 0] == 0.0 and np.isnan(g[0, 1]) and np.isnan(g[0, 2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bernoulli_twins_on_special_values(dtype):
+    logits, x = pair_grid(dtype)
+    (lp1, g1), (lp2, g2) = numba_and_numpy(likelihoods.bernoulli_kernel, logits, x)
+    # exp and log1p come from NumPy in both, the loop repeats the twin's operations, and
+    # the row sums are NumPy's in both
+    assert_twins_match(g1, g2, exact=True)
+    assert_twins_match(lp1, lp2, exact=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gaussian_twins_on_special_values(dtype):
+    mean, x = pair_grid(dtype)
+    info = np.finfo(dtype)
+    # 1/sigma2 of 1, ordinary, so large or small that its square over- or underflows,
+    # subnormal, and zero
+    for inv in (1.0, 1 / 0.7, info.max / 2, np.sqrt(info.max) * 4, info.tiny,
+                info.smallest_subnormal, 0.0):
+        (lp1, g1), (lp2, g2) = numba_and_numpy(
+            likelihoods.gaussian_kernel, mean, x, dtype(inv), dtype(-1.3))
+        assert_twins_match(g1, g2, exact=True)  # (x - mean) * inv in both
+        assert_twins_match(lp1, lp2, exact=False)  # sum r^2 is regrouped as g.g / inv^2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gaussian_twins_agree_where_inv_squared_overflows(dtype):
+    """Finite input, sigma2 so small that (1/sigma2)^2 overflows: a finite log-density."""
+    rng = np.random.default_rng(0)
+    mean, x = rng.uniform(size=(3, 5)).astype(dtype), rng.uniform(size=(3, 5)).astype(dtype)
+    inv = dtype(np.sqrt(np.finfo(dtype).max) * 4)
+    (lp1, g1), (lp2, g2) = both(likelihoods.gaussian_kernel, mean, x, inv, dtype(0))
+    assert np.isfinite(lp2).all()
+    assert_twins_match(lp1, lp2, exact=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kl_twins_on_special_values(dtype):
+    mu, logvar = pair_grid(dtype)
+    (k1, v1), (k2, v2) = numba_and_numpy(kl.kl_kernel, mu, logvar)
+    assert_twins_match(v1, v2, exact=True)  # np.exp in both
+    assert_twins_match(k1, k2, exact=True)  # the twin's operations, in its order
+    dkl, other = pair_grid(dtype)
+    for m, var in ((other, np.abs(dkl)), (dkl, other)):
+        (a1, b1), (a2, b2) = numba_and_numpy(kl.kl_grad_kernel, dkl, m, var)
+        assert_twins_match(a1, a2, exact=True)  # dkl * mu in both
+        assert_twins_match(b1, b2, exact=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", [0, 1])
+def test_vq_assign_twins_on_special_values(dtype, metric):
+    s = special_values(dtype)
+    z_e = np.ascontiguousarray(np.stack([s, np.roll(s, 3)], axis=1))  # (S, 2)
+    codebook = np.ascontiguousarray(np.stack([np.roll(s, 5), s[::-1]], axis=1))  # (S, 2)
+    i1, i2 = numba_and_numpy(vq.assign_kernel, z_e, codebook, metric)
+    assert_twins_match(i1, i2, exact=True)  # the same scores, then the same argmin
+    rng = np.random.default_rng(1)
+    z_e = rng.normal(size=(40, 3)).astype(dtype)
+    codebook = rng.normal(size=(7, 3)).astype(dtype)
+    z_e[rng.integers(40, size=8), rng.integers(3, size=8)] = rng.choice(s, size=8)
+    codebook[2, 1] = np.nan  # a NaN score wins argmin, in both twins
+    i1, i2 = numba_and_numpy(vq.assign_kernel, z_e, codebook, metric)
+    assert_twins_match(i1, i2, exact=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_rows_twins_on_special_values(dtype):
+    s = special_values(dtype)
+    rows = np.ascontiguousarray(np.stack([s, s[::-1], np.roll(s, 4)], axis=1))  # (S, 3)
+    idx = np.random.default_rng(2).integers(4, size=s.size)
+    o1, o2 = numba_and_numpy(vq.scatter_rows_kernel, idx, rows, 4)
+    assert_twins_match(o1, o2, exact=True)  # the same additions in the same order

@@ -73,13 +73,18 @@ def _bias_act_loop(a, b, code, slope, out):
 
     The branch on ``code`` sits outside the loops, so each inner loop is simple enough
     for the compiler to vectorize. tanh is left as a + b here; see _bias_act_numba.
+    Every comparison is written so that NaN takes the branch that keeps it, as NumPy's
+    twin does: ``0.0 if t <= 0 else t`` is NaN for NaN (``t if t > 0 else 0.0`` is 0).
+    Constants have the arrays' dtype, so float32 stays float32 throughout, overflowing
+    and rounding where the twin does (a float64 literal would promote the arithmetic).
     """
     n, h = a.shape
+    zero, one = out.dtype.type(0.0), out.dtype.type(1.0)
     if code == 0:
         for i in range(n):
             for j in range(h):
                 t = a[i, j] + b[j]
-                out[i, j] = t if t > 0 else 0.0
+                out[i, j] = zero if t <= 0 else t  # NaN stays NaN, as np.maximum keeps it
     elif code == 1:
         for i in range(n):
             for j in range(h):
@@ -90,12 +95,12 @@ def _bias_act_loop(a, b, code, slope, out):
             for j in range(h):
                 t = a[i, j] + b[j]
                 e = np.exp(-abs(t))
-                out[i, j] = (1.0 if t >= 0 else e) / (1.0 + e)
+                out[i, j] = (one if t >= 0 else e) / (one + e)
     elif code == 4:
         for i in range(n):
             for j in range(h):
                 t = a[i, j] + b[j]
-                out[i, j] = max(t, 0.0) + np.log1p(np.exp(-abs(t)))
+                out[i, j] = max(t, zero) + np.log1p(np.exp(-abs(t)))
     else:
         for i in range(n):
             for j in range(h):
@@ -141,12 +146,18 @@ def _act_grad_numpy(dh, h, code, slope, out):
 
 @numba_kernel
 def _act_grad_numba(dh, h, code, slope, out):
-    """Same as _act_grad_numpy: one branch-free loop per activation (ACT.1-5)."""
+    """Same as _act_grad_numpy: one branch-free loop per activation (ACT.1-5).
+
+    The ReLU mask multiplies, as the twin's does, so a NaN or infinite dh where h <= 0
+    gives NaN (inf * 0) instead of being replaced by 0. Constants have the arrays'
+    dtype, as in _bias_act_loop.
+    """
     n, m = dh.shape
+    zero, one = out.dtype.type(0.0), out.dtype.type(1.0)
     if code == 0:
         for i in range(n):
             for j in range(m):
-                out[i, j] = dh[i, j] if h[i, j] > 0 else 0.0
+                out[i, j] = dh[i, j] * (one if h[i, j] > 0 else zero)
     elif code == 1:
         for i in range(n):
             for j in range(m):
@@ -154,11 +165,11 @@ def _act_grad_numba(dh, h, code, slope, out):
     elif code == 2:
         for i in range(n):
             for j in range(m):
-                out[i, j] = dh[i, j] * (1.0 - h[i, j] * h[i, j])
+                out[i, j] = dh[i, j] * (one - h[i, j] * h[i, j])
     elif code == 3:
         for i in range(n):
             for j in range(m):
-                out[i, j] = dh[i, j] * (h[i, j] * (1.0 - h[i, j]))
+                out[i, j] = dh[i, j] * (h[i, j] * (one - h[i, j]))
     elif code == 4:
         for i in range(n):
             for j in range(m):

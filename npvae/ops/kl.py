@@ -30,10 +30,13 @@ def _kl_numpy(mu, logvar):
 
 @numba_kernel
 def _kl_loop(mu, logvar, var, kl):
+    """kl <- (mu^2 + var - logvar - 1) / 2, with constants of the arrays' dtype (float32
+    stays float32, as in the twin)."""
     n, z = mu.shape
+    half, one = kl.dtype.type(0.5), kl.dtype.type(1.0)
     for i in range(n):
         for j in range(z):
-            kl[i, j] = 0.5 * (mu[i, j] * mu[i, j] + var[i, j] - logvar[i, j] - 1.0)
+            kl[i, j] = half * (mu[i, j] * mu[i, j] + var[i, j] - logvar[i, j] - one)
     return kl
 
 
@@ -53,14 +56,15 @@ def _kl_grad_numpy(dkl, mu, var):
 
 @numba_kernel
 def _kl_grad_numba(dkl, mu, var):
-    """Same as _kl_grad_numpy, one loop."""
+    """Same as _kl_grad_numpy, one loop (constants of the arrays' dtype)."""
     n, z = mu.shape
     dmu = np.empty_like(mu)
     dlv = np.empty_like(mu)
+    half, one = mu.dtype.type(0.5), mu.dtype.type(1.0)
     for i in range(n):
         for j in range(z):
             dmu[i, j] = dkl[i, j] * mu[i, j]
-            dlv[i, j] = 0.5 * dkl[i, j] * (var[i, j] - 1.0)
+            dlv[i, j] = half * dkl[i, j] * (var[i, j] - one)
     return dmu, dlv
 
 

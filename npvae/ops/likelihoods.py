@@ -39,6 +39,9 @@ def _gaussian_numpy(mean, x, inv_s2, const):
     return logp, g
 
 
+_NORMAL_RANGE = {t: (float(np.finfo(t).tiny), float(np.finfo(t).max)) for t in (np.float32, np.float64)}
+
+
 @numba_kernel
 def _residual_loop(mean, x, inv_s2, g):
     """g = (x - mean) * inv_s2, one vectorizable pass."""
@@ -54,9 +57,21 @@ def _gaussian_numba(mean, x, inv_s2, const):
 
     The row sums are left to einsum: a compiled loop that accumulates a sum cannot be
     vectorized without reordering the additions, which fastmath would allow and we do not.
+    Recovering sum r^2 from g is exact maths but not exact arithmetic when inv_s2^2
+    overflows or underflows, or g.g does: then (and for NaN or inf input) the sums are
+    taken over the residuals themselves, as the twin takes them.
     """
     g = _residual_loop(mean, x, inv_s2, np.empty_like(x))  # (N, D)  (LIK.2)
-    sq = np.einsum("nd,nd->n", g, g) / (inv_s2 * inv_s2)  # (N,)  ||x - mean||^2
+    q = float(inv_s2) * float(inv_s2)  # a Python float: no overflow warning
+    tiny, largest = _NORMAL_RANGE[x.dtype.type]
+    sq = None
+    if tiny <= q <= largest:
+        sq = np.einsum("nd,nd->n", g, g) / x.dtype.type(q)  # (N,)  ||x - mean||^2
+        if not np.isfinite(sq).all():
+            sq = None
+    if sq is None:  # the twin's way: sums of the residuals
+        r = x - mean  # (N, D)
+        sq = np.einsum("nd,nd->n", r, r)  # (N,)
     logp = -0.5 * inv_s2 * sq + const  # (N,)  (LIK.1)
     return logp.astype(x.dtype, copy=False), g
 
@@ -76,13 +91,17 @@ def _bernoulli_numpy(logits, x):
 
 @numba_kernel
 def _bernoulli_loop(logits, x, e, terms, g):
-    """Given e = exp(-|l|) and terms = log1p(e): terms <- x l - softplus(l), g <- x - sigmoid(l)."""
+    """Given e = exp(-|l|) and terms = log1p(e): terms <- x l - softplus(l), g <- x - sigmoid(l).
+
+    Constants have the arrays' dtype: float32 stays float32, as in the twin.
+    """
     n, d = x.shape
+    zero, one = g.dtype.type(0.0), g.dtype.type(1.0)
     for i in range(n):
         for j in range(d):
             l = logits[i, j]
-            terms[i, j] = x[i, j] * l - (max(l, 0.0) + terms[i, j])  # (LIK.3)
-            g[i, j] = x[i, j] - (1.0 if l >= 0 else e[i, j]) / (1.0 + e[i, j])  # (LIK.4)
+            terms[i, j] = x[i, j] * l - (max(l, zero) + terms[i, j])  # (LIK.3)
+            g[i, j] = x[i, j] - (one if l >= 0 else e[i, j]) / (one + e[i, j])  # (LIK.4)
     return terms, g
 
 
