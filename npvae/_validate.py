@@ -107,3 +107,37 @@ def positive(name: str, value) -> float:
     if not (v > 0.0) or not np.isfinite(v):
         raise ValueError(f"{name} must be a positive finite number, got {value}")
     return v
+
+
+def nonnegative(name: str, value) -> float:
+    """A finite number >= 0 (NaN and inf are refused: a weight of NaN trains nothing)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}") from None
+    if not (v >= 0.0) or not np.isfinite(v):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return v
+
+
+def smallest_variance(dtype) -> float:
+    """The smallest Gaussian variance sigma2 that arithmetic in ``dtype`` can use.
+
+    The log-density and its gradient need 1/sigma2 and (1/sigma2)^2 to be finite normal
+    numbers: sigma2 >= sqrt(tiny), the square root of the smallest normal number
+    (1.1e-19 in float32, 1.5e-154 in float64).
+    """
+    return float(np.sqrt(np.finfo(dtype).tiny))
+
+
+def variance(name: str, value, dtype) -> float:
+    """A positive finite variance that ``dtype`` can use (see :func:`smallest_variance`)."""
+    v = positive(name, value)
+    dtype = np.dtype(dtype)
+    if dtype.type in FLOAT_DTYPES and v < smallest_variance(dtype):
+        raise ValueError(
+            f"{name} = {value} is too small for {dtype.name} arithmetic: 1/{name} or its "
+            f"square overflows and the loss would be NaN; the smallest usable value in "
+            f"{dtype.name} is {smallest_variance(dtype):.3g}"
+        )
+    return v

@@ -78,3 +78,12 @@ def test_unknown_activation_and_mlp_input():
         mlp_forward(params, "dec", A, "relu")
     with pytest.raises(ValueError, match=r"sizes must list"):
         mlp_shapes("enc", [5])
+
+
+@pytest.mark.parametrize("dtype, sigma2", [(np.float32, 1e-300), (np.float32, 1e-25),
+                                           (np.float64, 1e-300)])
+def test_variance_too_small_for_the_dtype(dtype, sigma2):
+    a = np.zeros((3, 4), dtype)
+    with pytest.raises(ValueError, match=rf"sigma2 = {sigma2} is too small for {dtype.__name__}"
+                                         r" arithmetic.*smallest usable value"):
+        gaussian_loglik_forward(a, a, sigma2=sigma2)

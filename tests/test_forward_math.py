@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from npvae.ops import (
-    bernoulli_loglik_forward, gaussian_kl2_forward, gaussian_kl_forward,
+    bernoulli_loglik_forward, gaussian_kl2_backward, gaussian_kl2_forward, gaussian_kl_forward,
     gaussian_loglik_forward, reparameterize_forward,
 )
 
@@ -100,3 +100,43 @@ def test_bernoulli_is_stable_for_huge_logits(dtype):
     assert np.isfinite(logp).all() and np.isfinite(cache.g).all()
     assert logp[0] == pytest.approx(-2e4 - math.log(2), rel=1e-6)
     np.testing.assert_allclose(cache.g, [[0.0, 0.0, -1.0, 1.0, 0.5]], atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype, tiny_logvar", [(np.float64, -1e4), (np.float32, -100.0)])
+def test_two_gaussian_kl_gives_the_limit_when_a_variance_underflows(dtype, tiny_logvar):
+    """exp(-logvar2) overflows: the KL is +inf (it gave 0 * inf = NaN), or exactly 0 when
+    the two distributions are equal, and a squared mean gap that overflows on its own
+    but not once divided by v2 stays finite."""
+    lv = dtype(tiny_logvar)
+    m1 = np.array([[0.0, 0.0, 1.0, 0.0, 0.0]], dtype)
+    lv1 = np.array([[0.0, lv, lv, -lv, 0.0]], dtype)
+    m2 = np.zeros_like(m1)
+    lv2 = np.array([[lv, lv, lv, -lv, 0.0]], dtype)
+    with np.errstate(all="raise"):  # no warning either: these are the right answers
+        kl, cache = gaussian_kl2_forward(m1, lv1, m2, lv2)
+    assert kl.dtype == dtype
+    assert np.isposinf(kl[0, 0])  # v2 -> 0 with v1 = 1
+    assert kl[0, 1] == 0.0  # the same tiny-variance Gaussian twice: 0, exactly
+    assert np.isposinf(kl[0, 2])  # equal tiny variances, means 1 apart
+    assert kl[0, 3] == 0.0 and kl[0, 4] == 0.0  # huge equal variances; the standard case
+    big = dtype(1e30 if dtype is np.float32 else 1e200)  # big^2 overflows, big^2 / v2 need not
+    lv_big = dtype(100.0 if dtype is np.float32 else 600.0)
+    kl, _ = gaussian_kl2_forward(np.full((1, 1), big), np.full((1, 1), lv_big, dtype),
+                                 np.zeros((1, 1), dtype), np.full((1, 1), lv_big, dtype))
+    expected = 0.5 * np.exp(2 * np.log(float(big)) - float(lv_big))  # (m1 - m2)^2 / (2 v2)
+    assert np.isfinite(kl[0, 0]) and kl[0, 0] == pytest.approx(expected, rel=1e-5)
+    # the gradients at equal tiny-variance Gaussians are finite too (no 0 * inf)
+    grads = gaussian_kl2_backward(np.ones_like(m1), cache)
+    assert all(np.isfinite(g[0, 1]) for g in grads)
+
+
+def test_two_gaussian_kl_is_never_nan_at_extreme_log_variances():
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        top = np.log(np.finfo(dtype).max)
+        m1, m2 = (rng.normal(size=(50, 4)) * 3).astype(dtype), rng.normal(size=(50, 4)).astype(dtype)
+        m2[:10] = m1[:10]  # some equal means
+        lv1 = rng.uniform(-3 * top, 3 * top, size=(50, 4)).astype(dtype)
+        lv2 = rng.uniform(-3 * top, 3 * top, size=(50, 4)).astype(dtype)
+        kl, _ = gaussian_kl2_forward(m1, lv1, m2, lv2)
+        assert not np.isnan(kl).any() and (kl >= 0).all()

@@ -462,7 +462,8 @@ def bad_cases():
         ("likelihood", lambda: VAE(likelihood="poisson"), r"likelihood must be one of"),
         ("sigma2", lambda: GaussianVAE(sigma2=0.0), r"sigma2 must be a positive finite number"),
         ("activation", lambda: VAE(activation="swish"), r"activation must be one of"),
-        ("beta", lambda: VAE(beta=-1.0), r"beta, free_bits and warmup_steps must be >= 0"),
+        ("beta", lambda: VAE(beta=-1.0), r"beta must be a finite number >= 0, got -1.0"),
+        ("warmup", lambda: VAE(warmup_steps=-1), r"warmup_steps must be >= 0"),
         ("latent", lambda: Autoencoder(latent=0), r"latent and data_dim must be >= 1"),
         ("dtype model", lambda: VAE(dtype=np.float16), r"dtype must be float32 or float64"),
         ("build kind", lambda: build({"kind": "gan"}), r"config kind must be one of"),
@@ -473,6 +474,78 @@ def bad_cases():
 def test_bad_input_is_named(name, call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda value: VAE(beta=value), "beta"),
+    (lambda value: GaussianVAE(free_bits=value), "free_bits"),
+    (lambda value: BernoulliVAE(beta=value), "beta"),
+    (lambda value: Autoencoder(beta=value), "beta"),
+    (lambda value: VQVAE(beta=value), "beta"),
+])
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+def test_constructors_refuse_nan_and_inf_weights(make, name, value):
+    with pytest.raises(ValueError, match=rf"{name} must be a finite number >= 0, got {value}"):
+        make(value)
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: GaussianVAE(**kw), lambda **kw: Autoencoder(likelihood="gaussian", **kw),
+    lambda **kw: VQVAE(likelihood="gaussian", **kw)])
+def test_sigma2_too_small_for_the_dtype_is_refused_naming_the_smallest(make):
+    """1e-300 is 0 in float32; 1e-25 is not, but 1/sigma2 squared overflows float32."""
+    for sigma2 in (1e-300, 1e-25):
+        with pytest.raises(ValueError, match=r"sigma2 = 1e-(300|25) is too small for float32 "
+                                             r"arithmetic.*smallest usable value in float32 "
+                                             r"is 1.08e-19"):
+            make(sigma2=sigma2, dtype=np.float32)
+    make(sigma2=1e-25, dtype=np.float64)  # fine in float64
+    with pytest.raises(ValueError, match=r"smallest usable value in float64 is 1.49e-154"):
+        make(sigma2=1e-300, dtype=np.float64)
+    # the smallest usable value gives a finite loss on data in [0, 1]
+    model = make(sigma2=1.1e-19, dtype=np.float32, data_dim=6, hidden=(4,))
+    x = np.random.default_rng(0).uniform(size=(3, 6)).astype(np.float32)
+    loss, grads, _ = model.loss_and_grads(x, rng=0)
+    assert np.isfinite(loss) and np.isfinite(grads.flat).all()
+
+
+@pytest.mark.parametrize("make, overflows", [
+    (lambda: GaussianVAE(data_dim=784, rng=0), True),  # exp(logvar) overflows
+    (lambda: Autoencoder(data_dim=784, likelihood="gaussian", rng=0), False),
+    (lambda: VQVAE(data_dim=784, likelihood="gaussian", rng=0), False)])
+def test_gaussian_model_on_0_255_data_names_the_scale(make, overflows):
+    """Bytes given as floats overflow the float32 forward pass: a clear error, not NaN."""
+    model = make()
+    x = np.random.default_rng(0).integers(0, 256, size=(16, 784)).astype(np.float32)
+    with np.errstate(all="ignore"):
+        if overflows:
+            with pytest.raises(ValueError, match=r"the loss is nan: .* x with values from 0 to "
+                                                 r"255.*scaled to \[0, 1\]; divide 8-bit images"):
+                model.loss_and_grads(x, rng=0)
+        else:  # a large but finite loss, and no error
+            assert np.isfinite(model.loss_and_grads(x, rng=0)[0])
+    # the same data scaled to [0, 1] trains
+    loss, _, _ = model.loss_and_grads(x / np.float32(255), rng=0)
+    assert np.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "tanh", "sigmoid", "softplus"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_decode_propagates_nan(backend, activation, likelihood):
+    """A NaN latent decodes to NaN (it gave 0.5 everywhere when the compiled ReLU hid it)."""
+    from npvae.backend import use_backend
+    model = VAE(data_dim=7, hidden=(5, 4), latent=3, activation=activation,
+                likelihood=likelihood, dtype=np.float32)
+    z = np.zeros((3, 3), np.float32)
+    z[1, 0] = np.nan
+    with use_backend(backend):
+        out = model.decode(z)
+    assert np.isnan(out[1]).all()
+    assert np.isfinite(out[[0, 2]]).all()
 
 
 def test_deterministic_models_need_no_noise():

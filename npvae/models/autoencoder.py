@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _validate as v
 from ..ops.activations import activation_code
 from ..ops.mlp import mlp_backward, mlp_forward, mlp_init, mlp_shapes
 from .base import (
@@ -37,12 +38,13 @@ class Autoencoder(ContinuousLatentModel):
                  sampled: bool = False, beta: float = 1.0, warmup_steps: int = 0,
                  dtype=np.float32, rng=0):
         hidden = tuple(int(h) for h in hidden)
-        sigma2 = check_likelihood(likelihood, sigma2)
+        sigma2 = check_likelihood(likelihood, sigma2, dtype)
         activation_code(activation)
         if int(latent) < 1 or int(data_dim) < 1:
             raise ValueError(f"latent and data_dim must be >= 1, got {latent} and {data_dim}")
-        if beta < 0 or warmup_steps < 0:
-            raise ValueError(f"beta and warmup_steps must be >= 0, got {beta} and {warmup_steps}")
+        beta = v.nonnegative("beta", beta)
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         config = dict(data_dim=int(data_dim), hidden=list(hidden), latent=int(latent),
                       activation=activation, likelihood=likelihood, sigma2=sigma2,
                       sampled=bool(sampled), beta=float(beta), warmup_steps=int(warmup_steps))
@@ -73,6 +75,7 @@ class Autoencoder(ContinuousLatentModel):
             l2 = 0.5 * np.einsum("nz,nz->n", code, code)  # (N,)  (AE.1)
             recon = -logp.mean()
             loss = recon + w * l2.mean()  # ()  (AE.2)
+            self.check_loss(loss, x)
 
             # ---- reverse
             grads = self.new_grads(out)

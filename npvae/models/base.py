@@ -12,6 +12,8 @@ Backward never touches ``params``; optimizers live in :mod:`npvae.optim`.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import _validate as v
@@ -66,6 +68,23 @@ class Model:
             v.in_unit_interval(name, x, always=True)
         return x
 
+    def check_loss(self, loss, x) -> None:
+        """Name the cause when a Gaussian model's loss is not finite on x outside [0, 1].
+
+        Called once per step, after the forward pass: it costs nothing unless the loss
+        is NaN or inf. On data in [0, 1] a non-finite loss is left to the caller (the
+        training loop reports it as a divergence).
+        """
+        if math.isfinite(loss) or self.config.get("likelihood") != "gaussian":
+            return
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(
+                f"the loss is {loss}: the forward pass overflowed on x with values from "
+                f"{lo:g} to {hi:g}. npvae's models are built for data scaled to [0, 1]; "
+                f"divide 8-bit images by 255 (npvae.data.to_unit does)"
+            )
+
     def check_eps(self, eps, shape) -> np.ndarray:
         v.array("eps", eps)
         v.shape("eps", eps, shape)
@@ -113,7 +132,11 @@ class ContinuousLatentModel(Model):
         return out
 
     def decode(self, z):
-        """z (N, Z) -> E[x|z] (N, D): probabilities for Bernoulli, the mean for Gaussian."""
+        """z (N, Z) -> E[x|z] (N, D): probabilities for Bernoulli, the mean for Gaussian.
+
+        A NaN in a row of z gives NaN in that row of the output, under both backends
+        (NaN propagates through every op, as in NumPy), never a plausible-looking value.
+        """
         return likelihood_mean(self.config["likelihood"], self.decoder_output(z))
 
     def sample(self, n: int, rng):
@@ -143,9 +166,12 @@ def likelihood_mean(name, out):
     return stable_sigmoid(out) if name == "bernoulli" else out
 
 
-def check_likelihood(name: str, sigma2: float) -> float:
+def check_likelihood(name: str, sigma2: float, dtype=np.float32) -> float:
+    """The likelihood's name and its variance; a Gaussian's must be usable in ``dtype``."""
     if name not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {name!r}")
+    if name == "gaussian":
+        return v.variance("sigma2", sigma2, dtype)
     return v.positive("sigma2", sigma2)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _validate as v
 from ..ops import (
     gaussian_kl_backward, gaussian_kl_forward, reparameterize_backward, reparameterize_forward,
 )
@@ -51,14 +52,13 @@ class VAE(ContinuousLatentModel):
                  beta: float = 1.0, warmup_steps: int = 0, free_bits: float = 0.0,
                  dtype=np.float32, rng=0):
         hidden = tuple(int(h) for h in hidden)
-        sigma2 = check_likelihood(likelihood, sigma2)
+        sigma2 = check_likelihood(likelihood, sigma2, dtype)
         activation_code(activation)  # validates the name
         if int(latent) < 1 or int(data_dim) < 1:
             raise ValueError(f"latent and data_dim must be >= 1, got {latent} and {data_dim}")
-        if beta < 0 or free_bits < 0 or warmup_steps < 0:
-            raise ValueError(
-                f"beta, free_bits and warmup_steps must be >= 0, got {beta}, {free_bits}, {warmup_steps}"
-            )
+        beta, free_bits = v.nonnegative("beta", beta), v.nonnegative("free_bits", free_bits)
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         config = dict(data_dim=int(data_dim), hidden=list(hidden), latent=int(latent),
                       activation=activation, likelihood=likelihood, sigma2=sigma2,
                       beta=float(beta), warmup_steps=int(warmup_steps), free_bits=float(free_bits))
@@ -99,6 +99,7 @@ class VAE(ContinuousLatentModel):
                 kl_term = kl.mean()  # ()
             recon = -logp.mean()  # ()
             loss = recon + w * kl_term  # ()  (OBJ.1)
+            self.check_loss(loss, x)
 
             # ---- reverse
             grads = self.new_grads(out)

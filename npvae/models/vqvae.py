@@ -34,6 +34,7 @@ import math
 
 import numpy as np
 
+from .. import _validate as v
 from ..ops.activations import activation_code
 from ..ops.mlp import mlp_backward, mlp_forward, mlp_init, mlp_shapes
 from ..ops.vq import (
@@ -61,7 +62,8 @@ class VQVAE(Model):
                  beta: float = 0.25, ema: bool = False, ema_decay: float = 0.99,
                  restart_after: int = 0, kmeans_init: bool = False, dtype=np.float32, rng=0):
         hidden = tuple(int(h) for h in hidden)
-        sigma2 = check_likelihood(likelihood, sigma2)
+        sigma2 = check_likelihood(likelihood, sigma2, dtype)
+        beta = v.nonnegative("beta", beta)
         activation_code(activation), metric_code(metric)
         for name, value in (("num_codes", num_codes), ("code_dim", code_dim),
                             ("num_vectors", num_vectors), ("data_dim", data_dim)):
@@ -118,6 +120,7 @@ class VQVAE(Model):
             codebook_term = 0.0 if cfg["ema"] else cb.sum() / n  # ()  mean over examples of sum_m
             commitment = cm.sum() / n  # ()
             loss = recon + codebook_term + commitment  # ()  (VQVAE.2)
+            self.check_loss(loss, x)
 
             # ---- reverse
             grads = self.new_grads(out)

@@ -99,12 +99,15 @@ class KL2Cache(NamedTuple):
     diff: np.ndarray  # (N, Z) m1 - m2
     ratio: np.ndarray  # (N, Z) v1 / v2
     inv_v2: np.ndarray  # (N, Z) 1 / v2
+    scaled: np.ndarray  # (N, Z) (m1 - m2)^2 / v2
 
 
 def gaussian_kl2_forward(mu1, logvar1, mu2, logvar2):
     """KL( N(mu1, diag exp(logvar1)) || N(mu2, diag exp(logvar2)) ) per dimension.
 
-    All inputs (N, Z) (or broadcastable to the shape of mu1) -> kl (N, Z)  (KL.4).
+    All inputs (N, Z) -> kl (N, Z)  (KL.4). A variance so small or so large that
+    exp(logvar) over- or underflows gives the limit (+inf, or the exact 0 of equal
+    distributions), never NaN.
     """
     names = ("mu1", "logvar1", "mu2", "logvar2")
     arrays = (mu1, logvar1, mu2, logvar2)
@@ -112,18 +115,42 @@ def gaussian_kl2_forward(mu1, logvar1, mu2, logvar2):
         v.array(name, a), v.finite(name, a)
     for name, a in zip(names[1:], arrays[1:]):
         v.same_shape("mu1", mu1, name, a)
-    diff = mu1 - mu2  # (N, Z)
-    inv_v2 = np.exp(-logvar2)  # (N, Z)  1 / v2
-    ratio = np.exp(logvar1 - logvar2)  # (N, Z)  v1 / v2
-    kl = 0.5 * (logvar2 - logvar1 + ratio + diff * diff * inv_v2 - 1.0)  # (N, Z)  (KL.4)
-    return kl, KL2Cache(diff, ratio, inv_v2)
+    with np.errstate(all="ignore"):  # over- and underflow here have the limits we want
+        diff = mu1 - mu2  # (N, Z)
+        inv_v2 = np.exp(-logvar2)  # (N, Z)  1 / v2
+        log_ratio = logvar1 - logvar2  # (N, Z)  log(v1 / v2)
+        ratio = np.exp(log_ratio)  # (N, Z)  v1 / v2
+        scaled = diff * np.exp(-0.5 * logvar2)  # (N, Z)  (m1 - m2) / sqrt(v2)
+        scaled *= scaled  # (N, Z)  (m1 - m2)^2 / v2, squared last so it overflows only if it must
+        kl = 0.5 * (logvar2 - logvar1 + ratio + scaled - 1.0)  # (N, Z)  (KL.4)
+        bad = np.isnan(kl)
+        if bad.any():
+            _kl2_limits(kl, bad, diff, logvar2, log_ratio, ratio, scaled)
+    return kl, KL2Cache(diff, ratio, inv_v2, scaled)
+
+
+def _kl2_limits(kl, bad, diff, logvar2, log_ratio, ratio, scaled):
+    """Where (KL.4) met 0 * inf or inf - inf, put its limit into kl (and scaled), in place.
+
+    With finite inputs NaN has two sources: (m1 - m2)^2 * exp(-logvar2) when the square
+    is 0 (or overflows) and exp(-logvar2) overflows (or underflows), taken here in logs,
+    exp(2 log|m1 - m2| - logvar2), which is 0 for m1 = m2; and -log r + r with log r
+    overflowing to +inf, where the KL grows without bound.
+    """
+    sq = np.exp(2.0 * np.log(np.abs(diff[bad])) - logvar2[bad])  # (m1 - m2)^2 / v2
+    part = np.where(np.isposinf(log_ratio[bad]), np.inf, ratio[bad] - log_ratio[bad])
+    scaled[bad] = sq
+    kl[bad] = 0.5 * (part + sq - 1.0)  # (KL.4) in the limit
 
 
 def gaussian_kl2_backward(dkl, cache: KL2Cache):
     """dkl (N, Z) -> dmu1, dlogvar1, dmu2, dlogvar2, each (N, Z)  (KL.5)."""
-    diff, ratio, inv_v2 = cache
-    dmu1 = dkl * diff * inv_v2  # (N, Z)  (KL.5)
+    diff, ratio, inv_v2, scaled = cache
+    with np.errstate(invalid="ignore", over="ignore"):
+        dmu1 = dkl * diff * inv_v2  # (N, Z)  (KL.5)
+    if not np.isfinite(inv_v2).all():
+        dmu1[(diff == 0) & np.isinf(inv_v2)] = 0.0  # the limit of 0 / v2 as v2 -> 0
     dmu2 = -dmu1  # (N, Z)  (KL.5)
     dlogvar1 = 0.5 * dkl * (ratio - 1.0)  # (N, Z)  (KL.5)
-    dlogvar2 = 0.5 * dkl * (1.0 - ratio - diff * diff * inv_v2)  # (N, Z)  (KL.5)
+    dlogvar2 = 0.5 * dkl * (1.0 - ratio - scaled)  # (N, Z)  (KL.5)
     return dmu1, dlogvar1, dmu2, dlogvar2

@@ -141,7 +141,7 @@ def _check_pair(name, pred, x):
 def gaussian_loglik_forward(mean, x, sigma2: float = 1.0):
     """log N(x; mean, sigma2 I) per example.  mean, x (N, D) -> logp (N,)  (LIK.1)."""
     _check_pair("mean", mean, x)
-    s2 = v.positive("sigma2", sigma2)
+    s2 = v.variance("sigma2", sigma2, mean.dtype)
     d = x.shape[1]
     const = -0.5 * d * math.log(2.0 * math.pi * s2)  # the constant of (LIK.1)
     inv = mean.dtype.type(1.0 / s2)
