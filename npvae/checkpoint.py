@@ -178,10 +178,19 @@ def _non_finite_entries(model, optimizer_state: dict):
                 yield what, name, bad, np.asarray(value)[bad]
 
 
+def non_finite(model, optimizer=None) -> str | None:
+    """What first holds NaN or inf among the parameters, buffers and optimizer state, e.g.
+    "parameter dec.0.W holds nan at index (1, 2)"; None when everything is finite."""
+    state = optimizer if isinstance(optimizer, dict) else _optimizer_state(optimizer)
+    for what, name, index, value in _non_finite_entries(model, state):
+        return f"{what} {name} holds {value} at index {index}"
+    return None
+
+
 def _check_finite_state(path: Path, model, optimizer_state: dict) -> None:
     """Refuse to save NaN or inf: a checkpoint must always be one that training can go on from."""
-    for what, name, index, value in _non_finite_entries(model, optimizer_state):
-        detail = f"{what} {name} holds {value} at index {index}"
+    detail = non_finite(model, optimizer_state)
+    if detail is not None:
         kept = "the previous checkpoint is kept" if path.exists() else "nothing was written"
         raise NonFiniteState(
             f"{path}: not saved: {detail}, and a checkpoint must hold finite values ({kept})",

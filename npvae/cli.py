@@ -642,7 +642,7 @@ def _train_run(given: dict, run_dir: Path) -> int:
     """`npvae train` once the run folder is locked: data, model, training, test ELBO, figures."""
     from . import evaluate
     from .models import build
-    from .train import make_figures, side_rng, train
+    from .train import check_writable, make_figures, side_rng, train
 
     if "resume" in given:
         ck = _load_run(given["resume"])
@@ -652,6 +652,7 @@ def _train_run(given: dict, run_dir: Path) -> int:
         s = _new_run_settings(given)
         ck = None
         prepare_run_dir(run_dir, s.get("overwrite", False))
+    check_writable(run_dir)  # before loading data and building the model
     _set_backend(s["backend"])
     _announce_compilation()
 

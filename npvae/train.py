@@ -59,8 +59,8 @@ import numpy as np
 
 from . import data as npdata
 from .checkpoint import (
-    FILENAME, Checkpoint, CheckpointError, NonFiniteState, load_checkpoint, rng_state,
-    save_checkpoint, write_text_atomic,
+    FILENAME, Checkpoint, CheckpointError, NonFiniteState, load_checkpoint, non_finite,
+    rng_state, save_checkpoint, write_text_atomic,
 )
 from .threads import blas_threads, blas_threads_for
 
@@ -123,18 +123,25 @@ def _raise_signal_stop(signum, frame):
     raise SignalStop(signum)
 
 
-def stop_on_signals() -> None:
-    """Make SIGTERM and SIGHUP raise :class:`SignalStop` (a KeyboardInterrupt) in the main thread.
+@contextlib.contextmanager
+def stop_on_signals():
+    """While active, SIGTERM and SIGHUP raise :class:`SignalStop` (a KeyboardInterrupt).
 
-    Only signals left at their default action are taken (an ignored SIGHUP, as under
-    ``nohup``, stays ignored). The training loop defers them to the end of a step, as it
-    does Ctrl-C; the command line calls this so that they also stop evaluation cleanly.
+    Only in the main thread, and only for signals left at their default action (an
+    ignored SIGHUP, as under ``nohup``, stays ignored); the previous handlers come back
+    on exit. The training loop defers them to the end of a step, as it does Ctrl-C; the
+    command line uses this so that they also stop evaluation cleanly.
     """
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for signum in STOP_SIGNALS:
-        if signal.getsignal(signum) is signal.SIG_DFL:
-            signal.signal(signum, _raise_signal_stop)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) is signal.SIG_DFL:
+                previous[signum] = signal.signal(signum, _raise_signal_stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # ----------------------------------------------------------------------------- the run folder
@@ -161,15 +168,19 @@ def is_temp_file(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir):
+def run_lock(run_dir, create: bool = True):
     """Hold an exclusive ``flock`` on the run folder while writing into it.
 
     Raises :class:`RunInUse` at once if another process holds it. The kernel releases the
     lock when the process ends, however it ends (``kill -9`` included), so a crash never
     leaves a run locked. Re-entrant within a process (the command line holds it around
-    ``train``, which takes it too). Creates the folder if needed.
+    ``train``, which takes it too). Creates the folder if needed; with ``create=False`` a
+    missing folder is not locked (there is nothing in it to protect, and nothing is made).
     """
     run_dir = Path(run_dir)
+    if not create and not run_dir.is_dir():
+        yield run_dir
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     key = os.path.realpath(run_dir)
     if key in _held:
@@ -577,6 +588,9 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                 for k in ("kl_weight", "grad_norm"):  # epoch means that are not loss terms
                     if k in sums:
                         row[k] = sums[k] / seen
+                bad = non_finite(model, opt)  # NaN the loss did not show: stop before using it
+                if bad is not None:
+                    raise _diverged_state(bad, step, epoch, ckpt_path)
                 row.update(_validate(model, x_val, seed, min(EVAL_BATCH, len(x_val))))
                 row["seconds"] = train_seconds
                 row["val_seconds"] = time.perf_counter() - t1
@@ -586,7 +600,7 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                         save_checkpoint(ckpt_path, model, opt, rng, epoch + 1, step, history,
                                         settings)
                     except NonFiniteState as exc:  # NaN that the loss and gradient did not show
-                        raise _diverged_state(exc, step, epoch, ckpt_path) from None
+                        raise _diverged_state(exc.detail, step, epoch, ckpt_path) from None
                 here, boundary_rng = "boundary", rng_state(rng)
                 _append_metrics(metrics_path, row)
                 if verbose:
@@ -652,10 +666,10 @@ def _diverged(loss, grad_norm, step, epoch, b, n_batches, ckpt_path) -> Training
         step=step, epoch=epoch + 1, checkpoint=ckpt_path if ckpt_path.exists() else None)
 
 
-def _diverged_state(exc: NonFiniteState, step, epoch, ckpt_path) -> TrainingDiverged:
+def _diverged_state(detail: str, step, epoch, ckpt_path) -> TrainingDiverged:
     """The model or optimizer state holds NaN or inf at the end of an epoch: not saved."""
     return TrainingDiverged(
-        f"training diverged: at the end of epoch {epoch + 1} (step {step}) the {exc.detail}; "
+        f"training diverged: at the end of epoch {epoch + 1} (step {step}) the {detail}; "
         f"that state was not saved and {_what_next(ckpt_path)}.",
         step=step, epoch=epoch + 1, checkpoint=ckpt_path if ckpt_path.exists() else None)
 
