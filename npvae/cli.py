@@ -279,7 +279,8 @@ def _add_eval(sub) -> None:
         description=_wrap("Evaluate a run's checkpoint on the test set: the ELBO and its terms, the "
                     "importance-weighted log-likelihood estimate log p(x) with K samples, the "
                     "number of active latent units and, for a VQ-VAE, codebook statistics. "
-                    "Prints a table and writes RUN/eval.json."),
+                    "Prints a table and writes RUN/eval.json (refused while another npvae "
+                    "process writes into RUN)."),
         epilog="examples:\n  npvae eval runs/vae-bernoulli-20250101-120000\n"
                "  npvae eval RUN --k 0            ELBO only (fast)\n"
                "  npvae eval RUN --k 5000 --limit 1000\n",
@@ -622,6 +623,8 @@ def cmd_train(ns) -> int:
         run_dir = Path(given["out"])
     else:
         run_dir = _default_run_dir(given.get("model", DEFAULTS["model"]))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is a file, not a run directory; choose another --out")
     with run_lock(run_dir):  # held until the figures are written
         return _train_run(given, run_dir)
 
