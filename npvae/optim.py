@@ -118,7 +118,9 @@ def _adam_numpy(p, g, m, v, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
 
     ``tiny`` is the dtype's smallest normal number: the moments are flushed to zero below
     it (FTZ.1), so they never decay into subnormals, which cost some CPUs ~100x per op.
+    Returns the number of non-finite entries of g (the update is made all the same).
     """
+    bad = int(g.size - np.count_nonzero(np.isfinite(g)))
     if weight_decay != 0:
         g = g + weight_decay * p  # L2 term
     m *= beta1
@@ -130,6 +132,7 @@ def _adam_numpy(p, g, m, v, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
     m_hat = m / bias1  # (ADAM.3)
     v_hat = v / bias2  # (ADAM.3)
     p -= lr * m_hat / (np.sqrt(v_hat) + eps)  # (ADAM.4)
+    return bad
 
 
 @numba_kernel
@@ -137,8 +140,10 @@ def _adam_numba(p, g, m, v, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
                 bias1, bias2, eps, weight_decay, tiny):
     """Same as _adam_numpy, one loop, the same operations in the same order."""
     zero = tiny - tiny  # 0 in the parameter dtype (a literal 0.0 would widen float32)
+    bad = 0  # non-finite gradient entries, counted in the same pass
     for i in range(p.shape[0]):
         gi = g[i]
+        bad += (gi - gi) != zero  # NaN for NaN and +-inf, 0 otherwise
         if weight_decay != 0:
             gi = gi + weight_decay * p[i]
         mi = beta1 * m[i] + one_minus_beta1 * gi  # (ADAM.1)
@@ -150,18 +155,23 @@ def _adam_numba(p, g, m, v, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
         m_hat = mi / bias1  # (ADAM.3)
         v_hat = vi / bias2  # (ADAM.3)
         p[i] = p[i] - lr * m_hat / (np.sqrt(v_hat) + eps)  # (ADAM.4)
+    return bad
 
 
 adam_kernel = dispatch(_adam_numpy, _adam_numba)
 
 
 def _sgd_update(p, g, buf, lr, momentum, weight_decay, nesterov):
-    """One SGD step in place on arrays of any shape; buf may be None when momentum is 0."""
+    """One SGD step in place on arrays of any shape; buf may be None when momentum is 0.
+
+    Returns the number of non-finite entries of g.
+    """
+    bad = int(g.size - np.count_nonzero(np.isfinite(g)))
     if weight_decay != 0:
         g = g + weight_decay * p  # L2 term
     if buf is None:
         p -= lr * g  # (SGD.2) with mu = 0
-        return
+        return bad
     buf *= momentum
     buf += g  # (SGD.1)
     _flush_numpy(buf, np.finfo(buf.dtype).tiny)  # (FTZ.1)
@@ -169,6 +179,7 @@ def _sgd_update(p, g, buf, lr, momentum, weight_decay, nesterov):
         p -= lr * (g + momentum * buf)  # (SGD.2)
     else:
         p -= lr * buf  # (SGD.2)
+    return bad
 
 
 # ----------------------------------------------------------------------------------
@@ -237,17 +248,21 @@ class Optimizer:
             and list(grads.shapes.items()) == list(self.params.shapes.items())
         )
 
-    def step(self, grads) -> None:
-        """Update ``params`` in place from ``grads`` (same keys and shapes)."""
+    def step(self, grads) -> int:
+        """Update ``params`` in place from ``grads`` (same keys and shapes).
+
+        Returns the number of non-finite gradient entries (NaN or +-inf), found in the
+        same pass as the update: 0 on a healthy step. When it is not 0 the update has
+        been made, so the parameters hold non-finite values and should be discarded.
+        """
         fused = self._check_grads(grads)
         self._check_hyper()
         self.step_count += 1
         if fused:
             p = self.params.flat
-            self._step_flat(p, grads.flat.astype(p.dtype, copy=False))
-        else:
-            for key, p in self.params.items():
-                self._step_key(key, p, np.asarray(grads[key], dtype=p.dtype))
+            return int(self._step_flat(p, grads.flat.astype(p.dtype, copy=False)))
+        return sum(int(self._step_key(key, p, np.asarray(grads[key], dtype=p.dtype)))
+                   for key, p in self.params.items())
 
     # ---- state -----------------------------------------------------------------
 
@@ -319,10 +334,12 @@ class Optimizer:
     def _sync_buffers(self) -> None:
         """Allocate or drop buffers to match the hyperparameters (after loading a state)."""
 
-    def _step_flat(self, p, g) -> None:
+    def _step_flat(self, p, g) -> int:
+        """Update the flat buffer; return the number of non-finite entries of g."""
         raise NotImplementedError
 
-    def _step_key(self, key, p, g) -> None:
+    def _step_key(self, key, p, g) -> int:
+        """Update one parameter; return the number of non-finite entries of g."""
         raise NotImplementedError
 
 
@@ -356,15 +373,16 @@ class SGD(Optimizer):
 
     def _update(self, p, g, buf):
         t = p.dtype.type
-        _sgd_update(p, g, buf, t(self.lr), t(self.momentum), t(self.weight_decay), self.nesterov)
+        return _sgd_update(p, g, buf, t(self.lr), t(self.momentum), t(self.weight_decay),
+                           self.nesterov)
 
     def _step_flat(self, p, g):
         buf = self._buffers.get("buf")
-        self._update(p, g, None if buf is None else buf.flat)
+        return self._update(p, g, None if buf is None else buf.flat)
 
     def _step_key(self, key, p, g):
         buf = self._buffers.get("buf")
-        self._update(p, g, None if buf is None else buf[key])
+        return self._update(p, g, None if buf is None else buf[key])
 
 
 class Adam(Optimizer):
@@ -407,13 +425,14 @@ class Adam(Optimizer):
 
     def _step_flat(self, p, g):
         m, v_ = self._buffers["m"].flat, self._buffers["v"].flat
-        adam_kernel(p, np.ascontiguousarray(g), m, v_, *self._scalars(p.dtype))
+        return adam_kernel(p, np.ascontiguousarray(g), m, v_, *self._scalars(p.dtype))
 
     def _step_key(self, key, p, g):
         m, v_ = self._buffers["m"][key], self._buffers["v"][key]
         scalars = self._scalars(p.dtype)
         if p.flags.c_contiguous and m.flags.c_contiguous and v_.flags.c_contiguous:
             g = np.ascontiguousarray(g)
-            adam_kernel(p.reshape(-1), g.reshape(-1), m.reshape(-1), v_.reshape(-1), *scalars)
+            return adam_kernel(p.reshape(-1), g.reshape(-1), m.reshape(-1), v_.reshape(-1),
+                               *scalars)
         else:  # a strided view cannot be flattened in place; the NumPy twin takes any shape
-            _adam_numpy(p, g, m, v_, *scalars)
+            return _adam_numpy(p, g, m, v_, *scalars)

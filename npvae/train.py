@@ -552,12 +552,17 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                         if before_batch is not None:
                             before_batch(xb, rng)
                         loss, grads, stats = model.loss_and_grads(xb, rng=rng, step=step, out=grad_buf)
-                        grad_norm = clip_grad_norm(grads, clip)  # the norm before clipping
+                        # the gradient norm: on steps that clip or log (a pass over every
+                        # gradient); Adam counts non-finite gradients in its own pass
+                        measure = clip is not None or step % log_every == 0 or b + 1 == n_batches
+                        grad_norm = clip_grad_norm(grads, clip) if measure else 0.0  # before clipping
                         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                             raise _diverged(loss, grad_norm, step, epoch, b, n_batches, ckpt_path)
                         # -- update (no consistent state to save until the step is counted)
                         here = None
-                        opt.step(grads)
+                        if opt.step(grads):  # non-finite gradient entries: the update is spoilt
+                            raise _diverged(loss, math.nan, step, epoch, b, n_batches, ckpt_path,
+                                            applied=True)
                         if after_step is not None:
                             after_step(rng)
                         step += 1
@@ -568,7 +573,9 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                         m = idx.size
                         for k, v in stats.items():
                             sums[k] = sums.get(k, 0.0) + float(v) * m
-                        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm * m
+                        if measure:
+                            sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm * m
+                            sums["grad_norm_seen"] = sums.get("grad_norm_seen", 0) + m
                         seen += m
                         here = dict(epoch=epoch, batch=b + 1, epoch_rng=epoch_rng, sums=dict(sums),
                                     seen=seen, seconds=time.perf_counter() - t0, rng=rng_state(rng))
@@ -584,10 +591,11 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                     row["changed"] = dict(changes, step=step_at_start)
                     changes = {}
                 row.update({f"train_{k}": v / seen for k, v in sums.items()
-                            if k not in ("kl_weight", "grad_norm")})
-                for k in ("kl_weight", "grad_norm"):  # epoch means that are not loss terms
-                    if k in sums:
-                        row[k] = sums[k] / seen
+                            if k not in ("kl_weight", "grad_norm", "grad_norm_seen")})
+                if "kl_weight" in sums:  # an epoch mean that is not a loss term
+                    row["kl_weight"] = sums["kl_weight"] / seen
+                if sums.get("grad_norm_seen"):  # mean over the steps that measured it
+                    row["grad_norm"] = sums["grad_norm"] / sums["grad_norm_seen"]
                 bad = non_finite(model, opt)  # NaN the loss did not show: stop before using it
                 if bad is not None:
                     raise _diverged_state(bad, step, epoch, ckpt_path)
@@ -657,11 +665,18 @@ def _what_next(ckpt_path: Path) -> str:
             "(--lr) or gradient clipping (--clip NORM)")
 
 
-def _diverged(loss, grad_norm, step, epoch, b, n_batches, ckpt_path) -> TrainingDiverged:
+def _diverged(loss, grad_norm, step, epoch, b, n_batches, ckpt_path,
+              applied: bool = False) -> TrainingDiverged:
+    """``applied``: the optimizer found the non-finite gradient while making the update,
+    so the parameters in memory are spoilt (they are never saved)."""
     what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
+    if applied:
+        what, value, fate = "gradient", "non-finite", "the spoilt parameters were not saved"
+    else:
+        fate = "that update was not applied"
     return TrainingDiverged(
         f"training diverged: the {what} became {value} at step {step} (epoch {epoch + 1}, "
-        f"batch {b + 1} of {n_batches}); that update was not applied and "
+        f"batch {b + 1} of {n_batches}); {fate} and "
         f"{_what_next(ckpt_path)}.",
         step=step, epoch=epoch + 1, checkpoint=ckpt_path if ckpt_path.exists() else None)
 

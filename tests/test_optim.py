@@ -466,3 +466,27 @@ def test_grads_with_the_wrong_shape():
 def test_bad_hyperparameters(make, match):
     with pytest.raises(ValueError, match=match):
         make(random_flat(np.random.default_rng(0)))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("make", [lambda p: Adam(p, lr=1e-3), lambda p: SGD(p, lr=0.1, momentum=0.9),
+                                  lambda p: SGD(p, lr=0.1)])
+@pytest.mark.parametrize("flat", [True, False])
+def test_step_counts_non_finite_gradient_entries(backend, make, flat):
+    if backend == "numba" and not numba_available():
+        pytest.skip("numba not installed")
+    params = random_flat(np.random.default_rng(0), np.float32)
+    if not flat:
+        params = {k: v.copy() for k, v in params.items()}
+    with use_backend(backend):
+        opt = make(params)
+        grads = (params.zeros_like() if flat else {k: np.zeros_like(v) for k, v in params.items()})
+        for g in grads.values():
+            g[...] = 1.0
+        assert opt.step(grads) == 0
+        keys = list(grads)
+        grads[keys[0]].reshape(-1)[0] = np.nan
+        grads[keys[-1]].reshape(-1)[-1] = -np.inf
+        grads[keys[-1]].reshape(-1)[0] = np.inf
+        with np.errstate(invalid="ignore"):
+            assert opt.step(grads) == 3

@@ -290,3 +290,28 @@ def test_training_data_must_be_floats_or_bytes(tmp_path):
     with pytest.raises(ValueError, match=r"x_train must have the model's dtype float32.*or be uint8"):
         train(model, np.zeros((10, D), np.int32), np.zeros((5, D), np.float32),
               run_dir=tmp_path, **dict(LOOP, epochs=1))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_nan_gradient_on_a_step_that_skips_the_norm_is_caught_at_that_step(data, tmp_path,
+                                                                         optimizer):
+    # The gradient norm is measured only on logging steps; the optimizer counts
+    # non-finite gradient entries in its own pass, so a NaN on any step stops the run
+    # at that step, and the checkpoint of the epoch before is kept as it was.
+    model = build(VAE, rng=0)
+    original, calls = model.loss_and_grads, [0]
+
+    def loss_and_grads(x, **kw):
+        loss, grads, stats = original(x, **kw)
+        if training_step(kw):
+            calls[0] += 1
+            if calls[0] == 8:  # step 7: epoch 2, not a logging step (log_every 10)
+                grads["enc.0.W"][1, 2] = np.nan
+        return loss, grads, stats
+
+    model.loss_and_grads = loss_and_grads
+    with pytest.raises(TrainingDiverged, match=r"gradient became non-finite at step 7 "
+                                               r"\(epoch 2, batch 3 of 5\).*not saved"):
+        train(model, *data, epochs=3, seed=1, run_dir=tmp_path, optimizer=optimizer, **LOOP)
+    ck = load_checkpoint(tmp_path)
+    assert ck.epoch == 1 and np.all(np.isfinite(ck.model.params.flat))
