@@ -5,7 +5,12 @@
 The model is the pytorch/examples architecture (784-400-20, ReLU, Bernoulli decoder,
 float32): from a run's checkpoint when ``--run`` is given, freshly initialised otherwise
 (the cost does not depend on the weights). Test images are binarized once, as `npvae eval`
-does for a binarized run. Prints the wall time and the estimate.
+does for a binarized run. Prints the wall time and the estimate, then the time of the
+*matrix-product floor*: the products alone (the encoder's once per image, the decoder's
+for every one of the N k samples, in chunks of the size the estimator uses), in NumPy
+with the same shapes and threads. The estimate cannot be faster than that; the ratio
+says how much the sampling, the likelihood and the log-sum-exp add. The two are timed
+alternately, --runs times each, and the medians are compared.
 """
 from __future__ import annotations
 
@@ -17,6 +22,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import statistics  # noqa: E402
+
+from machine import describe  # noqa: E402
 
 from npvae import data, evaluate  # noqa: E402
 from npvae.checkpoint import load_checkpoint  # noqa: E402
@@ -28,17 +38,53 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=1000)
     p.add_argument("--run", help="a run directory whose checkpoint to evaluate")
     p.add_argument("--limit", type=int, default=10000, help="test images")
+    p.add_argument("--runs", type=int, default=1, help="alternating runs of each")
     args = p.parse_args(argv)
     model = load_checkpoint(args.run).model if args.run else BernoulliVAE(hidden=(400,), latent=20)
     images, _ = data.load("mnist", "test")
     x = data.binarize_static(data.to_unit(images, model.dtype)[: args.limit], "sample", rng=0)
+    p_args = dict(k=args.k, rng=0)
     evaluate.iw_log_likelihood(model, x[:10], k=10, rng=0)  # kernels ready
-    t0 = time.perf_counter()
-    res = evaluate.iw_log_likelihood(model, x, k=args.k, rng=0)
-    seconds = time.perf_counter() - t0
+    print(describe())
+    est, floor = [], []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        res = evaluate.iw_log_likelihood(model, x, **p_args)
+        est.append(time.perf_counter() - t0)
+        floor.append(matmul_floor(model, len(x), args.k))
+    e, f = statistics.median(est), statistics.median(floor)
     print(f"importance-weighted log p(x), k = {args.k}, {len(x):,} test images: "
-          f"{seconds:.1f} s  (log p(x) = {res['log_px']:.2f} nats)")
+          f"{e:.1f} s  (log p(x) = {res['log_px']:.2f} nats; runs: "
+          f"{', '.join(f'{t:.1f}' for t in est)} s)")
+    print(f"matrix-product floor: {f:.1f} s  (runs: {', '.join(f'{t:.1f}' for t in floor)} s)")
+    print(f"ratio estimate / floor: {e / f:.3f}")
     return 0
+
+
+def matmul_floor(model, n: int, k: int) -> float:
+    """Seconds for the estimator's matrix products alone: encoder once per example, decoder
+    on every sample, in the chunks iw_log_likelihood uses (min(k, 128) samples of
+    IW_ROWS // chunk examples), with random matrices of the model's shapes."""
+    rng = np.random.default_rng(0)
+    dtype = model.dtype
+    chunk = min(k, 128)
+    per_batch = max(1, evaluate.IW_ROWS // chunk)
+    ws = {name: rng.standard_normal(w.shape).astype(dtype) for name, w in model.params.items()
+          if name.endswith(".W")}
+    enc = [ws[f"enc.{i}.W"] for i in range(sum(n.startswith("enc.") for n in ws))]
+    dec = [ws[f"dec.{i}.W"] for i in range(sum(n.startswith("dec.") for n in ws))]
+    x = rng.standard_normal((per_batch, enc[0].shape[0])).astype(dtype)
+    z = rng.standard_normal((per_batch * chunk, dec[0].shape[0])).astype(dtype)
+    t0 = time.perf_counter()
+    for start in range(0, n, per_batch):
+        h = x
+        for W in enc:
+            h = h @ W
+        for first in range(0, k, chunk):
+            h = z[: per_batch * min(chunk, k - first)]
+            for W in dec:
+                h = h @ W
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
