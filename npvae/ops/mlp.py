@@ -22,7 +22,6 @@ import numpy as np
 
 from .. import _validate as v
 from .activations import act_grad_kernel, activation_code, bias_act_kernel, LEAKY_SLOPE
-from .linear import data_product, data_weight_grad, skips_zeros
 
 
 def mlp_shapes(prefix: str, sizes) -> dict:
@@ -72,7 +71,6 @@ class MLPCache(NamedTuple):
     weights: list  # W_i: (I_i, O_i)
     codes: list  # activation code of layer i
     slope: float
-    sparse_input: bool = False  # layer 0's products skip the zeros of x (LIN.5)
 
 
 def mlp_forward(params, prefix: str, x, activation: str, out_activation: str = "identity",
@@ -82,7 +80,6 @@ def mlp_forward(params, prefix: str, x, activation: str, out_activation: str = "
     n_layers = num_layers(params, prefix)
     hidden, last = activation_code(activation), activation_code(out_activation)
     inputs, outputs, weights, codes = [], [], [], []
-    sparse_input = skips_zeros(x)  # mostly-zero data, such as MNIST pixels
     h = x
     for i in range(n_layers):
         W, b = params[f"{prefix}.{i}.W"], params[f"{prefix}.{i}.b"]
@@ -92,14 +89,11 @@ def mlp_forward(params, prefix: str, x, activation: str, out_activation: str = "
         if h.dtype != W.dtype:
             raise ValueError(f"x has dtype {h.dtype} but the parameters are {W.dtype}")
         code = last if i == n_layers - 1 else hidden
-        if i == 0:
-            a = data_product(h, W, sparse=sparse_input)  # (N, O_0)  (MLP.1, LIN.5)
-        else:
-            a = h @ W  # (N, O_i)  (MLP.1)
+        a = h @ W  # (N, O_i)  (MLP.1)
         out = bias_act_kernel(a, b, code, W.dtype.type(slope), a)  # (N, O_i) in place  (MLP.1)
         inputs.append(h), outputs.append(out), weights.append(W), codes.append(code)
         h = out
-    return h, MLPCache(prefix, inputs, outputs, weights, codes, slope, sparse_input)
+    return h, MLPCache(prefix, inputs, outputs, weights, codes, slope)
 
 
 def mlp_backward(dout, cache: MLPCache, grads=None, need_dx: bool = True):
@@ -109,7 +103,7 @@ def mlp_backward(dout, cache: MLPCache, grads=None, need_dx: bool = True):
     flat gradient buffer); a new dict is made when it is None. Pass ``need_dx=False``
     when x is data, to skip the first layer's input gradient (a whole matrix product).
     """
-    prefix, inputs, outputs, weights, codes, slope, sparse_input = cache
+    prefix, inputs, outputs, weights, codes, slope = cache
     grads = {} if grads is None else grads
     dh = dout
     for i in reversed(range(len(weights))):
@@ -117,11 +111,7 @@ def mlp_backward(dout, cache: MLPCache, grads=None, need_dx: bool = True):
         da = act_grad_kernel(dh, outputs[i], codes[i], W.dtype.type(slope),
                              np.empty_like(outputs[i]))  # (N, O_i)  (ACT)
         kw, kb = f"{prefix}.{i}.W", f"{prefix}.{i}.b"
-        if i == 0:
-            grads[kw] = data_weight_grad(inputs[0], da, grads.get(kw),
-                                         sparse=sparse_input)  # (I_0, O_0)  (LIN.3, LIN.5)
-        else:
-            grads[kw] = np.matmul(inputs[i].T, da, out=grads.get(kw))  # (I_i, O_i)  (LIN.3)
+        grads[kw] = np.matmul(inputs[i].T, da, out=grads.get(kw))  # (I_i, O_i)  (LIN.3)
         grads[kb] = np.sum(da, axis=0, out=grads.get(kb))  # (O_i,)  (LIN.4)
         if i > 0 or need_dx:
             dh = da @ W.T  # (N, I_i)  (LIN.2)
