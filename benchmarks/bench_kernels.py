@@ -35,7 +35,8 @@ def cases(rng):
     n = 652_824
     p, g = rng.normal(size=n).astype(f32), rng.normal(size=n).astype(f32)
     m, v = np.zeros(n, f32), np.full(n, 1e-3, f32)
-    adam = (f32(1e-3), f32(0.9), f32(0.1), f32(0.999), f32(1e-3), f32(0.5), f32(0.3), f32(1e-8), f32(0))
+    adam = (f32(1e-3), f32(0.9), f32(0.1), f32(0.999), f32(1e-3), f32(0.5), f32(0.3), f32(1e-8), f32(0),
+            np.finfo(np.float32).tiny)
     idx = rng.integers(512, size=512)
     out = np.empty_like(a)
     return [

@@ -83,6 +83,7 @@ from .models.autoencoder import Autoencoder
 from .models.base import as_rng, likelihood_forward
 from .models.vae import VAE
 from .ops import gaussian_kl_forward
+from .ops.activations import EXP_CUT
 
 LOG_2PI = math.log(2.0 * math.pi)
 ACTIVE_THRESHOLD = 0.01  # Burda et al. (2015)
@@ -279,7 +280,8 @@ def _bernoulli_logp_samples(logits, x):
     np.abs(l, out=l)  # (B*C, D)  |l|
     sum_abs = np.einsum("rd->r", l)  # (B*C,)  sum_d |l_d|
     np.negative(l, out=l)
-    np.exp(l, out=l)  # (B*C, D)  exp(-|l|), in (0, 1]: never overflows
+    np.maximum(l, l.dtype.type(EXP_CUT[l.dtype]), out=l)  # exp never made subnormal (FTZ.2):
+    np.exp(l, out=l)  # (B*C, D)  exp(-|l|), in (0, 1]; below the cut 1 + e rounds to 1 anyway
     l += 1.0
     np.log(l, out=l)  # (B*C, D)  log(1 + exp(-|l|))
     sum_log = np.einsum("rd->r", l)  # (B*C,)

@@ -60,3 +60,66 @@ def model_initial_rows(dtype, rows):
     fresh = build(dict(kind="vae-bernoulli", data_dim=SIDE * SIDE, hidden=[24], latent=3,
                        dtype=np.dtype(dtype).name), rng=0)
     return fresh.params["enc.0.W"][rows]
+
+
+# ----------------------------------------------------------------------------------
+# Kernel outputs: exp(-|l|) tails (FTZ.2)
+
+
+def tail_logits(dtype):
+    """Logits across the cut and the range where exp(-|l|) leaves the normal numbers
+    (about -87 to -104 in float32, -708 to -745 in float64), both signs, ordinary values."""
+    edge = -np.log(np.finfo(dtype).tiny)
+    band = np.concatenate([np.linspace(edge / 2 - 3, edge / 2 + 3, 61),
+                           np.linspace(edge - 3, edge + 40, 301)])
+    return np.concatenate([band, -band, np.linspace(-5, 5, 21), [1e4, -1e4]]).astype(dtype)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exponential_tails_are_zero_not_subnormal(backend, dtype):
+    from npvae.backend import use_backend
+    from npvae.ops.activations import bias_act_kernel, stable_sigmoid, stable_softplus
+    from npvae.ops.likelihoods import bernoulli_kernel
+
+    l = tail_logits(dtype)
+    a = l.reshape(1, -1)
+    zeros_b = np.zeros(a.shape[1], dtype)
+    with use_backend(backend):
+        outputs = {"sigmoid": stable_sigmoid(l), "softplus": stable_softplus(l),
+                   "hidden sigmoid": bias_act_kernel(a, zeros_b, 3, dtype(0.01), np.empty_like(a)),
+                   "hidden softplus": bias_act_kernel(a, zeros_b, 4, dtype(0.01), np.empty_like(a))}
+        for x_value in (0.0, 1.0):
+            logp, g = bernoulli_kernel(a, np.full_like(a, x_value))
+            outputs[f"bernoulli logp, x = {x_value}"] = logp
+            outputs[f"bernoulli gradient, x = {x_value}"] = g
+    counts = {k: subnormal_count(v) for k, v in outputs.items()}
+    assert sum(counts.values()) == 0, counts
+    # far in the tail the values are exactly what they round to: sigmoid 0, softplus 0
+    far = l < np.log(np.finfo(dtype).tiny) / 2 - 1e-3  # below the cut (FTZ.2)
+    assert np.all(outputs["sigmoid"][far] == 0) and np.all(outputs["softplus"][far] == 0)
+    # and nothing else moved: within the normal range the usual formulas hold
+    near = np.abs(l) < 30
+    np.testing.assert_allclose(outputs["sigmoid"][near], 1 / (1 + np.exp(-l[near].astype(float))),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_gradients_have_no_subnormals_when_logits_are_far_in_the_tail(backend):
+    # A pixel that is always 0 is fitted best by a logit going to -inf, and Adam drives
+    # it down steadily, so a long run reaches logits below -87, where sigmoid(l) is
+    # subnormal in float32. Put the border pixels' logits there directly (through the
+    # output bias) and check every gradient the backward pass produces.
+    from npvae.backend import use_backend
+
+    rng = np.random.default_rng(1)
+    x = (mnist_like(64, rng) / np.float32(255)).astype(np.float32)
+    model = build(dict(kind="vae-bernoulli", data_dim=SIDE * SIDE, hidden=[24], latent=3), rng=0)
+    dark = np.flatnonzero(x.max(axis=0) == 0)  # pixels 0 in every image
+    b = model.params["dec.1.b"]
+    b[dark] = np.linspace(-40.0, -106.0, dark.size).astype(np.float32)  # across the cut
+    with use_backend(backend):
+        _, grads, _ = model.loss_and_grads(x, rng=np.random.default_rng(0))
+    counts = {k: subnormal_count(g) for k, g in grads.items()}
+    assert sum(counts.values()) == 0, counts
+    assert np.all(grads["dec.1.b"][dark[-dark.size // 2:]] == 0)  # sigmoid(l) past the cut is 0

@@ -36,15 +36,37 @@ def activation_code(name: str) -> int:
 # Stable scalar helpers (used by the NumPy twins; the Numba loops inline the same maths)
 
 
+# exp(s) for s below EXP_CUT[dtype] is taken as exactly 0 (FTZ.2). The cut is
+# log(sqrt(tiny)), tiny the smallest normal number: exp(cut) ~ 1e-19 in float32, so a
+# value kept can still be multiplied by factors down to ~1e-19 (an upstream 1/N, a small
+# activation) without the product becoming subnormal, while everything cut is far below
+# the precision of any sum or Adam step it enters.
+EXP_CUT = {np.dtype(t): 0.5 * float(np.log(np.finfo(t).tiny)) for t in (np.float32, np.float64)}
+
+
+def exp_neg_abs(a):
+    """exp(-|a|), with 0 where -|a| is below the cut, log(sqrt(tiny)) (FTZ.2).
+
+    NaN stays NaN. The same rule as the compiled loops: exp(max(-|a|, cut)), then 0
+    where -|a| < cut.
+    """
+    cut = a.dtype.type(EXP_CUT[a.dtype])
+    s = -np.abs(a)
+    e = np.exp(np.maximum(s, cut))  # never a subnormal result
+    e[s < cut] = 0  # (FTZ.2)
+    return e
+
+
 def stable_sigmoid(a):
-    """1 / (1 + exp(-a)) without overflow for any finite a."""
-    e = np.exp(-np.abs(a))
+    """1 / (1 + exp(-a)) without overflow for any finite a; exactly 0 far below 0 (FTZ.2)."""
+    e = exp_neg_abs(a)
     return np.where(a >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(a.dtype, copy=False)
 
 
 def stable_softplus(a):
-    """log(1 + exp(a)) = max(a, 0) + log1p(exp(-|a|)), never overflows."""
-    return np.maximum(a, 0) + np.log1p(np.exp(-np.abs(a)))
+    """log(1 + exp(a)) = max(a, 0) + log1p(exp(-|a|)), never overflows; exactly 0 far
+    below 0 (FTZ.2)."""
+    return np.maximum(a, 0) + np.log1p(exp_neg_abs(a))
 
 
 # ----------------------------------------------------------------------------------
@@ -68,7 +90,7 @@ def _bias_act_numpy(a, b, code, slope, out):
 
 
 @numba_kernel
-def _bias_act_loop(a, b, code, slope, out):
+def _bias_act_loop(a, b, code, slope, out, cut):
     """The compiled part of _bias_act_numba: one branch-free loop per activation.
 
     The branch on ``code`` sits outside the loops, so each inner loop is simple enough
@@ -94,13 +116,16 @@ def _bias_act_loop(a, b, code, slope, out):
         for i in range(n):
             for j in range(h):
                 t = a[i, j] + b[j]
-                e = np.exp(-abs(t))
+                s = -abs(t)
+                e = zero if s < cut else np.exp(s)  # exp(-|t|), 0 below the cut  (FTZ.2)
                 out[i, j] = (one if t >= 0 else e) / (one + e)
     elif code == 4:
         for i in range(n):
             for j in range(h):
                 t = a[i, j] + b[j]
-                out[i, j] = max(t, zero) + np.log1p(np.exp(-abs(t)))
+                s = -abs(t)
+                e = zero if s < cut else np.exp(s)  # exp(-|t|), 0 below the cut  (FTZ.2)
+                out[i, j] = max(t, zero) + np.log1p(e)
     else:
         for i in range(n):
             for j in range(h):
@@ -114,7 +139,7 @@ def _bias_act_numba(a, b, code, slope, out):
     A compiled loop calls the scalar tanh of the C library, an order of magnitude slower
     than NumPy's SIMD ufunc, so for tanh the loop only adds the bias.
     """
-    _bias_act_loop(a, b, code, slope, out)
+    _bias_act_loop(a, b, code, slope, out, out.dtype.type(EXP_CUT[out.dtype]))
     if code == 2:
         np.tanh(out, out=out)
     return out

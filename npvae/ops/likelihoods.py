@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import _validate as v
 from ..backend import dispatch, numba_kernel
-from .activations import stable_sigmoid, stable_softplus
+from .activations import EXP_CUT, stable_sigmoid, stable_softplus
 
 # ----------------------------------------------------------------------------------
 # Kernel pair: Gaussian log-density per example and its local gradient.
@@ -90,8 +90,9 @@ def _bernoulli_numpy(logits, x):
 
 
 @numba_kernel
-def _bernoulli_loop(logits, x, e, terms, g):
-    """Given e = exp(-|l|) and terms = log1p(e): terms <- x l - softplus(l), g <- x - sigmoid(l).
+def _bernoulli_loop(logits, x, e, terms, g, cut):
+    """Given e = exp(max(-|l|, cut)) and terms = log1p(e): terms <- x l - softplus(l),
+    g <- x - sigmoid(l), with exp(-|l|) taken as 0 where -|l| < cut (FTZ.2).
 
     Constants have the arrays' dtype: float32 stays float32, as in the twin.
     """
@@ -100,23 +101,29 @@ def _bernoulli_loop(logits, x, e, terms, g):
     for i in range(n):
         for j in range(d):
             l = logits[i, j]
-            terms[i, j] = x[i, j] * l - (max(l, zero) + terms[i, j])  # (LIK.3)
-            g[i, j] = x[i, j] - (one if l >= 0 else e[i, j]) / (one + e[i, j])  # (LIK.4)
+            tail = -abs(l) < cut  # exp(-|l|) would be subnormal: it is 0  (FTZ.2)
+            eij = zero if tail else e[i, j]
+            sp = zero if tail else terms[i, j]  # log1p(exp(-|l|))
+            terms[i, j] = x[i, j] * l - (max(l, zero) + sp)  # (LIK.3)
+            g[i, j] = x[i, j] - (one if l >= 0 else eij) / (one + eij)  # (LIK.4)
     return terms, g
 
 
 def _bernoulli_numba(logits, x):
-    """Same as _bernoulli_numpy, in four passes over (N, D) instead of about ten.
+    """Same as _bernoulli_numpy, in five passes over (N, D) instead of about ten.
 
     The two transcendental functions come from NumPy's SIMD ufuncs (a compiled loop
     would call the scalar C library, ~15 ns an element); everything else is one
-    compiled, branch-free pass; the row sums go to NumPy's pairwise sum.
+    compiled, branch-free pass; the row sums go to NumPy's pairwise sum. The exponent
+    is clamped at the cut first, so exp never produces a subnormal number (FTZ.2).
     """
+    cut = logits.dtype.type(EXP_CUT[logits.dtype])
     e = np.abs(logits)
     np.negative(e, out=e)
-    np.exp(e, out=e)  # (N, D)  e = exp(-|l|), in (0, 1]: never overflows
+    np.maximum(e, cut, out=e)
+    np.exp(e, out=e)  # (N, D)  e = exp(max(-|l|, cut)), in (0, 1]: never overflows
     terms = np.log1p(e)  # (N, D)  softplus(l) - max(l, 0)
-    terms, g = _bernoulli_loop(logits, x, e, terms, np.empty_like(x))
+    terms, g = _bernoulli_loop(logits, x, e, terms, np.empty_like(x), cut)
     return terms.sum(axis=1), g
 
 
