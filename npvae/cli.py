@@ -32,7 +32,7 @@ DEFAULTS = dict(
     binarize=None, dataset="mnist", data_dir=None, seed=0, backend=None, dtype="float32",
     out=None, clip=None, sigma2=1.0, sampled=False, likelihood=None, codes=128, code_dim=16,
     code_vectors=4, metric="euclidean", ema=False, restart_after=0, kmeans_init=False,
-    limit=None, val=5000, progress=True,
+    limit=None, val=5000, progress=True, schedule="constant",
 )
 # Options that only some models take.
 ONLY_FOR = {
@@ -241,6 +241,11 @@ def _add_train(sub) -> None:
                    help="adam (default) or sgd with momentum 0.9")
     t.add_argument("--clip", type=_positive_float, metavar="NORM",
                    help="clip the global gradient norm to NORM (default: no clipping)")
+    t.add_argument("--schedule", type=_schedule, metavar="NAME",
+                   help="learning-rate schedule: constant (default); burda, the IWAE paper's "
+                        "3,280 epochs in 8 stages with the rate falling by 10^(1/7) each "
+                        "(Adam epsilon 1e-4); burda:P, the same stages in P epochs. "
+                        "--epochs defaults to the schedule's length")
     t.add_argument("--seed", type=_non_negative_int,
                    help="seed of initialization, data order and noise (default 0); the same seed "
                         "gives identical results on the same backend and thread count")
@@ -482,8 +487,23 @@ def model_config(s: dict, data_dim: int, steps_per_epoch: int) -> dict:
     return cfg
 
 
+def _schedule(text: str) -> str:
+    """--schedule: checked by npvae.schedule.parse, kept as written (lower case)."""
+    from . import schedule
+
+    try:
+        schedule.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip().lower()
+
+
 def _new_run_settings(given: dict) -> dict:
+    from . import schedule
+
     s = {**DEFAULTS, **given}
+    if "epochs" not in given and schedule.epochs_of(s["schedule"]):
+        s["epochs"] = schedule.epochs_of(s["schedule"])
     kind = s["model"]
     wrong = [k for k, models in ONLY_FOR.items() if k in given and kind not in models]
     if wrong:
@@ -684,7 +704,8 @@ def _train_run(given: dict, run_dir: Path) -> int:
     history = train(model, x_train, x_val, epochs=s["epochs"], batch_size=s["batch_size"],
                     lr=s["lr"], optimizer=s["optimizer"], clip=s["clip"], seed=s["seed"],
                     binarize=s["binarize"], run_dir=run_dir, progress=s["progress"],
-                    resume_from=ck, args=stored, on_first_step=_report_first_step)
+                    resume_from=ck, args=stored, on_first_step=_report_first_step,
+                    schedule=s.get("schedule", "constant"))
 
     x_grey, y_test, x_test = _test_set(s)
     res = evaluate.elbo(model, x_test, side_rng(s["seed"], "test-noise"), batch_size=EVAL_BATCH)

@@ -58,6 +58,7 @@ except ImportError:  # pragma: no cover - not on POSIX: runs are not locked
 import numpy as np
 
 from . import data as npdata
+from . import schedule as schedules
 from .checkpoint import (
     FILENAME, Checkpoint, CheckpointError, NonFiniteState, load_checkpoint, non_finite,
     rng_state, save_checkpoint, write_text_atomic,
@@ -257,12 +258,12 @@ def binarize_for_eval(x, binarize: str, seed: int, split: str = "val") -> np.nda
     return npdata.binarize_static(x, "sample", rng=side_rng(seed, f"{split}-data"))
 
 
-def make_optimizer(name: str, params, lr: float):
-    """Adam (betas 0.9, 0.999) or SGD with momentum 0.9 over ``params``."""
+def make_optimizer(name: str, params, lr: float, eps: float = 1e-8):
+    """Adam (betas 0.9, 0.999, epsilon ``eps``) or SGD with momentum 0.9 over ``params``."""
     from . import optim
 
     if name == "adam":
-        return optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        return optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=eps)
     if name == "sgd":
         return optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
@@ -364,8 +365,9 @@ def _restore(model, opt, ck: Checkpoint, settings: dict) -> None:
             f"{ck.path}: holds a model with config {json.dumps(ck.model.config)}, "
             f"not the model being trained ({json.dumps(model.config)})"
         )
-    for key in ("batch_size", "optimizer", "binarize", "seed", "data"):
-        if key in ck.args and ck.args[key] != settings[key]:
+    for key in ("batch_size", "optimizer", "binarize", "seed", "data", "schedule"):
+        if ck.args.get(key, "constant" if key == "schedule" else None) != settings[key] \
+                and (key in ck.args or key == "schedule"):
             what = "the training data differ" if key == "data" else (
                 f"{key} was {ck.args[key]!r} and is now {settings[key]!r}")
             raise CheckpointError(
@@ -414,9 +416,9 @@ def _setting_changes(opt, ck: Checkpoint, lr: float, clip) -> dict:
     the change is recorded in the metrics of the epoch in which it happened.
     """
     changes = {}
-    if float(opt.lr) != float(lr):
-        changes["lr"] = [float(opt.lr), float(lr)]
-        opt.lr = float(lr)
+    before = float(ck.args.get("lr", opt.lr))  # the run's base rate (a schedule scales it)
+    if before != float(lr):
+        changes["lr"] = [before, float(lr)]
     if "clip" in ck.args and ck.args["clip"] != clip:
         changes["clip"] = [ck.args["clip"], clip]
     return changes
@@ -442,7 +444,8 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
           optimizer: str = "adam", clip: float | None = None, seed: int = 0,
           binarize: str = "none", run_dir, log_every: int = 10, progress: bool = True,
           verbose: bool = True, resume_from=None, checkpoint_every_epoch: bool = True,
-          on_epoch_end=None, on_first_step=None, args: dict | None = None) -> list:
+          on_epoch_end=None, on_first_step=None, args: dict | None = None,
+          schedule: str = "constant") -> list:
     """Train ``model`` in place for ``epochs`` epochs in total; returns the metrics history.
 
     x_train (N, D), x_val (V, D): arrays of the model's dtype, values in [0, 1] (grey
@@ -463,6 +466,9 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
     on_first_step: called with no arguments once the first step of this call is done.
     args: extra JSON-friendly settings stored in checkpoints (the command line keeps
         everything it needs to rebuild the run there).
+    schedule: the learning-rate schedule by name (:mod:`npvae.schedule`): "constant",
+        "burda" (Burda et al.'s 3,280 epochs, Adam epsilon 1e-4) or "burda:P" (the same
+        stages in P epochs); the rate of each epoch follows from its index (SCHED.1).
     """
     from tqdm.auto import tqdm
 
@@ -473,9 +479,10 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
     clean_temp_files(run_dir)  # leftovers of a killed writer: no live one holds the lock
     check_writable(run_dir)  # fail now, not after the first epoch
     ckpt_path, metrics_path = run_dir / FILENAME, run_dir / METRICS_FILE
+    schedules.parse(schedule)  # a clear error for an unknown schedule, before any work
     settings = dict(args or {}, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
                     optimizer=optimizer, clip=clip, seed=int(seed), binarize=binarize,
-                    data=fingerprint(x_train))
+                    data=fingerprint(x_train), schedule=schedule)
 
     # ---- data: kept as given (uint8 images stay uint8: a quarter of the memory) and
     # turned into a float batch of the model's dtype one batch at a time
@@ -492,7 +499,7 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
 
     # ---- state: fresh, or as a checkpoint left it
     rng = np.random.default_rng(seed)
-    opt = make_optimizer(optimizer, model.params, lr)
+    opt = make_optimizer(optimizer, model.params, lr, eps=schedules.adam_eps(schedule))
     start_epoch, step, history, resume, changes = 0, 0, [], None, {}
     if resume_from is not None:
         ck = resume_from if isinstance(resume_from, Checkpoint) else load_checkpoint(resume_from)
@@ -519,6 +526,7 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
         grad_buf = model.params.empty_like()  # backward writes here on every step
         with stop, blas_threads(blas_threads_for(model.params, batch_size)):
             for epoch in range(start_epoch, epochs):
+                opt.lr = schedules.lr_at(schedule, lr, epoch)  # (SCHED.1)
                 # -- the epoch's binary sample and order, drawn from the run's stream
                 epoch_rng = resume["epoch_rng"] if resume else rng_state(rng)
                 rng.bit_generator.state = epoch_rng
@@ -586,7 +594,7 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                 # -- end of epoch: validation, metrics, checkpoint
                 train_seconds = time.perf_counter() - t0
                 t1 = time.perf_counter()
-                row = {"epoch": epoch + 1, "step": step, "lr": float(lr), "clip": clip}
+                row = {"epoch": epoch + 1, "step": step, "lr": float(opt.lr), "clip": clip}
                 if changes:  # a resume in (or before) this epoch changed lr or clip
                     row["changed"] = dict(changes, step=step_at_start)
                     changes = {}
