@@ -452,7 +452,7 @@ def param_count(config: dict) -> int | None:
             codebook = int(config["num_codes"]) * int(config["code_dim"])
             return mlp([d, *hidden, width]) + mlp([width, *hidden[::-1], d]) + codebook
         latent = int(config["latent"])
-        if kind in ("vae", "vae-gaussian", "vae-bernoulli", "ae"):
+        if kind in ("vae", "vae-gaussian", "vae-bernoulli", "iwae", "ae"):
             code = latent if kind == "ae" else 2 * latent  # a VAE's encoder gives [mu, logvar]
             return mlp([d, *hidden, code]) + mlp([latent, *hidden[::-1], d])
     except (KeyError, TypeError, ValueError, OverflowError):

@@ -32,13 +32,14 @@ DEFAULTS = dict(
     binarize=None, dataset="mnist", data_dir=None, seed=0, backend=None, dtype="float32",
     out=None, clip=None, sigma2=1.0, sampled=False, likelihood=None, codes=128, code_dim=16,
     code_vectors=4, metric="euclidean", ema=False, restart_after=0, kmeans_init=False,
-    limit=None, val=5000, progress=True, schedule="constant",
+    limit=None, val=5000, progress=True, schedule="constant", objective="elbo", k=5,
 )
 # Options that only some models take.
 ONLY_FOR = {
     "latent": ("vae-gaussian", "vae-bernoulli", "ae"),
     "warmup": ("vae-gaussian", "vae-bernoulli", "ae"),
     "free_bits": ("vae-gaussian", "vae-bernoulli"),
+    "objective": ("vae-gaussian", "vae-bernoulli"), "k": ("vae-gaussian", "vae-bernoulli"),
     "sigma2": ("vae-gaussian", "ae", "vqvae"),
     "sampled": ("ae",),
     "likelihood": ("ae", "vqvae"),
@@ -217,6 +218,11 @@ def _add_train(sub) -> None:
                         "(2000) or N epochs (3epochs); default 0, no warm-up")
     o.add_argument("--free-bits", type=_non_negative_float, metavar="NATS",
                    help="VAE: each latent dimension's KL costs at least this much (default 0)")
+    o.add_argument("--objective", choices=("elbo", "iwae"),
+                   help="VAE: elbo (default), or iwae, the importance-weighted bound of Burda "
+                        "et al. (2015) with --k samples per example")
+    o.add_argument("--k", type=_positive_int, metavar="K",
+                   help="--objective iwae: importance samples per example (default 5)")
     q = p.add_argument_group("VQ-VAE")
     q.add_argument("--codes", type=_positive_int, metavar="K", help="codebook size (default 128)")
     q.add_argument("--code-dim", type=_positive_int, metavar="DZ",
@@ -476,6 +482,8 @@ def model_config(s: dict, data_dim: int, steps_per_epoch: int) -> dict:
                    free_bits=s["free_bits"])
         if kind == "vae-gaussian":
             cfg["sigma2"] = s["sigma2"]
+        if s.get("objective") == "iwae":  # the same networks, trained on L_k (IWAE.2)
+            cfg.update(kind="iwae", likelihood=s["likelihood"], k=s["k"])
     elif kind == "ae":
         cfg.update(latent=s["latent"], likelihood=s["likelihood"], sigma2=s["sigma2"],
                    sampled=s["sampled"], beta=s["beta"], warmup_steps=warmup_steps)
@@ -510,6 +518,12 @@ def _new_run_settings(given: dict) -> dict:
         k = wrong[0]
         raise UsageError(f"--{k.replace('_', '-')} is for --model {' or '.join(ONLY_FOR[k])}, "
                          f"not {kind}; see npvae train --help")
+    if "k" in given and s["objective"] != "iwae":
+        raise UsageError("--k is the number of importance samples of --objective iwae")
+    elbo_only = [k for k in ("beta", "warmup", "free_bits") if k in given]
+    if s["objective"] == "iwae" and elbo_only:
+        raise UsageError(f"--{elbo_only[0].replace('_', '-')} is an option of the ELBO, not of "
+                         f"--objective iwae")
     s["likelihood"] = LIKELIHOOD.get(kind) or s["likelihood"] or "bernoulli"
     if s["beta"] is None:
         s["beta"] = 0.25 if kind == "vqvae" else 1.0

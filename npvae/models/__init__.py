@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .autoencoder import Autoencoder
 from .base import Model
+from .iwae import IWAE
 from .vae import VAE, BernoulliVAE, GaussianVAE
 from .vqvae import VQVAE
 
@@ -10,6 +11,7 @@ MODELS = {
     "vae-gaussian": GaussianVAE,
     "vae-bernoulli": BernoulliVAE,
     "vae": VAE,
+    "iwae": IWAE,
     "ae": Autoencoder,
     "vqvae": VQVAE,
 }
@@ -24,4 +26,4 @@ def build(config: dict, rng=0) -> Model:
     return MODELS[kind](**config, rng=rng)
 
 
-__all__ = ["Autoencoder", "BernoulliVAE", "GaussianVAE", "MODELS", "Model", "VAE", "VQVAE", "build"]
+__all__ = ["Autoencoder", "BernoulliVAE", "GaussianVAE", "IWAE", "MODELS", "Model", "VAE", "VQVAE", "build"]
