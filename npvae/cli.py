@@ -22,7 +22,6 @@ import numpy as np
 
 _STARTED = time.perf_counter()  # for the "first step ... s after start" report
 
-MODELS = ("vae-gaussian", "vae-bernoulli", "ae", "vqvae")
 LIKELIHOOD = {"vae-gaussian": "gaussian", "vae-bernoulli": "bernoulli"}
 
 # Settings of `npvae train` when an option is not given.
@@ -183,7 +182,7 @@ def _wrap(text: str) -> str:
     return textwrap.fill(" ".join(text.split()), width=79)
 
 
-def _add_train(sub) -> None:
+def _add_train(sub, kinds) -> None:
     p = sub.add_parser(
         "train", help="train a model and write a run directory",
         description=_wrap("Train a VAE, autoencoder or VQ-VAE on MNIST or Fashion-MNIST. With no "
@@ -192,7 +191,7 @@ def _add_train(sub) -> None:
                     "checkpoint and the figures are."),
         epilog=_TRAIN_EPILOG, formatter_class=_formatter, argument_default=argparse.SUPPRESS)
     m = p.add_argument_group("model")
-    m.add_argument("--model", choices=MODELS,
+    m.add_argument("--model", choices=kinds,
                    help="vae-gaussian, vae-bernoulli (default), ae (autoencoder as a VAE with "
                         "fixed encoder variance) or vqvae")
     m.add_argument("--hidden", type=_hidden, metavar="SIZES",
@@ -343,7 +342,7 @@ def _add_plot(sub) -> None:
     p.set_defaults(func=cmd_plot)
 
 
-def _add_gradcheck(sub) -> None:
+def _add_gradcheck(sub, kinds) -> None:
     p = sub.add_parser(
         "gradcheck", help="compare a model's gradients with finite differences",
         description=_wrap("Build a small float64 model of the given kind, a random batch and fixed "
@@ -353,13 +352,48 @@ def _add_gradcheck(sub) -> None:
         epilog="examples:\n  npvae gradcheck vae-bernoulli\n"
                "  npvae gradcheck vqvae --seed 3\n  NPVAE_BACKEND=numpy npvae gradcheck ae\n",
         formatter_class=_formatter)
-    p.add_argument("kind", metavar="MODEL", choices=MODELS, help=" | ".join(MODELS))
+    p.add_argument("kind", metavar="MODEL", choices=kinds, help=" | ".join(kinds))
     p.add_argument("--seed", type=_non_negative_int, default=0, help="default 0")
     p.add_argument("--batch", type=_positive_int, default=5, help="batch size (default 5)")
     p.add_argument("--tol", type=_positive_float, default=1e-6,
                    help="largest relative error that passes (default 1e-6)")
     _add_backend(p)
     p.set_defaults(func=cmd_gradcheck)
+
+
+_TOUR_EPILOG = """\
+examples:
+  npvae tour vae-bernoulli             the Bernoulli VAE, 4 random 8x8 images
+  npvae tour vqvae                     see where the straight-through copy happens
+  npvae tour ae --batch 2 --seed 3
+  npvae tour vae-gaussian --data-dim 784      MNIST-sized inputs (slower checks)
+
+Read it from the top: the loss, the likelihood, the decoder's layers from the last
+to the first, the latent nodes, then the encoder. docs/derivations.md derives every
+tag shown in parentheses.
+"""
+
+
+def _add_tour(sub, kinds) -> None:
+    p = sub.add_parser(
+        "tour", help="follow one backward pass node by node, each node checked",
+        description=_wrap(
+            "Run one training step of a small float64 model on a tiny random batch and print "
+            "its backward pass in the order it runs, from the loss back to the first layer. "
+            "Each node shows its equation tags, the shapes of its inputs and gradients, the "
+            "gradient norms, and a finite-difference check of that node alone with the "
+            "gradient that really reached it. The tour's parameter gradients are then "
+            "compared with the model's own. Exits with 1 if any derived node's relative error "
+            "exceeds 1e-6 or the gradients differ."),
+        epilog=_TOUR_EPILOG, formatter_class=_formatter)
+    p.add_argument("kind", metavar="MODEL", choices=kinds, help=" | ".join(kinds))
+    p.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="seed of the weights, the batch and the noise (default 0)")
+    p.add_argument("--batch", type=_positive_int, default=4, help="examples (default 4)")
+    p.add_argument("--data-dim", type=_positive_int, default=64,
+                   help="values per example (default 64, an 8x8 image)")
+    _add_backend(p)
+    p.set_defaults(func=cmd_tour)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,15 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"npvae {__version__}")
+    from .models import KINDS
+
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_train(sub)
+    _add_train(sub, KINDS)
     _add_eval(sub)
     _add_sample(sub)
     _add_plot(sub)
-    _add_gradcheck(sub)
-    from .tour import add_tour_command  # `npvae tour`: one backward pass, node by node
-
-    add_tour_command(sub)
+    _add_gradcheck(sub, KINDS)
+    _add_tour(sub, KINDS)
     return parser
 
 
@@ -897,6 +931,18 @@ def cmd_gradcheck(ns) -> int:
         return 1
     print(f"ok: all {len(rows)} parameters agree (largest relative error {worst:.1e} <= {ns.tol:g})")
     return 0
+
+
+def cmd_tour(ns) -> int:
+    from .tour import format_tour, tour, tour_model
+
+    _set_backend(ns.backend)
+    _announce_compilation()
+    model, x, eps = tour_model(ns.kind, ns.data_dim, ns.batch, ns.seed)
+    nodes = tour(model, x, eps)
+    print(f"npvae tour {ns.kind}, seed {ns.seed}")
+    print(format_tour(nodes))
+    return 0 if nodes.ok else 1
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -15,6 +15,8 @@ MODELS = {
     "ae": Autoencoder,
     "vqvae": VQVAE,
 }
+# The kinds the command line trains, checks and tours ("vae" needs a likelihood named).
+KINDS = ("vae-gaussian", "vae-bernoulli", "ae", "vqvae")
 
 
 def build(config: dict, rng=0) -> Model:
@@ -26,4 +28,4 @@ def build(config: dict, rng=0) -> Model:
     return MODELS[kind](**config, rng=rng)
 
 
-__all__ = ["Autoencoder", "BernoulliVAE", "GaussianVAE", "IWAE", "MODELS", "Model", "VAE", "VQVAE", "build"]
+__all__ = ["Autoencoder", "BernoulliVAE", "GaussianVAE", "IWAE", "KINDS", "MODELS", "Model", "VAE", "VQVAE", "build"]
