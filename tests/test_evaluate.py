@@ -553,3 +553,33 @@ def test_undefined_estimates_are_refused():
                  lambda: ev.kl_per_dimension(fake, x), lambda: ev.active_units(fake, x)):
         with pytest.raises(ValueError, match=r"needs a Gaussian q\(z\|x\)"):
             call()
+
+
+@pytest.mark.parametrize("name", ["bernoulli", "gaussian"])
+def test_iw_does_not_depend_on_the_number_of_worker_threads(name):
+    # Batches of examples go to different threads; each example has its own noise stream,
+    # so the estimate is the same. BLAS runs at one thread per worker, and a product split
+    # over a different number of threads may round differently: a stated tolerance.
+    model = small_models()[name]
+    x = data(model, 9, np.random.default_rng(3))
+    one = ev.iw_log_likelihood(model, x, k=24, rng=4, batch_size=2, chunk=8, workers=1)
+    two = ev.iw_log_likelihood(model, x, k=24, rng=4, batch_size=2, chunk=8, workers=2)
+    np.testing.assert_allclose(two["per_example"], one["per_example"], rtol=1e-6, atol=1e-6)
+    assert two["elbo_k1"] == pytest.approx(one["elbo_k1"], rel=1e-6, abs=1e-6)
+
+
+def test_iw_stops_at_the_first_failing_batch_and_cancels_the_rest():
+    model = small_models()["bernoulli"]
+    x = data(model, 40, np.random.default_rng(3))
+    original, calls = model.decoder_output, [0]
+
+    def failing(z):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("planted failure")
+        return original(z)
+
+    model.decoder_output = failing
+    with pytest.raises(RuntimeError, match="planted failure"):
+        ev.iw_log_likelihood(model, x, k=4, rng=0, batch_size=1, chunk=4, workers=2)
+    assert calls[0] < 40  # the batches queued after the failure never ran

@@ -239,3 +239,14 @@ def test_scatter_rows_twins_on_special_values(dtype):
     idx = np.random.default_rng(2).integers(4, size=s.size)
     o1, o2 = numba_and_numpy(vq.scatter_rows_kernel, idx, rows, 4)
     assert_twins_match(o1, o2, exact=True)  # the same additions in the same order
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_neg_clamp_twins_on_special_values(dtype):
+    # max(-a, cut) with NaN kept: the same comparisons and negation, so bit for bit
+    cut = dtype(activations.EXP_CUT[np.dtype(dtype)])
+    a = np.abs(pair_grid(dtype)[0])
+    got, want = numba_and_numpy(activations.neg_clamp_kernel, a, cut)
+    assert_twins_match(got, want, exact=True)
+    assert np.isnan(got).sum() == np.isnan(a).sum()  # NaN is never clamped away
+    assert np.nanmin(got) == cut

@@ -57,6 +57,27 @@ def exp_neg_abs(a):
     return e
 
 
+def _neg_clamp_numpy(a, cut):
+    """a <- max(-a, cut) in place, NaN kept: the argument of exp(-|l|) for a = |l| (FTZ.2)."""
+    np.negative(a, out=a)
+    np.maximum(a, cut, out=a)
+    return a
+
+
+@numba_kernel
+def _neg_clamp_numba(a, cut):
+    """Same as _neg_clamp_numpy, one vectorized pass for a contiguous a (NumPy's maximum
+    pays for its NaN handling; here ``t < cut`` is False for NaN, which is kept)."""
+    flat = a.reshape(-1)
+    for i in range(flat.shape[0]):
+        t = -flat[i]
+        flat[i] = cut if t < cut else t
+    return a
+
+
+neg_clamp_kernel = dispatch(_neg_clamp_numpy, _neg_clamp_numba)
+
+
 def stable_sigmoid(a):
     """1 / (1 + exp(-a)) without overflow for any finite a; exactly 0 far below 0 (FTZ.2)."""
     e = exp_neg_abs(a)
