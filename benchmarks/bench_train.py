@@ -352,6 +352,11 @@ def report(results) -> None:
                      f"  peak RSS {statistics.median(r['peak_rss_mb'] for r in rs):.0f} MiB")
         print(f"  {side:<6} run {run_s[side]:7.2f} s  first epoch {first[side]:6.3f} s  "
               f"last epoch {last[side]:6.3f} s  (last/first {last[side] / first[side]:.2f}){extra}")
+    for side in ("npvae", "torch"):  # every epoch, so that drift over a run shows
+        if side in run_s:
+            per_epoch = [statistics.median(ep) for ep in zip(*(r["epoch_seconds"]
+                                                              for r in results[side]))]
+            print(f"  {side:<6} epochs: {' '.join(f'{t:.2f}' for t in per_epoch)} s")
     if "torch" in run_s and "npvae" in run_s:
         pairs = [sum(a["epoch_seconds"]) / sum(b["epoch_seconds"])
                  for a, b in zip(results["npvae"], results["torch"])]
