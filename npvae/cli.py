@@ -417,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+    from .exercises.cli import add_exercises_command  # `npvae exercises`: new, check, solutions
+    add_exercises_command(sub)
 # ----------------------------------------------------------------------------- shared steps
 
 _announced = {"registered": False, "said": False}
