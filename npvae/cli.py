@@ -414,11 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot(sub)
     _add_gradcheck(sub, KINDS)
     _add_tour(sub, KINDS)
+    from .exercises.cli import add_exercises_command  # `npvae exercises`: new, check, solutions
+    add_exercises_command(sub)
     return parser
 
 
-    from .exercises.cli import add_exercises_command  # `npvae exercises`: new, check, solutions
-    add_exercises_command(sub)
 # ----------------------------------------------------------------------------- shared steps
 
 _announced = {"registered": False, "said": False}
