@@ -1,0 +1,266 @@
+"""Two-dimensional convolution and its adjoint, the transposed convolution.
+
+Layout NCHW. x (N, C, H, W) is convolved with a filter bank w (F, C, KH, KW), stride s
+and zero padding p on every side, plus a bias b (F,):
+
+    y[n, f, i, j] = b[f] + sum_{c, k, l} w[f, c, k, l] xp[n, c, s i + k, s j + l]     (CONV.1)
+
+where xp is x padded with p zeros; y is (N, F, OH, OW), OH = (H + 2p - KH) // s + 1.
+Each output reads a KH x KW window of xp, so the backward pass spreads each dy back over
+the window it came from (CONV.2), and the filter gradient correlates x with dy (CONV.3):
+
+    dxp[n, c, s i + k, s j + l] += sum_f w[f, c, k, l] dy[n, f, i, j]                (CONV.2)
+    dw[f, c, k, l] = sum_{n, i, j} dy[n, f, i, j] xp[n, c, s i + k, s j + l]          (CONV.3)
+    db[f] = sum_{n, i, j} dy[n, f, i, j]                                              (CONV.4)
+
+The transposed convolution is the map whose matrix is the transpose of (CONV.1)'s: what
+(CONV.2) does to dy, it does to its input (CONVT.1). So its forward is conv2d's input
+gradient and its input gradient is conv2d's forward (CONVT.2).
+
+Every op here comes twice: a direct-loop reference (``*_reference``) to read beside the
+equations, one output position or one window offset at a time, and the fast path the
+models use, which lays the windows out as the rows of a matrix ("im2col") so that
+(CONV.1) and (CONV.3) become one BLAS product each, and (CONV.2) a product followed by
+KH x KW strided additions ("col2im"). Both are NumPy; tests check they agree.
+
+Letters: N batch, C input channels, F output channels (filters), H x W input size,
+KH x KW kernel, OH x OW output size, s stride, p padding. docs/derivations.md, CONV.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import _validate as v
+
+
+# ----------------------------------------------------------------------------------
+# Shapes and checks
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    """(size + 2 pad - kernel) // stride + 1, the number of window positions along an axis."""
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def _check_geometry(stride, pad):
+    stride, pad = int(stride), int(pad)
+    if stride < 1 or pad < 0:
+        raise ValueError(f"stride must be >= 1 and pad >= 0, got stride {stride}, pad {pad}")
+    return stride, pad
+
+
+def _check_conv(x, w, b, stride, pad):
+    v.array("x", x, 4), v.array("w", w, 4), v.array("b", b, 1)
+    stride, pad = _check_geometry(stride, pad)
+    n, c, h, wd = x.shape
+    f, cw, kh, kw = w.shape
+    if cw != c:
+        raise ValueError(f"x has {c} channels but w expects {cw} (w is (F, C, KH, KW) = {w.shape})")
+    if b.shape != (f,):
+        raise ValueError(f"b must have shape ({f},), got {b.shape}")
+    if kh > h + 2 * pad or kw > wd + 2 * pad:
+        raise ValueError(f"a {kh}x{kw} kernel does not fit a {h}x{wd} input padded by {pad}")
+    if not (x.dtype == w.dtype == b.dtype):
+        raise ValueError(f"x, w and b must share a dtype, got {x.dtype}, {w.dtype}, {b.dtype}")
+    return stride, pad
+
+
+def _pad(x, pad):
+    """x (N, C, H, W) -> (N, C, H + 2 pad, W + 2 pad) with zeros around."""
+    if pad == 0:
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+
+
+def _unpad(xp, pad):
+    return xp if pad == 0 else xp[:, :, pad:-pad, pad:-pad]
+
+
+# ----------------------------------------------------------------------------------
+# The direct-loop references: the equations as written
+
+
+def conv2d_forward_reference(x, w, b, stride: int = 1, pad: int = 0):
+    """(CONV.1) one output position at a time.  x (N, C, H, W) -> y (N, F, OH, OW)."""
+    stride, pad = _check_conv(x, w, b, stride, pad)
+    f, _, kh, kw = w.shape
+    xp = _pad(x, pad)
+    oh = conv_output_size(x.shape[2], kh, stride, pad)
+    ow = conv_output_size(x.shape[3], kw, stride, pad)
+    y = np.empty((x.shape[0], f, oh, ow), dtype=x.dtype)
+    for i in range(oh):
+        for j in range(ow):
+            window = xp[:, :, i * stride:i * stride + kh, j * stride:j * stride + kw]  # (N, C, KH, KW)
+            y[:, :, i, j] = np.einsum("nckl,fckl->nf", window, w) + b  # (N, F)  (CONV.1)
+    return y
+
+
+def conv2d_backward_reference(dy, x, w, stride: int = 1, pad: int = 0):
+    """(CONV.2-4) one output position at a time.  dy (N, F, OH, OW) -> dx, dw, db."""
+    f, _, kh, kw = w.shape
+    xp = _pad(x, pad)
+    dxp = np.zeros_like(xp)
+    dw = np.zeros_like(w)
+    for i in range(dy.shape[2]):
+        for j in range(dy.shape[3]):
+            rows, cols = slice(i * stride, i * stride + kh), slice(j * stride, j * stride + kw)
+            g = dy[:, :, i, j]  # (N, F)
+            dxp[:, :, rows, cols] += np.einsum("nf,fckl->nckl", g, w)  # (N, C, KH, KW)  (CONV.2)
+            dw += np.einsum("nf,nckl->fckl", g, xp[:, :, rows, cols])  # (F, C, KH, KW)  (CONV.3)
+    db = dy.sum(axis=(0, 2, 3))  # (F,)  (CONV.4)
+    return _unpad(dxp, pad), dw, db
+
+
+# ----------------------------------------------------------------------------------
+# The fast path: windows as matrix rows (im2col), one BLAS product per equation
+
+
+def _windows(xp, kh, kw, stride):
+    """A read-only view (N, OH, OW, C, KH, KW) of every window of the padded input."""
+    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))  # (N, C, H', W', KH, KW)
+    win = win[:, :, ::stride, ::stride]  # (N, C, OH, OW, KH, KW)
+    return win.transpose(0, 2, 3, 1, 4, 5)
+
+
+def _col2im(cols, x_shape, kh, kw, stride, pad, dtype):
+    """Sum window-shaped rows back onto the input they were read from (CONV.2).
+
+    cols (N, OH, OW, C, KH, KW) -> dx (N, C, H, W): for each offset (k, l) of the window,
+    one strided addition of an (N, C, OH, OW) block.
+    """
+    n, c, h, w = x_shape
+    oh, ow = cols.shape[1], cols.shape[2]
+    dxp = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=dtype)
+    for k in range(kh):
+        for l in range(kw):
+            dxp[:, :, k:k + stride * oh:stride, l:l + stride * ow:stride] += \
+                cols[:, :, :, :, k, l].transpose(0, 3, 1, 2)  # (N, C, OH, OW)  (CONV.2)
+    return _unpad(dxp, pad)
+
+
+class ConvCache(NamedTuple):
+    cols: np.ndarray  # (N*OH*OW, C*KH*KW) the windows of the padded input, kept for dw
+    w: np.ndarray  # (F, C, KH, KW) kept for dx
+    x_shape: tuple  # (N, C, H, W)
+    stride: int
+    pad: int
+
+
+def conv2d_forward(x, w, b, stride: int = 1, pad: int = 0):
+    """y = conv(x, w) + b  (CONV.1).  x (N, C, H, W), w (F, C, KH, KW), b (F,) -> y (N, F, OH, OW)."""
+    stride, pad = _check_conv(x, w, b, stride, pad)
+    f, c, kh, kw = w.shape
+    win = _windows(_pad(x, pad), kh, kw, stride)  # (N, OH, OW, C, KH, KW) view
+    n, oh, ow = win.shape[:3]
+    cols = win.reshape(n * oh * ow, c * kh * kw)  # (N*OH*OW, C*KH*KW): the copy of im2col
+    y = cols @ w.reshape(f, -1).T  # (N*OH*OW, F)  (CONV.1)
+    y += b
+    y = y.reshape(n, oh, ow, f).transpose(0, 3, 1, 2)  # (N, F, OH, OW)
+    return np.ascontiguousarray(y), ConvCache(cols, w, x.shape, stride, pad)
+
+
+def conv2d_backward(dy, cache: ConvCache):
+    """dy (N, F, OH, OW) -> dx (N, C, H, W), dw (F, C, KH, KW), db (F,)  (CONV.2-4)."""
+    cols, w, x_shape, stride, pad = cache
+    f, c, kh, kw = w.shape
+    n, _, oh, ow = dy.shape
+    g = dy.transpose(0, 2, 3, 1).reshape(n * oh * ow, f)  # (N*OH*OW, F)
+    dw = (g.T @ cols).reshape(w.shape)  # (F, C, KH, KW)  (CONV.3)
+    db = g.sum(axis=0)  # (F,)  (CONV.4)
+    dcols = (g @ w.reshape(f, -1)).reshape(n, oh, ow, c, kh, kw)  # (N, OH, OW, C, KH, KW)
+    dx = _col2im(dcols, x_shape, kh, kw, stride, pad, dy.dtype)  # (N, C, H, W)  (CONV.2)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------------
+# Transposed convolution: the adjoint of conv2d in its input (CONVT.1-2)
+
+
+def conv_transpose_output_size(size: int, kernel: int, stride: int, pad: int,
+                               output_pad: int = 0) -> int:
+    """(size - 1) stride - 2 pad + kernel + output_pad: the input size of the conv whose
+    output has ``size`` positions (output_pad in [0, stride) picks among the sizes the
+    floor in conv_output_size maps to the same ``size``)."""
+    return (size - 1) * stride - 2 * pad + kernel + output_pad
+
+
+def _check_transpose(x, w, b, stride, pad, output_pad):
+    v.array("x", x, 4), v.array("w", w, 4), v.array("b", b, 1)
+    stride, pad = _check_geometry(stride, pad)
+    output_pad = int(output_pad)
+    if not 0 <= output_pad < stride:
+        raise ValueError(f"output_pad must lie in [0, stride) = [0, {stride}), got {output_pad}")
+    c_in, f_out, kh, kw = w.shape
+    if x.shape[1] != c_in:
+        raise ValueError(f"x has {x.shape[1]} channels but w expects {c_in} "
+                         f"(w is (C_in, C_out, KH, KW) = {w.shape})")
+    if b.shape != (f_out,):
+        raise ValueError(f"b must have shape ({f_out},), got {b.shape}")
+    oh = conv_transpose_output_size(x.shape[2], kh, stride, pad, output_pad)
+    ow = conv_transpose_output_size(x.shape[3], kw, stride, pad, output_pad)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"the output would be {oh}x{ow}: pad {pad} is too large")
+    if not (x.dtype == w.dtype == b.dtype):
+        raise ValueError(f"x, w and b must share a dtype, got {x.dtype}, {w.dtype}, {b.dtype}")
+    return stride, pad, output_pad, oh, ow
+
+
+class ConvTransposeCache(NamedTuple):
+    x: np.ndarray  # (N, C_in, H, W) kept for dw
+    w: np.ndarray  # (C_in, C_out, KH, KW) kept for dx
+    out_shape: tuple  # (N, C_out, OH, OW)
+    stride: int
+    pad: int
+
+
+def conv_transpose2d_forward(x, w, b, stride: int = 1, pad: int = 0, output_pad: int = 0):
+    """y = conv^T(x, w) + b  (CONVT.1).
+
+    x (N, C_in, H, W), w (C_in, C_out, KH, KW), b (C_out,) -> y (N, C_out, OH, OW) with
+    OH = (H - 1) stride - 2 pad + KH + output_pad. conv^T with w is the transpose of the
+    conv2d (stride, pad) from C_out to C_in channels with the same w: its forward is that
+    conv's (CONV.2) applied to x.
+    """
+    stride, pad, output_pad, oh, ow = _check_transpose(x, w, b, stride, pad, output_pad)
+    c_in, c_out, kh, kw = w.shape
+    n, _, h, wd = x.shape
+    g = x.transpose(0, 2, 3, 1).reshape(n * h * wd, c_in)  # (N*H*W, C_in)
+    cols = (g @ w.reshape(c_in, -1)).reshape(n, h, wd, c_out, kh, kw)  # (CONVT.1)
+    y = _col2im(cols, (n, c_out, oh, ow), kh, kw, stride, pad, x.dtype)  # (N, C_out, OH, OW)
+    y += b[None, :, None, None]
+    return y, ConvTransposeCache(x, w, y.shape, stride, pad)
+
+
+def conv_transpose2d_backward(dy, cache: ConvTransposeCache):
+    """dy (N, C_out, OH, OW) -> dx (N, C_in, H, W), dw (C_in, C_out, KH, KW), db (C_out,).
+
+    dx is the conv2d forward of dy with the same w (CONVT.2); dw correlates dy's windows
+    with x, as (CONV.3) with the roles of input and output exchanged.
+    """
+    x, w, _, stride, pad = cache
+    c_in, c_out, kh, kw = w.shape
+    n, _, h, wd = x.shape
+    win = _windows(_pad(dy, pad), kh, kw, stride)[:, :h, :wd]  # (N, H, W, C_out, KH, KW)
+    cols = win.reshape(n * h * wd, c_out * kh * kw)  # (N*H*W, C_out*KH*KW)
+    dx = (cols @ w.reshape(c_in, -1).T).reshape(n, h, wd, c_in).transpose(0, 3, 1, 2)  # (CONVT.2)
+    g = x.transpose(0, 2, 3, 1).reshape(n * h * wd, c_in)  # (N*H*W, C_in)
+    dw = (g.T @ cols).reshape(w.shape)  # (C_in, C_out, KH, KW)  (CONVT.2)
+    db = dy.sum(axis=(0, 2, 3))  # (C_out,)  (CONV.4)
+    return np.ascontiguousarray(dx), dw, db
+
+
+def conv_transpose2d_forward_reference(x, w, b, stride: int = 1, pad: int = 0,
+                                       output_pad: int = 0):
+    """(CONVT.1) by scattering: each input pixel adds w times itself onto its window."""
+    stride, pad, output_pad, oh, ow = _check_transpose(x, w, b, stride, pad, output_pad)
+    c_in, c_out, kh, kw = w.shape
+    n, _, h, wd = x.shape
+    yp = np.zeros((n, c_out, oh + 2 * pad, ow + 2 * pad), dtype=x.dtype)
+    for i in range(h):
+        for j in range(wd):
+            yp[:, :, i * stride:i * stride + kh, j * stride:j * stride + kw] += \
+                np.einsum("nc,cfkl->nfkl", x[:, :, i, j], w)  # (N, C_out, KH, KW)  (CONVT.1)
+    y = _unpad(yp, pad)[:, :, :oh, :ow]
+    return y + b[None, :, None, None]

@@ -1,0 +1,137 @@
+"""Convolution and transposed convolution: the fast paths against the direct loops, the
+backward passes against central differences (float64, random upstream gradient), the
+transposed convolution as the adjoint of the convolution, and known values."""
+import numpy as np
+import pytest
+from hypothesis import assume, given, strategies as st
+
+from npvae.gradcheck import check_op
+from npvae.ops.conv import (
+    conv2d_backward, conv2d_backward_reference, conv2d_forward, conv2d_forward_reference,
+    conv_output_size, conv_transpose2d_backward, conv_transpose2d_forward,
+    conv_transpose2d_forward_reference, conv_transpose_output_size,
+)
+
+from strategies import seeds
+
+TOL = 1e-6  # gradient checks (GC.3)
+
+geometry = st.fixed_dictionaries(dict(
+    n=st.integers(1, 3), c=st.integers(1, 3), f=st.integers(1, 3),
+    h=st.integers(1, 8), w=st.integers(1, 8), kh=st.integers(1, 4), kw=st.integers(1, 4),
+    stride=st.integers(1, 3), pad=st.integers(0, 2)))
+
+
+def conv_args(g, rng):
+    assume(g["kh"] <= g["h"] + 2 * g["pad"] and g["kw"] <= g["w"] + 2 * g["pad"])
+    x = rng.standard_normal((g["n"], g["c"], g["h"], g["w"]))
+    w = rng.standard_normal((g["f"], g["c"], g["kh"], g["kw"]))
+    b = rng.standard_normal(g["f"])
+    return x, w, b
+
+
+@given(geometry, seeds)
+def test_conv2d_fast_path_equals_the_direct_loops(g, seed):
+    rng = np.random.default_rng(seed)
+    x, w, b = conv_args(g, rng)
+    y, cache = conv2d_forward(x, w, b, g["stride"], g["pad"])
+    np.testing.assert_allclose(y, conv2d_forward_reference(x, w, b, g["stride"], g["pad"]),
+                               rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    for got, want in zip(conv2d_backward(dy, cache),
+                         conv2d_backward_reference(dy, x, w, g["stride"], g["pad"])):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@given(geometry, seeds)
+def test_conv2d_backward_matches_central_differences(g, seed):
+    rng = np.random.default_rng(seed)
+    x, w, b = conv_args(g, rng)
+    errors = check_op(conv2d_forward, conv2d_backward, [x, w, b, g["stride"], g["pad"]],
+                      wrt=[0, 1, 2], rng=rng)
+    assert max(errors.values()) <= TOL, errors
+
+
+def transpose_args(g, rng):
+    """A transposed convolution from the conv output size back to (h, w)."""
+    assume(g["kh"] <= g["h"] + 2 * g["pad"] and g["kw"] <= g["w"] + 2 * g["pad"])
+    oh = conv_output_size(g["h"], g["kh"], g["stride"], g["pad"])
+    ow = conv_output_size(g["w"], g["kw"], g["stride"], g["pad"])
+    out_pad_h = g["h"] - conv_transpose_output_size(oh, g["kh"], g["stride"], g["pad"])
+    out_pad_w = g["w"] - conv_transpose_output_size(ow, g["kw"], g["stride"], g["pad"])
+    assume(out_pad_h == out_pad_w)  # one output_pad for both axes
+    x = rng.standard_normal((g["n"], g["f"], oh, ow))  # C_in = f
+    w = rng.standard_normal((g["f"], g["c"], g["kh"], g["kw"]))  # (C_in, C_out, KH, KW)
+    b = rng.standard_normal(g["c"])
+    return x, w, b, out_pad_h
+
+
+@given(geometry, seeds)
+def test_transposed_conv_is_the_adjoint_of_conv(g, seed):
+    # <conv(u), v> = <u, conv^T(v)> with the same filters and no bias (CONVT.1)
+    rng = np.random.default_rng(seed)
+    v, w, _, out_pad = transpose_args(g, rng)
+    u = rng.standard_normal((g["n"], g["c"], g["h"], g["w"]))
+    conv_u, _ = conv2d_forward(u, w, np.zeros(g["f"]), g["stride"], g["pad"])
+    convt_v, _ = conv_transpose2d_forward(v, w, np.zeros(g["c"]), g["stride"], g["pad"], out_pad)
+    assert convt_v.shape == u.shape
+    lhs, rhs = np.sum(conv_u * v), np.sum(u * convt_v)
+    assert lhs == pytest.approx(rhs, rel=1e-10, abs=1e-10)
+
+
+@given(geometry, seeds)
+def test_transposed_conv_fast_path_and_gradients(g, seed):
+    rng = np.random.default_rng(seed)
+    x, w, b, out_pad = transpose_args(g, rng)
+    args = [x, w, b, g["stride"], g["pad"], out_pad]
+    y, _ = conv_transpose2d_forward(*args)
+    np.testing.assert_allclose(y, conv_transpose2d_forward_reference(*args), rtol=1e-12,
+                               atol=1e-12)
+    errors = check_op(conv_transpose2d_forward, conv_transpose2d_backward, args, wrt=[0, 1, 2],
+                      rng=rng)
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_known_values():
+    x = np.arange(16.0).reshape(1, 1, 4, 4)
+    # a 1x1 filter of weight 2 doubles; a bias adds
+    y, _ = conv2d_forward(x, np.full((1, 1, 1, 1), 2.0), np.array([0.5]))
+    np.testing.assert_array_equal(y, 2 * x + 0.5)
+    # a 2x2 box filter with stride 2 sums each non-overlapping 2x2 block
+    y, _ = conv2d_forward(x, np.ones((1, 1, 2, 2)), np.zeros(1), stride=2)
+    np.testing.assert_array_equal(y[0, 0], [[0 + 1 + 4 + 5, 2 + 3 + 6 + 7],
+                                            [8 + 9 + 12 + 13, 10 + 11 + 14 + 15]])
+    # a delta at the kernel's corner, pad 1: the output is x shifted by one pixel
+    delta = np.zeros((1, 1, 3, 3))
+    delta[0, 0, 0, 0] = 1.0
+    y, _ = conv2d_forward(x, delta, np.zeros(1), pad=1)
+    np.testing.assert_array_equal(y[0, 0, 1:, 1:], x[0, 0, :3, :3])
+    np.testing.assert_array_equal(y[0, 0, 0, :], 0)
+    # the transposed 2x2 stride-2 box spreads each pixel over a 2x2 block
+    t, _ = conv_transpose2d_forward(np.array([[[[1.0, 2.0]]]]), np.ones((1, 1, 2, 2)),
+                                    np.zeros(1), stride=2)
+    np.testing.assert_array_equal(t[0, 0], [[1, 1, 2, 2], [1, 1, 2, 2]])
+
+
+def test_the_models_geometry_28_14_7_and_back():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 1, 28, 28))
+    h1, _ = conv2d_forward(x, rng.standard_normal((32, 1, 4, 4)), np.zeros(32), 2, 1)
+    h2, _ = conv2d_forward(h1, rng.standard_normal((64, 32, 4, 4)), np.zeros(64), 2, 1)
+    assert h1.shape == (2, 32, 14, 14) and h2.shape == (2, 64, 7, 7)
+    u1, _ = conv_transpose2d_forward(h2, rng.standard_normal((64, 32, 4, 4)), np.zeros(32), 2, 1)
+    u2, _ = conv_transpose2d_forward(u1, rng.standard_normal((32, 1, 4, 4)), np.zeros(1), 2, 1)
+    assert u1.shape == (2, 32, 14, 14) and u2.shape == (2, 1, 28, 28)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(stride=0), "stride"), (dict(pad=-1), "pad"),
+    (dict(w=np.zeros((2, 3, 3, 3))), "channels"), (dict(b=np.zeros(3)), "b must"),
+    (dict(w=np.zeros((2, 1, 9, 9))), "does not fit"),
+])
+def test_bad_arguments_are_named(bad, match):
+    args = dict(x=np.zeros((1, 1, 4, 4)), w=np.zeros((2, 1, 3, 3)), b=np.zeros(2), stride=1,
+                pad=0)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        conv2d_forward(**args)
