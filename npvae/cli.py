@@ -295,7 +295,9 @@ def _add_eval(sub) -> None:
                "  npvae eval RUN --k 0            ELBO only (fast)\n"
                "  npvae eval RUN --k 5000 --limit 1000\n",
         formatter_class=_formatter)
-    p.add_argument("run", metavar="RUN", help="a run directory or checkpoint.npz file")
+    p.add_argument("run", metavar="RUN", help="a run directory or checkpoint.npz file, or "
+                   "pretrained:NAME for a shipped model (vae-bernoulli, vae-k1, iwae-k5), "
+                   "printed only")
     p.add_argument("--k", type=_non_negative_int, default=100,
                    help="importance samples per image for log p(x) (default 100; 0 skips it; "
                         "more is tighter but slower)")
@@ -314,7 +316,8 @@ def _add_sample(sub) -> None:
         epilog="examples:\n  npvae sample runs/vae-bernoulli-20250101-120000\n"
                "  npvae sample RUN --n 100 --seed 3 --out digits.png\n",
         formatter_class=_formatter)
-    p.add_argument("run", metavar="RUN", help="a run directory or checkpoint.npz file")
+    p.add_argument("run", metavar="RUN", help="a run directory or checkpoint.npz file, or "
+                   "pretrained:NAME for a shipped model (vae-bernoulli, vae-k1, iwae-k5)")
     p.add_argument("--n", type=_positive_int, default=64,
                    help=f"number of samples (default 64, at most {MAX_SAMPLES}: a 20 x 20 grid)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="default 0")
@@ -658,6 +661,11 @@ def _test_set(settings, data_dir=None):
     return x, y, binarize_for_eval(x, settings["binarize"], settings["seed"], "test")
 
 
+def _is_pretrained(run) -> bool:
+    """RUN names a model shipped with npvae: pretrained:NAME (npvae.pretrained)."""
+    return str(run).startswith("pretrained:")
+
+
 def _run_dir_of(run) -> Path:
     """The run folder of RUN: the folder itself, or the folder holding a checkpoint file."""
     from .checkpoint import checkpoint_path
@@ -666,8 +674,11 @@ def _run_dir_of(run) -> Path:
 
 
 def _load_run(run):
+    from . import pretrained
     from .checkpoint import load_checkpoint
 
+    if pretrained.is_pretrained(run):  # a model shipped inside the package
+        return pretrained.load(run)
     ck = load_checkpoint(run)
     missing = [k for k in ("dataset", "dtype", "binarize", "seed") if k not in ck.args]
     if missing:
@@ -795,6 +806,8 @@ def cmd_eval(ns) -> int:
 
     _set_backend(ns.backend)
     _announce_compilation()
+    if _is_pretrained(ns.run):  # nothing is written: the package's folder is only read
+        return _eval_run(ns)
     with run_lock(_run_dir_of(ns.run), create=False):  # eval.json is written into the run
         return _eval_run(ns)
 
@@ -817,14 +830,16 @@ def _eval_run(ns) -> int:
     report = {"run": str(ck.path.parent), "checkpoint": str(ck.path), "epochs": ck.epoch,
               "model": ck.model.config["kind"], "test_images": len(x_test), "k": ns.k,
               "seconds": time.perf_counter() - t0, **res}
-    out = write_text_atomic(ck.path.parent / "eval.json", json.dumps(report, indent=2) + "\n")
+    out = None if _is_pretrained(ns.run) else write_text_atomic(
+        ck.path.parent / "eval.json", json.dumps(report, indent=2) + "\n")
     width = max(len(k) for k in report)
     print(f"{'metric':<{width}}  value")
     for key, value in report.items():
         if isinstance(value, (list, dict)):
             continue  # e.g. per-code counts: in eval.json
         print(f"{key:<{width}}  {_fmt(value)}")
-    print(f"written to {out}")
+    if out is not None:
+        print(f"written to {out}")
     return 0
 
 
@@ -839,7 +854,7 @@ def cmd_sample(ns) -> int:
         raise UsageError(f"--out must name a .png file, got {ns.out}")
     _set_backend(ns.backend)
     _announce_compilation()
-    if ns.out:  # written elsewhere: the run is only read
+    if ns.out or _is_pretrained(ns.run):  # written elsewhere: the run is only read
         return _sample_run(ns)
     with run_lock(_run_dir_of(ns.run), create=False):  # the PNG goes into the run
         return _sample_run(ns)
@@ -849,9 +864,11 @@ def _sample_run(ns) -> int:
     from . import plots
     from .checkpoint import load_checkpoint
 
-    ck = load_checkpoint(ns.run)
+    ck = _load_run(ns.run) if _is_pretrained(ns.run) else load_checkpoint(ns.run)
     images = ck.model.sample(ns.n, np.random.default_rng(ns.seed))
     out = Path(ns.out) if ns.out else ck.path.parent / f"samples-seed{ns.seed}.png"
+    if _is_pretrained(ns.run) and not ns.out:  # into the current folder, not the package
+        out = Path(f"samples-{ck.path.stem}-seed{ns.seed}.png")
     plots.save_samples(out, np.clip(images, 0.0, 1.0), ncols=math.ceil(math.sqrt(ns.n)),
                        title=f"{ns.n} samples from the prior (seed {ns.seed})")
     print(f"wrote {out}")
