@@ -103,13 +103,15 @@ def _positive_int(name: str, value) -> int:
 
 
 def family(model) -> str:
-    """How q(z|x) is defined: 'vae', 'ae-sampled', 'ae' (deterministic) or 'vq'."""
+    """How q(z|x) is defined: 'vae', 'ae-sampled', 'ae' (deterministic) or 'vq'; 'prior' for a code prior."""
     if isinstance(model, VAE):
         return "vae"
     if isinstance(model, Autoencoder):
         return "ae-sampled" if model.config["sampled"] else "ae"
     if callable(getattr(model, "assign", None)) and "num_codes" in getattr(model, "config", {}):
         return "vq"
+    if getattr(model, "kind", None) == "made":
+        return "prior"  # no latent variable: a learned prior over a VQ-VAE's codes
     raise ValueError(f"model must be a VAE, an Autoencoder or a VQ-VAE, got {type(model).__name__}")
 
 
@@ -163,6 +165,8 @@ def elbo(model, x, rng=None, batch_size: int = 500) -> dict:
     x = model.check_x(x)
     if kind == "vq":
         return _elbo_vq(model, x, batch_size)
+    if kind == "prior":
+        return _nll_prior(model, x, batch_size)
     if kind != "ae" and rng is None:
         raise ValueError("pass rng (a numpy Generator or a seed) to draw the posterior samples")
     rng = as_rng(rng) if kind != "ae" else None
@@ -213,6 +217,17 @@ def _elbo_vq(model, x, batch_size: int) -> dict:
         model._last = remembered  # evaluation must not replace the batch a training step left
     return dict(elbo=-(recon + kl), recon=recon, kl=kl, loss=loss, elbo_se=math.nan,
                 n=x.shape[0])
+
+
+def _nll_prior(model, x, batch_size: int) -> dict:
+    """A code prior (one-hot codes x): its exact log p(c) (MADE.1) stands in for the ELBO.
+
+    The prior has no latent variable, so its likelihood is exact: ``elbo`` = log p(c) and
+    ``loss`` = -log p(c), in nats per example; there is no reconstruction or KL term.
+    """
+    logp = model.log_prob(model.codes_of(x), batch_size=batch_size)  # (N,)  (MADE.1)
+    nll = float(-logp.mean())
+    return dict(elbo=-nll, loss=nll, elbo_se=_std_error(logp), n=x.shape[0])
 
 
 # ----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 from .autoencoder import Autoencoder
 from .base import Model
 from .iwae import IWAE
+from .prior import MADEPrior
 from .vae import VAE, BernoulliVAE, GaussianVAE
 from .vqvae import VQVAE
 
@@ -14,6 +15,7 @@ MODELS = {
     "iwae": IWAE,
     "ae": Autoencoder,
     "vqvae": VQVAE,
+    "made": MADEPrior,  # the learned prior over a VQ-VAE's codes (npvae train-prior)
 }
 # The kinds the command line trains, checks and tours ("vae" needs a likelihood named).
 KINDS = ("vae-gaussian", "vae-bernoulli", "ae", "vqvae")
@@ -28,4 +30,4 @@ def build(config: dict, rng=0) -> Model:
     return MODELS[kind](**config, rng=rng)
 
 
-__all__ = ["Autoencoder", "BernoulliVAE", "GaussianVAE", "IWAE", "KINDS", "MODELS", "Model", "VAE", "VQVAE", "build"]
+__all__ = ["Autoencoder", "BernoulliVAE", "GaussianVAE", "IWAE", "KINDS", "MADEPrior", "MODELS", "Model", "VAE", "VQVAE", "build"]

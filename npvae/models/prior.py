@@ -1,0 +1,225 @@
+"""A learned prior over a VQ-VAE's codes: MADE (Germain et al. 2015), a masked autoregressive MLP.
+
+A VQ-VAE describes an image by M code indices c = (c_1, ..., c_M), each one of K. The
+tutorial's prior is uniform, p(c) = K^-M, so decoding uniformly drawn codes gives noise:
+almost none of the K^M combinations is a digit. This model learns p(c) from the codes of
+the training set, one position at a time (the chain rule, exact for any order):
+
+    log p(c) = sum_m log p(c_m | c_<m)                                             (MADE.1)
+
+The input is the one-hot codes x (N, M K), position m in columns m K .. m K + K - 1. Every
+layer is a masked linear layer (MADE.4); each unit carries a degree, and the masks (MADE.2-3)
+let the logits of position m see the codes of positions < m only, whatever M is (a 7x7 code
+map is M = 49 positions in raster order). The output layer also reads x directly (the
+"direct connections" of the MADE paper), a linear path that learns pairwise statistics fast.
+
+    h_0 = x;   h_{l+1} = act(h_l (W_l * A_l) + b_l)               l = 0 .. L-1   (MADE.4)
+    logits = [h_L, x] (W_out * A_out) + b_out,   (N, M K) -> (N, M, K)            (MADE.4)
+    loss = (1/N) sum_n sum_m xent(logits_nm, c_nm) = mean_n -log p(c_n)   (MADE.1) (XENT.1)
+
+In a VQ-VAE with this prior, KL(q(c|x) || p(c)) = -log p(c(x)) for the point mass q on the
+chosen codes, so the ELBO gains exactly what the prior learns over M log K
+(docs/derivations.md, section 10.1).
+
+Parameters: ``hid.{l}.W`` (I_l, H_l), ``hid.{l}.b`` (H_l,), ``out.W`` (H_L + M K, M K),
+``out.b`` (M K,). Letters: N batch, M positions, K codes, H hidden width.
+docs/derivations.md, section MADE.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import _validate as v
+from ..ops.activations import activation_backward, activation_code, activation_forward
+from ..ops.masked import masked_linear_backward, masked_linear_forward
+from ..ops.mlp import init_scale
+from ..ops.softmax import log_softmax, softmax_xent_backward, softmax_xent_forward
+from .base import Model, as_rng, trusted
+
+
+def input_degrees(num_vectors: int, num_codes: int) -> np.ndarray:
+    """(M K,) the degree of each one-hot input: m + 1 for the K columns of position m."""
+    return np.repeat(np.arange(1, num_vectors + 1), num_codes)
+
+
+def hidden_degrees(width: int, num_vectors: int) -> np.ndarray:
+    """(H,) degrees 1 .. M-1 in turn (MADE.2); all 1 when M = 1 (then nothing reaches the output)."""
+    return 1 + np.arange(width) % max(num_vectors - 1, 1)
+
+
+def made_masks(num_vectors: int, num_codes: int, hidden) -> list:
+    """The masks of every layer, float 0/1, input layer first, the output layer last.
+
+    Hidden layer l: A[i, j] = [deg_l(j) >= deg_{l-1}(i)]                          (MADE.2)
+    Output layer:   A[i, j] = [deg_out(j) > deg_in(i)], its inputs [h_L, x]       (MADE.3)
+
+    Position m (counted from 0) has degree m + 1. By induction over the layers, a hidden
+    unit of degree d depends only on inputs of degree <= d, the positions 0 .. d - 1. The
+    logits of position m have degree m + 1 and see only units and inputs of degree <= m,
+    so they depend on positions 0 .. m - 1 alone: on c_<m, never on c_m or later.
+    """
+    prev = input_degrees(num_vectors, num_codes)
+    d_in = prev
+    masks = []
+    for width in hidden:
+        deg = hidden_degrees(width, num_vectors)
+        masks.append((deg[None, :] >= prev[:, None]).astype(np.float64))  # (I, H)  (MADE.2)
+        prev = deg
+    into_out = np.concatenate([prev, d_in]) if hidden else d_in  # [h_L, x]
+    masks.append((d_in[None, :] > into_out[:, None]).astype(np.float64))  # (H_L + M K, M K)  (MADE.3)
+    return masks
+
+
+class PriorCache(NamedTuple):
+    layers: list  # (masked-linear cache, activation cache) per hidden layer
+    out: tuple  # the output layer's masked-linear cache
+    xent: tuple  # the cross-entropy's cache
+    hidden: int  # H_L, the width of the last hidden layer (0 without hidden layers)
+
+
+class MADEPrior(Model):
+    """p(c) over M code indices in [0, K), autoregressive in raster order (MADE.1-5).
+
+    ``x`` for :meth:`loss_and_grads` is the one-hot codes (N, M K) of the model's dtype
+    (:meth:`one_hot` makes it), so the training loop trains it like any other model.
+    Weights start at :func:`npvae.ops.mlp.init_scale` over the unmasked inputs, biases at 0.
+    """
+
+    kind = "made"
+
+    def __init__(self, num_codes: int = 128, num_vectors: int = 4, hidden=(512,),
+                 activation: str = "relu", data_dim: int | None = None, dtype=np.float32, rng=0):
+        K, M = int(num_codes), int(num_vectors)
+        if K < 2 or M < 1:
+            raise ValueError(f"need num_codes >= 2 and num_vectors >= 1, got {num_codes} and {num_vectors}")
+        hidden = tuple(int(h) for h in hidden)
+        if any(h < 1 for h in hidden):
+            raise ValueError(f"hidden sizes must be >= 1, got {list(hidden)}")
+        activation_code(activation)
+        if data_dim is not None and int(data_dim) != M * K:
+            raise ValueError(f"data_dim must be num_vectors * num_codes = {M * K}, got {data_dim}")
+        self.K, self.M, self.hidden = K, M, hidden
+        sizes = (M * K, *hidden)
+        shapes = {}
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            shapes[f"hid.{i}.W"], shapes[f"hid.{i}.b"] = (n_in, n_out), (n_out,)
+        width = (hidden[-1] if hidden else 0) + M * K
+        shapes["out.W"], shapes["out.b"] = (width, M * K), (M * K,)
+        config = dict(num_codes=K, num_vectors=M, hidden=list(hidden), activation=activation,
+                      data_dim=M * K)
+        super().__init__(shapes, dtype, config)
+        self.masks = [m.astype(self.dtype) for m in made_masks(M, K, hidden)]  # rebuilt, never saved
+        rng = as_rng(rng)
+        weights = [f"hid.{i}.W" for i in range(len(hidden))] + ["out.W"]
+        for name, mask in zip(weights, self.masks):
+            fan_in = max(float(mask.sum(axis=0).mean()), 1.0)  # inputs an output unit really sees
+            act = activation if name != "out.W" else "identity"
+            W = rng.standard_normal(mask.shape) * init_scale(fan_in, mask.shape[1], act)
+            self.params[name] = W * mask  # masked entries start (and stay) at 0
+
+    # -- inputs ---------------------------------------------------------------------
+    def one_hot(self, idx) -> np.ndarray:
+        """idx (N, M) integers in [0, K) -> x (N, M K) of the model's dtype."""
+        idx = self.check_idx(idx)
+        x = np.zeros((idx.shape[0], self.M * self.K), dtype=self.dtype)
+        cols = idx + self.K * np.arange(self.M)  # (N, M)  column of each code
+        np.put_along_axis(x, cols, 1.0, axis=1)
+        return x
+
+    def check_idx(self, idx) -> np.ndarray:
+        idx = np.asarray(idx)
+        if idx.dtype.kind not in "iu" or idx.ndim != 2 or idx.shape[1] != self.M:
+            raise ValueError(f"codes must be integers of shape (N, {self.M}), got "
+                             f"{idx.dtype} {idx.shape}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.K):
+            raise ValueError(f"codes must lie in [0, {self.K}), got values from {idx.min()} "
+                             f"to {idx.max()}")
+        return idx.astype(np.int64, copy=False)
+
+    def codes_of(self, x) -> np.ndarray:
+        """One-hot x (N, M K) -> idx (N, M), refusing rows that are not one-hot per position."""
+        x = self.check_x(x)
+        groups = x.reshape(x.shape[0], self.M, self.K)
+        if not (np.all((groups == 0) | (groups == 1)) and np.all(groups.sum(axis=2) == 1)):
+            raise ValueError(f"x must be one-hot codes: in every row, each of the {self.M} blocks "
+                             f"of {self.K} columns holds a single 1 and zeros (make it with "
+                             f"MADEPrior.one_hot)")
+        return groups.argmax(axis=2)
+
+    # -- forward and backward ---------------------------------------------------------
+    def _forward(self, x):
+        """x (N, M K) one-hot -> logits (N, M, K) and the caches backward needs."""
+        p, act = self.params, self.config["activation"]
+        h, layers = x, []
+        for i, mask in enumerate(self.masks[:-1]):
+            a, lin = masked_linear_forward(h, p[f"hid.{i}.W"], mask, p[f"hid.{i}.b"])  # (N, H)  (MADE.4)
+            h, act_cache = activation_forward(a, act)  # (N, H)
+            layers.append((lin, act_cache))
+        h_out = np.concatenate([h, x], axis=1) if layers else x  # (N, H_L + M K)  [h_L, x]
+        logits, out = masked_linear_forward(h_out, p["out.W"], self.masks[-1], p["out.b"])  # (MADE.4)
+        return logits.reshape(x.shape[0], self.M, self.K), layers, out
+
+    def loss_and_grads(self, x, *, rng=None, eps=None, step=None, out=None, tape=None):
+        """Mean over the batch of -log p(c) (MADE.1), in nats per example; no noise: rng, eps, step unused."""
+        idx = self.codes_of(x)  # (N, M)
+        n = x.shape[0]
+        with trusted():  # x was checked above
+            # ---- forward
+            logits, layers, out_cache = self._forward(x)  # (N, M, K)
+            xent, xent_cache = softmax_xent_forward(logits, idx)  # (N, M)  (XENT.1)
+            nll = xent.sum(axis=1, dtype=np.float64)  # (N,)  -log p(c_n)  (MADE.1)
+            loss = float(nll.mean())  # ()
+
+            # ---- reverse
+            grads = self.new_grads(out)
+            dxent = np.full((n, self.M), 1.0 / n, dtype=self.dtype)  # (N, M)  d loss / d xent_nm
+            dlogits, _ = softmax_xent_backward(dxent, xent_cache)  # (N, M, K)  (XENT.2)
+            dh_out, _, _, _ = masked_linear_backward(
+                dlogits.reshape(n, -1), out_cache, dW=grads["out.W"], db=grads["out.b"])  # (MADE.5)
+            dh = dh_out[:, :dh_out.shape[1] - self.M * self.K]  # (N, H_L)  the x part: data, dropped
+            for i in reversed(range(len(layers))):
+                lin, act_cache = layers[i]
+                da = activation_backward(dh, act_cache)  # (N, H_i)  (ACT)
+                dh, _, _, _ = masked_linear_backward(
+                    da, lin, dW=grads[f"hid.{i}.W"], db=grads[f"hid.{i}.b"])  # (MADE.5)
+            if tape is not None:
+                tape.update(dlogits=dlogits)
+        stats = dict(loss=loss, nats=loss, bits_per_code=loss / (self.M * math.log(2.0)))
+        return loss, grads, stats
+
+    # -- using the model ----------------------------------------------------------------
+    def log_prob(self, idx, batch_size: int = 1000) -> np.ndarray:
+        """log p(c) (N,) float64 in nats, for codes idx (N, M)  (MADE.1)."""
+        idx = self.check_idx(idx)
+        out = np.empty(idx.shape[0])
+        for start in range(0, idx.shape[0], batch_size):
+            part = idx[start:start + batch_size]
+            logits, _, _ = self._forward(self.one_hot(part))  # (B, M, K)
+            logp = log_softmax(logits.astype(np.float64))  # (B, M, K)  (XENT.1)
+            out[start:start + batch_size] = np.take_along_axis(
+                logp, part[..., None], axis=2)[..., 0].sum(axis=1)  # (B,)  (MADE.1)
+        return out
+
+    def conditional_logits(self, idx) -> np.ndarray:
+        """The logits of p(c_m | c_<m) at every position, (N, M, K), for codes idx (N, M)."""
+        return self._forward(self.one_hot(idx))[0]
+
+    def sample(self, n: int, rng, temperature: float = 1.0) -> np.ndarray:
+        """n code sequences (n, M) int64 drawn one position at a time  (MADE.6).
+
+        c_m ~ softmax(logits_m / T) given the c_<m already drawn; ``temperature`` T > 0
+        (T = 1 samples p(c); T < 1 sharpens it, T > 1 flattens it).
+        """
+        temperature = v.positive("temperature", temperature)
+        rng = as_rng(rng)
+        n = int(n)
+        idx = np.zeros((n, self.M), dtype=np.int64)
+        for m in range(self.M):  # position m reads only c_<m, drawn already (MADE.3)
+            logits = self.conditional_logits(idx)[:, m].astype(np.float64)  # (n, K)
+            p = np.exp(log_softmax(logits / temperature))  # (n, K)  (MADE.6)
+            u = rng.random((n, 1))  # (n, 1)  one uniform per draw: inverse CDF
+            idx[:, m] = np.minimum((np.cumsum(p, axis=1) < u).sum(axis=1), self.K - 1)
+        return idx
