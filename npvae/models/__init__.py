@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .autoencoder import Autoencoder
 from .base import Model
+from .conv_vae import ConvVAE
 from .iwae import IWAE
 from .prior import MADEPrior
 from .vae import VAE, BernoulliVAE, GaussianVAE
@@ -14,6 +15,7 @@ MODELS = {
     "vae": VAE,
     "iwae": IWAE,
     "ae": Autoencoder,
+    "conv-vae": ConvVAE,
     "vqvae": VQVAE,
     "made": MADEPrior,  # the learned prior over a VQ-VAE's codes (npvae train-prior)
 }
@@ -30,4 +32,4 @@ def build(config: dict, rng=0) -> Model:
     return MODELS[kind](**config, rng=rng)
 
 
-__all__ = ["Autoencoder", "BernoulliVAE", "GaussianVAE", "IWAE", "KINDS", "MADEPrior", "MODELS", "Model", "VAE", "VQVAE", "build"]
+__all__ = ["Autoencoder", "BernoulliVAE", "ConvVAE", "GaussianVAE", "IWAE", "KINDS", "MADEPrior", "MODELS", "Model", "VAE", "VQVAE", "build"]

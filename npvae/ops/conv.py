@@ -161,14 +161,19 @@ def conv2d_forward(x, w, b, stride: int = 1, pad: int = 0):
     return np.ascontiguousarray(y), ConvCache(cols, w, x.shape, stride, pad)
 
 
-def conv2d_backward(dy, cache: ConvCache):
-    """dy (N, F, OH, OW) -> dx (N, C, H, W), dw (F, C, KH, KW), db (F,)  (CONV.2-4)."""
+def conv2d_backward(dy, cache: ConvCache, need_dx: bool = True):
+    """dy (N, F, OH, OW) -> dx (N, C, H, W), dw (F, C, KH, KW), db (F,)  (CONV.2-4).
+
+    ``need_dx=False`` when x is data: dx is then None and its product is skipped.
+    """
     cols, w, x_shape, stride, pad = cache
     f, c, kh, kw = w.shape
     n, _, oh, ow = dy.shape
     g = dy.transpose(0, 2, 3, 1).reshape(n * oh * ow, f)  # (N*OH*OW, F)
     dw = (g.T @ cols).reshape(w.shape)  # (F, C, KH, KW)  (CONV.3)
     db = g.sum(axis=0)  # (F,)  (CONV.4)
+    if not need_dx:
+        return None, dw, db
     dcols = (g @ w.reshape(f, -1)).reshape(n, oh, ow, c, kh, kw)  # (N, OH, OW, C, KH, KW)
     dx = _col2im(dcols, x_shape, kh, kw, stride, pad, dy.dtype)  # (N, C, H, W)  (CONV.2)
     return dx, dw, db

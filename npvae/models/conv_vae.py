@@ -1,0 +1,207 @@
+"""A VAE with a convolutional encoder and a transposed-convolution decoder.
+
+The objective is the VAE's (OBJ.1): a Bernoulli or Gaussian decoder, the closed-form KL,
+one reparameterized sample. Only the two networks change. For 28 x 28 images and the
+default channels (32, 64):
+
+    encoder  x (N, 1, 28, 28) -> conv 4x4/2 -> ReLU (N, 32, 14, 14) -> conv 4x4/2 -> ReLU
+             (N, 64, 7, 7) -> flatten (N, 3136) -> dense -> [mu, logvar] (N, 2Z)     (CONV.1)
+    decoder  z (N, Z) -> dense -> ReLU (N, 3136) -> (N, 64, 7, 7) -> conv^T 4x4/2 -> ReLU
+             (N, 32, 14, 14) -> conv^T 4x4/2 -> logits or means (N, 1, 28, 28)        (CONVT.1)
+
+Each stride-2 layer halves (or doubles) the side: padding 1 with a 4 x 4 kernel maps
+28 -> 14 -> 7 exactly, so the image side must be divisible by 4. Data arrive flat, (N, D)
+with D = C H W, as for every npvae model, and are reshaped here.
+
+Parameters: ``enc.conv{i}.w/b``, ``enc.fc.W/b``, ``dec.fc.W/b``, ``dec.convT{i}.w/b``.
+docs/derivations.md, sections CONV and VAE.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..ops import (
+    activation_backward, activation_forward, gaussian_kl_backward, gaussian_kl_forward,
+    linear_backward, linear_forward, reparameterize_backward, reparameterize_forward,
+)
+from ..ops.conv import (
+    conv2d_backward, conv2d_forward, conv_transpose2d_backward, conv_transpose2d_forward,
+)
+from .base import ContinuousLatentModel, as_rng, check_likelihood, kl_weight, likelihood_backward, \
+    likelihood_forward, trusted
+from .vae import VAE
+
+KERNEL, STRIDE, PAD = 4, 2, 1  # each layer halves or doubles the side
+
+
+class ConvVAE(VAE):
+    """A VAE (OBJ.1) whose encoder and decoder are convolutional; see the module docstring.
+
+    It is a :class:`VAE` for evaluation and the command line: ``encode`` gives (mu,
+    logvar), ``decoder_output`` the decoder's raw output.
+    """
+
+    kind = "conv-vae"
+
+    def __init__(self, image_shape=(1, 28, 28), channels=(32, 64), latent: int = 20,
+                 likelihood: str = "bernoulli", sigma2: float = 1.0, beta: float = 1.0,
+                 warmup_steps: int = 0, dtype=np.float32, rng=0, data_dim=None,
+                 free_bits: float = 0.0, activation: str = "relu", hidden=()):
+        # data_dim, free_bits, activation and hidden are in the config so that code written
+        # for the MLP VAE finds them; here they are fixed by the architecture
+        c, h, w = (int(s) for s in image_shape)
+        if data_dim is not None and int(data_dim) != c * h * w:
+            raise ValueError(f"data_dim {data_dim} does not match image_shape {image_shape}")
+        if free_bits or activation != "relu" or list(hidden):
+            raise ValueError("ConvVAE has ReLU layers, no hidden list and no free bits")
+        channels = tuple(int(k) for k in channels)
+        side_factor = STRIDE ** len(channels)
+        if min(c, h, w, int(latent)) < 1 or not channels or min(channels) < 1:
+            raise ValueError(f"image_shape, channels and latent must be positive, got "
+                             f"{image_shape}, {channels}, {latent}")
+        if h % side_factor or w % side_factor:
+            raise ValueError(f"with {len(channels)} stride-2 layers the image sides must be "
+                             f"divisible by {side_factor}, got {h}x{w}")
+        if not (math.isfinite(beta) and beta >= 0) or int(warmup_steps) < 0:
+            raise ValueError(f"beta must be finite and >= 0 and warmup_steps >= 0, got "
+                             f"{beta}, {warmup_steps}")
+        sigma2 = check_likelihood(likelihood, sigma2)
+        self.latent = int(latent)
+        self.image_shape = (c, h, w)
+        self.map_shape = (channels[-1], h // side_factor, w // side_factor)  # (K, h', w')
+        flat = int(np.prod(self.map_shape))
+        shapes = {}
+        for i, (k_in, k_out) in enumerate(zip((c,) + channels[:-1], channels)):
+            shapes[f"enc.conv{i}.w"], shapes[f"enc.conv{i}.b"] = (k_out, k_in, KERNEL, KERNEL), (k_out,)
+        shapes["enc.fc.W"], shapes["enc.fc.b"] = (flat, 2 * self.latent), (2 * self.latent,)
+        shapes["dec.fc.W"], shapes["dec.fc.b"] = (self.latent, flat), (flat,)
+        up = channels[::-1] + (c,)
+        for i, (k_in, k_out) in enumerate(zip(up[:-1], up[1:])):
+            shapes[f"dec.convT{i}.w"], shapes[f"dec.convT{i}.b"] = (k_in, k_out, KERNEL, KERNEL), (k_out,)
+        config = dict(data_dim=c * h * w, image_shape=[c, h, w], channels=list(channels),
+                      latent=self.latent, likelihood=likelihood, sigma2=sigma2, beta=float(beta),
+                      warmup_steps=int(warmup_steps), free_bits=0.0, activation="relu",
+                      hidden=[])
+        ContinuousLatentModel.__init__(self, shapes, dtype, config)
+        self.n_conv = len(channels)
+        self._init_weights(as_rng(rng))
+
+    def _init_weights(self, rng):
+        """He-normal weights for layers before a ReLU (fan-in C KH KW), Glorot for the
+        heads; biases at zero."""
+        for name, p in self.params.items():
+            if name.endswith(".b"):
+                p[...] = 0.0
+                continue
+            if name.endswith(".w") and ".convT" in name:
+                fan_in = p.shape[0] * p.shape[2] * p.shape[3] / (STRIDE * STRIDE)
+            elif name.endswith(".w"):
+                fan_in = p.shape[1] * p.shape[2] * p.shape[3]
+            else:
+                fan_in = p.shape[0]
+            head = name in ("enc.fc.W", f"dec.convT{self.n_conv - 1}.w")  # no ReLU follows
+            std = math.sqrt((1.0 if head else 2.0) / fan_in)
+            p[...] = rng.standard_normal(p.shape) * std
+
+    # -- the two networks: forward, and backward from the caches ---------------------
+    def _encoder_forward(self, x):
+        """x (N, D) -> enc (N, 2Z), caches."""
+        p, caches = self.params, []
+        h = x.reshape((x.shape[0],) + self.image_shape)  # (N, C, H, W)
+        for i in range(self.n_conv):
+            a, conv_cache = conv2d_forward(h, p[f"enc.conv{i}.w"], p[f"enc.conv{i}.b"], STRIDE, PAD)
+            h, act_cache = activation_forward(a, "relu")  # (N, K_i, H_i, W_i)  (CONV.1, ACT.1)
+            caches.append((conv_cache, act_cache))
+        enc, fc_cache = linear_forward(h.reshape(h.shape[0], -1), p["enc.fc.W"], p["enc.fc.b"])
+        return enc, (caches, fc_cache, h.shape)  # (N, 2Z)  (LIN.1)
+
+    def _encoder_backward(self, denc, cache, grads):
+        caches, fc_cache, map_shape = cache
+        dflat, grads["enc.fc.W"][...], grads["enc.fc.b"][...] = linear_backward(denc, fc_cache)
+        dh = dflat.reshape(map_shape)  # (N, K, h', w')  (LIN.2-4)
+        for i in reversed(range(self.n_conv)):
+            conv_cache, act_cache = caches[i]
+            da = activation_backward(dh, act_cache)  # (ACT.1)
+            dh, grads[f"enc.conv{i}.w"][...], grads[f"enc.conv{i}.b"][...] = \
+                conv2d_backward(da, conv_cache, need_dx=i > 0)  # x is data: no dx  (CONV.2-4)
+
+    def _decoder_forward(self, z):
+        """z (N, Z) -> the decoder's raw output (N, D), caches."""
+        p = self.params
+        a, fc_cache = linear_forward(z, p["dec.fc.W"], p["dec.fc.b"])  # (N, K h' w')  (LIN.1)
+        h, fc_act = activation_forward(a, "relu")
+        h = h.reshape((z.shape[0],) + self.map_shape)  # (N, K, h', w')
+        caches = []
+        for i in range(self.n_conv):
+            a, conv_cache = conv_transpose2d_forward(h, p[f"dec.convT{i}.w"], p[f"dec.convT{i}.b"],
+                                                     STRIDE, PAD)  # (CONVT.1)
+            act_cache = None
+            if i < self.n_conv - 1:
+                a, act_cache = activation_forward(a, "relu")
+            caches.append((conv_cache, act_cache))
+            h = a
+        return h.reshape(z.shape[0], -1), (fc_cache, fc_act, caches)  # (N, D)
+
+    def _decoder_backward(self, dout, cache, grads):
+        fc_cache, fc_act, caches = cache
+        dh = dout.reshape((dout.shape[0],) + self.image_shape)
+        for i in reversed(range(self.n_conv)):
+            conv_cache, act_cache = caches[i]
+            if act_cache is not None:
+                dh = activation_backward(dh, act_cache)  # (ACT.1)
+            dh, grads[f"dec.convT{i}.w"][...], grads[f"dec.convT{i}.b"][...] = \
+                conv_transpose2d_backward(dh, conv_cache)  # (CONVT.2)
+        da = activation_backward(dh.reshape(dh.shape[0], -1), fc_act)  # (ACT.1)
+        dz, grads["dec.fc.W"][...], grads["dec.fc.b"][...] = linear_backward(da, fc_cache)
+        return dz  # (N, Z)  (LIN.2)
+
+    # -- the objective: the VAE's, node by node -------------------------------------
+    def loss_and_grads(self, x, *, rng=None, eps=None, step=None, out=None):
+        """(OBJ.1) with the convolutional networks. x (N, D); eps (N, Z) fixes the noise."""
+        cfg = self.config
+        x = self.check_x(x)
+        n, z_dim = x.shape[0], self.latent
+        w = kl_weight(cfg["beta"], cfg["warmup_steps"], step)
+        with trusted():
+            # ---- forward
+            enc, enc_cache = self._encoder_forward(x)  # (N, 2Z)
+            mu, logvar = enc[:, :z_dim], enc[:, z_dim:]  # (N, Z) each  (VAE.1)
+            eps = self.noise((n, z_dim), rng, eps)
+            z, rep_cache = reparameterize_forward(mu, logvar, eps)  # (N, Z)  (REP.1)
+            dec_out, dec_cache = self._decoder_forward(z)  # (N, D)  (VAE.2)
+            logp, lik_cache = likelihood_forward(cfg["likelihood"], dec_out, x, cfg["sigma2"])
+            kl_dim, kl_cache = gaussian_kl_forward(mu, logvar)  # (N, Z)  (KL.1)
+            kl = kl_dim.sum(axis=1)  # (N,)
+            recon = -logp.mean()
+            loss = recon + w * kl.mean()  # (OBJ.1)
+            # ---- reverse
+            grads = self.new_grads(out)
+            dlogp = np.full(n, -1.0 / n, dtype=self.dtype)  # (N,)
+            ddec = likelihood_backward(cfg["likelihood"], dlogp, lik_cache)  # (N, D)  (LIK.2/4)
+            dz = self._decoder_backward(ddec, dec_cache, grads)  # (N, Z)
+            dmu, dlogvar = reparameterize_backward(dz, rep_cache)  # (REP.2, REP.3)
+            dmu_kl, dlogvar_kl = gaussian_kl_backward(np.full((n, z_dim), w / n, self.dtype),
+                                                      kl_cache)  # (KL.2, KL.3)
+            dmu += dmu_kl  # mu feeds both z and the KL: gradients add
+            dlogvar += dlogvar_kl
+            self._encoder_backward(np.concatenate([dmu, dlogvar], axis=1), enc_cache, grads)
+        stats = dict(loss=float(loss), recon=float(recon), kl=float(kl.mean()),
+                     elbo=float((logp - kl).mean()), kl_weight=w, kl_term=float(kl.mean()))
+        return float(loss), grads, stats
+
+    # -- using the model ---------------------------------------------------------------
+    def encode(self, x):
+        """x (N, D) -> mu (N, Z), logvar (N, Z) of q(z|x)."""
+        x = self.check_x(x)
+        enc, _ = self._encoder_forward(x)
+        return enc[:, :self.latent].copy(), enc[:, self.latent:].copy()
+
+    def decoder_output(self, z):
+        """z (N, Z) -> the decoder's raw output (N, D): Bernoulli logits or Gaussian means."""
+        z = np.asarray(z, dtype=self.dtype)
+        if z.ndim != 2 or z.shape[1] != self.latent:
+            raise ValueError(f"z must have shape (N, {self.latent}), got {z.shape}")
+        out, _ = self._decoder_forward(z)
+        return out
