@@ -726,7 +726,8 @@ def _train_run(given: dict, run_dir: Path) -> int:
     """`npvae train` once the run folder is locked: data, model, training, test ELBO, figures."""
     from . import evaluate
     from .models import build
-    from .train import check_writable, make_figures, side_rng, train
+    from .figures import make_figures
+    from .train import check_writable, side_rng, train
 
     if "resume" in given:
         ck = _load_run(given["resume"])
@@ -876,7 +877,8 @@ def _sample_run(ns) -> int:
 
 
 def cmd_plot(ns) -> int:
-    from .train import make_figures, run_lock, side_rng
+    from .figures import make_figures
+    from .train import run_lock, side_rng
 
     _set_backend(ns.backend)
     _announce_compilation()

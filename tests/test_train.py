@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 from npvae.checkpoint import CheckpointError, load_checkpoint
+from npvae.figures import make_figures
 from npvae.models import build
-from npvae.train import (
-    TrainingDiverged, TrainingInterrupted, make_figures, read_metrics, train,
-)
+from npvae.train import TrainingDiverged, TrainingInterrupted, read_metrics, train
 
 D = 64  # 8 x 8 "images" keep every run to a fraction of a second
 VAE = dict(kind="vae-bernoulli", data_dim=D, hidden=[16], latent=3, warmup_steps=7)
