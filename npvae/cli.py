@@ -139,6 +139,7 @@ examples:
   npvae sample RUN --n 64 --seed 1
   npvae gradcheck vae-bernoulli        check the hand-written gradients
   npvae tour vqvae                     follow one backward pass node by node
+  npvae train-prior RUN                fit a learned prior to a VQ-VAE's codes
 
 A run directory (RUN) holds checkpoint.npz, metrics.jsonl and the figures.
 Set NPVAE_DATA to choose where datasets are cached; NPVAE_BACKEND=numpy runs
@@ -322,6 +323,9 @@ def _add_sample(sub) -> None:
                    help=f"number of samples (default 64, at most {MAX_SAMPLES}: a 20 x 20 grid)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="default 0")
     p.add_argument("--out", metavar="PNG", help="output file (default RUN/samples-seed<SEED>.png)")
+    p.add_argument("--temperature", type=_positive_float, metavar="T",
+                   help="VQ-VAE with a learned prior (npvae train-prior): divide its logits by T "
+                        "> 0 (default 1; below 1 sharper, above 1 more varied)")
     _add_backend(p)
     p.set_defaults(func=cmd_sample)
 
@@ -417,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot(sub)
     _add_gradcheck(sub, KINDS)
     _add_tour(sub, KINDS)
+    from .prior_cli import add_train_prior_command  # `npvae train-prior`: a VQ-VAE's learned prior
+    add_train_prior_command(sub)
     from .exercises.cli import add_exercises_command  # `npvae exercises`: new, check, solutions
     add_exercises_command(sub)
     return parser
@@ -827,6 +833,9 @@ def _eval_run(ns) -> int:
     t0 = time.perf_counter()
     res = evaluate.evaluate_all(ck.model, x_test, side_rng(seed, "test-noise"), k=ns.k,
                                 batch_size=EVAL_BATCH)
+    if ck.model.config["kind"] == "vqvae":  # the learned prior's numbers, or the uniform one's
+        from .prior_cli import prior_eval
+        res.update(prior_eval(ck, x_test, res["recon"], seed))
     res = _jsonable(res)
     report = {"run": str(ck.path.parent), "checkpoint": str(ck.path), "epochs": ck.epoch,
               "model": ck.model.config["kind"], "test_images": len(x_test), "k": ns.k,
@@ -866,12 +875,19 @@ def _sample_run(ns) -> int:
     from .checkpoint import load_checkpoint
 
     ck = _load_run(ns.run) if _is_pretrained(ns.run) else load_checkpoint(ns.run)
-    images = ck.model.sample(ns.n, np.random.default_rng(ns.seed))
+    prior = "the prior"
+    if ck.model.config["kind"] == "vqvae":  # a learned prior if the run has one (npvae train-prior)
+        from .prior_cli import sample_images
+        images, prior = sample_images(ck, ns.n, np.random.default_rng(ns.seed), ns.temperature)
+    elif ns.temperature is not None:
+        raise UsageError("--temperature is for a VQ-VAE with a learned prior (npvae train-prior)")
+    else:
+        images = ck.model.sample(ns.n, np.random.default_rng(ns.seed))
     out = Path(ns.out) if ns.out else ck.path.parent / f"samples-seed{ns.seed}.png"
     if _is_pretrained(ns.run) and not ns.out:  # into the current folder, not the package
         out = Path(f"samples-{ck.path.stem}-seed{ns.seed}.png")
     plots.save_samples(out, np.clip(images, 0.0, 1.0), ncols=math.ceil(math.sqrt(ns.n)),
-                       title=f"{ns.n} samples from the prior (seed {ns.seed})")
+                       title=f"{ns.n} samples from {prior} (seed {ns.seed})")
     print(f"wrote {out}")
     return 0
 

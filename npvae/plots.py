@@ -338,6 +338,28 @@ def save_samples(path: PathLike, images, ncols: int = 10, image_shape=(28, 28),
     return _write_png(fig, p)
 
 
+def save_side_by_side(path: PathLike, left, right, ncols: int = 8, image_shape=(28, 28),
+                      titles=("", "")) -> Path:
+    """Two grids of images side by side, each with its title (e.g. samples from two priors)."""
+    p = _check_path(path)
+    shape = _check_image_shape(image_shape)
+    grids = [_tile(_images(name, images, shape), min(_int_arg("ncols", ncols, 1), len(images)),
+                   1, PAD_VALUE) for name, images in (("left", left), ("right", right))]
+    h = max(g.shape[0] for g in grids) * _PIXEL_SCALE / DPI
+    w = sum(g.shape[1] for g in grids) * _PIXEL_SCALE / DPI
+    shrink = min(1.0, _MAX_INCHES / max(w, h))
+    fig = _new_figure(w * shrink + 0.8, h * shrink + 0.7)
+    for i, (grid, title) in enumerate(zip(grids, titles)):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.set_title(str(title), fontsize=9)
+    return _write_png(fig, p)
+
+
 def manifold_points(n: int = 20) -> tuple[np.ndarray, np.ndarray]:
     """Latent points for :func:`save_manifold` and the per-axis quantile values.
 

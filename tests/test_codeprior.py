@@ -1,0 +1,168 @@
+"""npvae train-prior, and the learned prior in npvae eval and npvae sample, on tiny fake data.
+
+A VQ-VAE with K = 8 codes and M = 3 code vectors is trained for one epoch on random
+images (no network); its prior is a masked MLP with 16 hidden units.
+"""
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from npvae import cli, data
+from npvae import train as train_module
+from npvae.checkpoint import load_checkpoint, save_checkpoint
+from npvae.codeprior import prior_dir, vqvae_identity
+from npvae.models import MADEPrior
+
+from test_cli import fake_load
+
+K, M = 8, 3
+VQ = ["train", "--model", "vqvae", "--hidden", "16", "--codes", str(K), "--code-dim", "2",
+      "--code-vectors", str(M), "--batch-size", "32", "--limit", "120", "--no-progress"]
+PRIOR = ["--hidden", "16", "--batch-size", "32", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def fake_data(monkeypatch):
+    monkeypatch.setattr(data, "load", fake_load)
+
+
+@pytest.fixture(scope="module")
+def vq_run(tmp_path_factory):
+    """A trained VQ-VAE run without a prior; tests copy it before writing into it."""
+    run = tmp_path_factory.mktemp("prior") / "vq"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(data, "load", fake_load)
+    try:
+        assert cli.main([*VQ, "--epochs", "1", "--out", str(run)]) == 0
+    finally:
+        mp.undo()
+    return run
+
+
+@pytest.fixture
+def run(vq_run, tmp_path):
+    copy = tmp_path / "vq"
+    shutil.copytree(vq_run, copy)
+    return copy
+
+
+def main(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_evaluate_prior_reports_both_bounds(run, capsys):
+    code, out, _ = main(capsys, "train-prior", run, *PRIOR, "--epochs", "2")
+    assert code == 0, out
+    assert "prior test cross-entropy" in out
+    pdir = prior_dir(run)
+    assert {"checkpoint.npz", "metrics.jsonl", "samples.png"} <= {p.name for p in pdir.iterdir()}
+    assert len(pdir.joinpath("metrics.jsonl").read_text().splitlines()) == 2
+
+    code, _, _ = main(capsys, "eval", run, "--k", "0")
+    assert code == 0
+    report = json.loads((run / "eval.json").read_text())
+    assert report["prior"] == "learned"
+    assert math.isclose(report["uniform_prior_nats"], M * math.log(K))
+    assert math.isclose(report["nll_bound_learned_prior"], report["recon"] + report["prior_nats"])
+    assert math.isclose(report["nll_bound_uniform_prior"], report["recon"] + M * math.log(K))
+    assert math.isclose(report["prior_perplexity"], math.exp(report["prior_nats"] / M))
+    # the cross-entropy, computed independently: -mean log p(c(x)) over the test codes
+    vq, prior = load_checkpoint(run).model, load_checkpoint(prior_dir(run)).model
+    _, _, x_test = cli._test_set(load_checkpoint(run).args)
+    assert math.isclose(report["prior_nats"], -prior.log_prob(vq.assign(x_test)).mean(), rel_tol=1e-9)
+    assert 0 < report["prior_sample_used_fraction"] <= 1
+
+
+def test_eval_without_a_prior_reports_the_uniform_bound(run, capsys):
+    assert main(capsys, "eval", run, "--k", "0")[0] == 0
+    report = json.loads((run / "eval.json").read_text())
+    assert report["prior"] == "uniform" and "prior_nats" not in report
+    assert math.isclose(report["nll_bound_uniform_prior"], -report["elbo"])
+
+
+def test_sample_says_which_prior_drew_the_codes(run, capsys):
+    code, _, err = main(capsys, "sample", run, "--n", "4")
+    assert code == 0 and "no learned prior" in err
+    code, _, err = main(capsys, "sample", run, "--n", "4", "--temperature", "0.5")
+    assert code == 2 and "--temperature needs a learned prior" in err
+    assert main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")[0] == 0
+    code, out, err = main(capsys, "sample", run, "--n", "4", "--temperature", "0.5", "--seed", "3")
+    assert code == 0 and "no learned prior" not in err
+    assert (run / "samples-seed3.png").exists()
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf"])
+def test_temperature_must_be_positive(run, capsys, bad):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["sample", str(run), "--temperature", bad])
+    assert info.value.code == 2
+    assert not list(run.glob("samples-seed*.png"))
+
+
+def test_resume_after_an_interruption_is_exact(run, tmp_path, capsys, monkeypatch):
+    """Stopped after epoch 1 of 3 (as Ctrl-C would stop it), resumed: the same parameters."""
+    other = tmp_path / "straight"
+    shutil.copytree(run, other)
+    assert main(capsys, "train-prior", other, *PRIOR, "--epochs", "3")[0] == 0
+
+    real = train_module.train
+
+    def stop_after_first_epoch(*args, **kwargs):
+        def stop(row):
+            raise KeyboardInterrupt
+        return real(*args, **kwargs, on_epoch_end=stop)
+
+    monkeypatch.setattr(train_module, "train", stop_after_first_epoch)
+    code, _, err = main(capsys, "train-prior", run, *PRIOR, "--epochs", "3")
+    assert code == 130
+    assert f"npvae train-prior {run} --resume" in err and "npvae train --resume" not in err
+    monkeypatch.setattr(train_module, "train", real)
+    assert main(capsys, "train-prior", run, "--resume", "--no-progress")[0] == 0
+    resumed, straight = load_checkpoint(prior_dir(run)), load_checkpoint(prior_dir(other))
+    assert resumed.epoch == straight.epoch == 3
+    np.testing.assert_array_equal(resumed.model.params.flat, straight.model.params.flat)
+
+
+def test_a_second_prior_needs_overwrite(run, capsys):
+    assert main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")[0] == 0
+    code, _, err = main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")
+    assert code == 2 and "already has a prior" in err
+    assert main(capsys, "train-prior", run, *PRIOR, "--epochs", "1", "--overwrite")[0] == 0
+    code, _, err = main(capsys, "train-prior", run, "--resume", "--hidden", "32")
+    assert code == 2 and "--hidden cannot be changed" in err
+
+
+def test_train_prior_refuses_a_run_that_is_not_a_vqvae(tmp_path, capsys):
+    vae = tmp_path / "vae"
+    assert cli.main(["train", "--hidden", "16", "--latent", "2", "--limit", "120",
+                     "--batch-size", "32", "--epochs", "1", "--no-progress", "--out", str(vae)]) == 0
+    capsys.readouterr()
+    code, _, err = main(capsys, "train-prior", vae)
+    assert code == 2 and "not a VQ-VAE" in err
+    assert not prior_dir(vae).exists()
+
+
+def test_a_prior_of_another_shape_is_refused(run, capsys):
+    """A prior over M = 2 codes in the run of an M = 3 VQ-VAE: eval and sample refuse it."""
+    vq_ck = load_checkpoint(run)
+    wrong = MADEPrior(num_codes=K, num_vectors=M - 1, hidden=(4,))
+    save_checkpoint(prior_dir(run) / "checkpoint.npz", wrong, None, np.random.default_rng(0),
+                    1, 1, [], {"vqvae": vqvae_identity(vq_ck)})
+    code, _, err = main(capsys, "eval", run, "--k", "0")
+    assert code == 2 and f"M = {M - 1}" in err and "--overwrite" in err
+    assert not (run / "eval.json").exists()
+    code, _, err = main(capsys, "sample", run, "--n", "4")
+    assert code == 2 and f"M = {M - 1}" in err
+    assert not list(run.glob("samples-seed*.png"))
+
+
+def test_a_prior_of_an_older_vqvae_is_refused(run, capsys):
+    assert main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")[0] == 0
+    assert main(capsys, "train", "--resume", run, "--epochs", "2", "--no-progress")[0] == 0
+    code, _, err = main(capsys, "sample", run, "--n", "4")
+    assert code == 2 and "has changed since" in err
