@@ -908,51 +908,24 @@ def cmd_plot(ns) -> int:
     return 0
 
 
-def gradcheck_model(kind: str, seed: int = 0, batch: int = 5):
-    """A small float64 model of ``kind``, a batch x in (0, 1) and fixed noise eps."""
-    from .models import build
-
-    rng = np.random.default_rng(seed)
-    data_dim, hidden = 12, [7]
-    if kind == "vqvae":
-        cfg = dict(kind=kind, data_dim=data_dim, hidden=hidden, num_codes=6, code_dim=3,
-                   num_vectors=2, likelihood="bernoulli", dtype="float64")
-    else:
-        cfg = dict(kind=kind, data_dim=data_dim, hidden=hidden, latent=3, dtype="float64")
-        if kind == "ae":
-            cfg["sampled"] = True
-    model = build(cfg, rng=seed)
-    x = rng.uniform(0.05, 0.95, size=(batch, data_dim))
-    eps = None if kind == "vqvae" else rng.standard_normal((batch, 3))
-    return model, x, eps
-
-
 def cmd_gradcheck(ns) -> int:
-    from .gradcheck import GradRow, check_model, numerical_gradient, rel_error
+    from .gradcheck import H, check_model
+    from .tour import tour_model
 
     _set_backend(ns.backend)
     _announce_compilation()
-    model, x, eps = gradcheck_model(ns.kind, ns.seed, ns.batch)
+    model, x, eps = tour_model(ns.kind, batch=ns.batch, seed=ns.seed)
     if ns.kind == "vqvae":
-        # The VQ loss is piecewise constant in the encoder output, so finite differences
-        # are taken of the straight-through objective, whose gradient is the one used.
+        # The VQ loss is piecewise constant in the encoder output: check_model takes finite
+        # differences of the straight-through objective, valid while no code can change.
         margin = model.assignment_margin(x)
         if margin < 1e-4:
             raise UsageError(f"seed {ns.seed} puts an encoder output almost exactly between two "
                              f"codes (margin {margin:.1e}); try another --seed")
-        f = model.straight_through_objective(x)
-        _, grads, _ = model.loss_and_grads(x)
-        grads = {k: np.array(g, dtype=np.float64) for k, g in grads.items()}
-        rows = []
-        for name, p in model.params.items():
-            num = numerical_gradient(f, p)
-            rows.append(GradRow(name, float(np.linalg.norm(grads[name])), float(np.linalg.norm(num)),
-                                rel_error(grads[name], num), p.size))
-    else:
-        rows = check_model(model, x, eps=eps)
+    rows = check_model(model, x, eps=eps)
     header = f"{'parameter':<12} {'entries':>7}  {'|analytic|':>11}  {'|numeric|':>11}  {'rel. error':>10}"
-    print(f"gradient check: {ns.kind}, float64, batch {ns.batch}, seed {ns.seed}, "
-          f"central differences h = 1e-6")
+    print(f"gradient check: {ns.kind}, float64, batch {ns.batch}, seed {ns.seed}, central "
+          f"differences at h = {H:g} and h/2 combined by Richardson extrapolation (GC.4)")
     print(header)
     print("-" * len(header))
     failed = []

@@ -602,7 +602,8 @@ def _title(model, x) -> str:
 
 
 def tour_model(kind: str, data_dim: int = 64, batch: int = 4, seed: int = 0):
-    """A small float64 model of ``kind`` (one hidden layer of 16), a batch x and noise eps.
+    """A small float64 model of ``kind`` (one hidden layer of 16), a batch x and noise eps:
+    what ``npvae tour`` walks through and ``npvae gradcheck`` checks.
 
     x (batch, data_dim) holds grey levels drawn uniformly from (0.05, 0.95) with ``seed``;
     eps (batch, Z) is standard normal (None for the VQ-VAE). The likelihood is each
@@ -644,7 +645,7 @@ def format_tour(nodes) -> str:
     if title:
         lines += [title, f"loss {nodes.loss:.6g} nats per example", ""]
     lines += ["The backward pass, node by node, from the loss to the first layer. Each node's",
-              "backward is checked on its own: central differences (h = 1e-4, extrapolated) of",
+              f"backward is checked on its own: central differences (h = {H:g}, extrapolated) of",
               "sum(dout * forward(inputs)), dout being the gradient that reached the node.", ""]
     for i, node in enumerate(nodes, 1):
         tags = "(" + ", ".join(node.tags) + ")"

@@ -10,6 +10,7 @@ import pytest
 
 from npvae import cli, data
 from npvae.checkpoint import load_checkpoint
+from npvae.tour import tour_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"train": 300, "test": 60}
@@ -271,7 +272,7 @@ def test_sample_and_plot(capsys, trained_run, tmp_path):
 def test_gradcheck_prints_one_row_per_parameter(capsys):
     code, out, err = run_cli(capsys, "gradcheck", "vae-bernoulli")
     assert code == 0, out + err
-    model, _, _ = cli.gradcheck_model("vae-bernoulli")
+    model, _, _ = tour_model("vae-bernoulli")
     rows = [line for line in out.splitlines() if line.split() and line.split()[0] in model.params]
     assert [r.split()[0] for r in rows] == list(model.params)
     assert "ok: all" in out
