@@ -127,6 +127,20 @@ def test_grader_fails_typical_wrong_answers(tmp_path, name, old, new):
     assert not result.passed and result.hint, result
 
 
+def test_an_answer_that_reuses_its_inputs_in_place_is_graded_on_its_values(tmp_path):
+    """Scaling dy or x in place inside backward must not corrupt the grader's own arrays."""
+    text = (SOLUTIONS / "fill" / "01_linear.py").read_text().replace(
+        "    dx = dy @ W.T  # (N, I)  (LIN.2)",
+        "    dy *= 2.0  # in place, then undone below\n    x *= 2.0\n"
+        "    dx = dy @ W.T / 2.0  # (N, I)  (LIN.2)")
+    text = text.replace("    dW = x.T @ dy  # (I, O)  (LIN.3)", "    dW = x.T @ dy / 4.0  # (I, O)  (LIN.3)")
+    text = text.replace("    db = dy.sum(axis=0)  # (O,)  (LIN.4)", "    db = dy.sum(axis=0) / 2.0  # (O,)  (LIN.4)")
+    (tmp_path / "fill").mkdir()
+    (tmp_path / "fill" / "01_linear.py").write_text(text)
+    result = grade(by_name("01_linear"), tmp_path)
+    assert result.passed, result
+
+
 # ---------------------------------------------------------------------------- against npvae's ops
 
 

@@ -151,9 +151,10 @@ def gradient_check(forward, backward, args, wrt, names, hints, rng, n_out=None):
     ``wrt`` maps an argument position to the position of its gradient in backward's
     result; ``names`` and ``hints`` are per argument position.
     """
-    out, cache = forward(*args)[:2]
+    fresh = [a.copy() if isinstance(a, np.ndarray) else a for a in args]  # the student's own
+    out, cache = forward(*fresh)[:2]
     g = rng.standard_normal(np.shape(out))  # random upstream gradient  (GC.2)
-    grads = as_tuple(backward(g, cache), n_out or len(wrt), backward.__name__)
+    grads = as_tuple(backward(g.copy(), cache), n_out or len(wrt), backward.__name__)
 
     def f():
         return float(np.sum(g * forward(*args)[0]))  # (GC.2)
