@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 
@@ -17,12 +18,13 @@ def add_exercises_command(sub) -> None:
     """Register ``npvae exercises`` on the subparsers of the main command."""
     p = sub.add_parser(
         "exercises", help="fill-in-the-backward exercises and bug hunts, with an autograder",
-        description="Exercises: write the backward pass of each op, and find the one planted "
-                    "bug in each of six small models. `new` writes them into a folder, `check` "
-                    "grades them with gradient checks in float64 (and forward checks where a "
-                    "gradient check cannot see the mistake).",
-        epilog="Example: npvae exercises new hw && edit hw/fill/01_linear.py && "
-               "npvae exercises check hw 01",
+        description=textwrap.fill(
+            "Exercises: write the backward pass of each op, and find the one planted bug in "
+            "each of six small models. `new` writes them into a folder, `check` grades them "
+            "with gradient checks in float64 (and value checks where a gradient check cannot "
+            "see the mistake), `solutions` writes the solved files.", width=79),
+        epilog="example:\n  npvae exercises new hw\n  (edit hw/fill/01_linear.py)\n"
+               "  npvae exercises check hw 01",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ex = p.add_subparsers(dest="exercises_command", metavar="ACTION", required=True)
     new = ex.add_parser("new", help="write the exercises into a new folder")
