@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_plot(sub)
     _add_gradcheck(sub, KINDS)
-    _add_tour(sub, KINDS)
+    _add_tour(sub, (*KINDS, "made"))  # made: the learned prior of a VQ-VAE (npvae train-prior)
     from .prior_cli import add_train_prior_command  # `npvae train-prior`: a VQ-VAE's learned prior
     add_train_prior_command(sub)
     from .exercises.cli import add_exercises_command  # `npvae exercises`: new, check, solutions

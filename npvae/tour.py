@@ -564,6 +564,10 @@ def tour(model, x, eps=None, *, max_entries: int | None = None) -> Tour:
         walk = _tour_vae if isinstance(model, VAE) else _tour_ae
         loss = walk(c, model, x, eps)
         model_loss, model_grads, _ = model.loss_and_grads(x, eps=eps)
+    elif getattr(model, "kind", None) == "made":  # the learned prior over a VQ-VAE's codes
+        from .tour_prior import tour_prior
+        loss = tour_prior(c, model, x)
+        model_loss, model_grads, _ = model.loss_and_grads(x)
     else:
         raise ValueError(f"the tour knows VAE, Autoencoder and VQVAE models, got "
                          f"{type(model).__name__}")
@@ -581,6 +585,9 @@ def tour(model, x, eps=None, *, max_entries: int | None = None) -> Tour:
 
 def _title(model, x) -> str:
     cfg, p = model.config, model.params
+    if cfg["kind"] == "made":
+        from .tour_prior import prior_title
+        return prior_title(model, x)
     n, d = x.shape
     side = math.isqrt(d)
     what = f" ({side}x{side} images)" if side * side == d else ""
@@ -611,6 +618,9 @@ def tour_model(kind: str, data_dim: int = 64, batch: int = 4, seed: int = 0):
     """
     from .models import build
 
+    if kind == "made":  # the learned prior: one-hot codes, M = 4 positions of K = 4 codes
+        from .tour_prior import prior_tour_model
+        return prior_tour_model(batch, seed)
     rng = np.random.default_rng(seed)
     cfg = dict(kind=kind, data_dim=int(data_dim), hidden=[16], dtype="float64")
     if kind == "vqvae":

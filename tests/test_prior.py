@@ -203,3 +203,23 @@ def test_prior_rebuilds_from_its_config_and_evaluates():
     res = evaluate.elbo(model, model.one_hot(idx))
     assert math.isclose(res["loss"], -model.log_prob(idx).mean(), rel_tol=1e-6)
     assert res["elbo"] == -res["loss"] and "kl" not in res
+
+
+# ----------------------------------------------------------------------------- the tour
+
+
+@pytest.mark.parametrize("hidden, activation", [((16,), "relu"), ((5, 6), "tanh"), ((), "relu")])
+def test_tour_of_the_prior_checks_every_node(hidden, activation):
+    """npvae tour made: every node passes its own check, and the gradients equal the model's."""
+    from npvae.tour import format_tour, tour, tour_model
+
+    model, x, _ = tour_model("made", batch=3, seed=1)
+    if hidden != (16,) or activation != "relu":
+        model = small_prior(model.K, model.M, hidden, activation, seed=2)
+        x = model.one_hot(np.random.default_rng(3).integers(model.K, size=(3, model.M)))
+    nodes = tour(model, x)
+    assert nodes.ok, format_tour(nodes)
+    assert set(nodes.grads) == set(model.params)
+    tags = {t for node in nodes for t in node.tags}
+    assert {"MADE.1", "XENT.2", "MADE.3", "MADE.5"} <= tags
+    assert ("MADE.2" in tags) == bool(hidden)
