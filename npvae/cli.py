@@ -289,7 +289,8 @@ def _add_eval(sub) -> None:
         "eval", help="evaluate a trained run on the test set",
         description=_wrap("Evaluate a run's checkpoint on the test set: the ELBO and its terms, the "
                     "importance-weighted log-likelihood estimate log p(x) with K samples, the "
-                    "number of active latent units and, for a VQ-VAE, codebook statistics. "
+                    "KL of each latent dimension, the number of active latent units and, for a "
+                    "VQ-VAE, codebook statistics. "
                     "Prints a table and writes RUN/eval.json (refused while another npvae "
                     "process writes into RUN)."),
         epilog="examples:\n  npvae eval runs/vae-bernoulli-20250101-120000\n"
@@ -808,6 +809,19 @@ def _jsonable(value):
     return value
 
 
+def _kl_per_dim_lines(kl) -> str:
+    """The KL of each latent dimension (EVAL.2), in nats per image: in order, then sorted."""
+    def row(label, values):
+        return textwrap.fill(" ".join(f"{v:.2f}" for v in values), width=92,
+                             initial_indent=f"  {label:<15}", subsequent_indent=" " * 17)
+
+    collapsed = sum(v < 0.01 for v in kl)
+    return "\n".join([
+        f"KL per latent dimension, nats per image (EVAL.2; they sum to kl; {collapsed} of "
+        f"{len(kl)} below 0.01):",
+        row("dimension 0..", kl), row("largest first", sorted(kl, reverse=True))])
+
+
 def cmd_eval(ns) -> int:
     from .train import run_lock
 
@@ -836,6 +850,9 @@ def _eval_run(ns) -> int:
     if ck.model.config["kind"] == "vqvae":  # the learned prior's numbers, or the uniform one's
         from .prior_cli import prior_eval
         res.update(prior_eval(ck, x_test, res["recon"], seed))
+    if evaluate.family(ck.model) in ("vae", "ae", "ae-sampled"):  # a Gaussian q(z|x)
+        res["kl_per_dim"] = evaluate.kl_per_dimension(ck.model, x_test,
+                                                      batch_size=EVAL_BATCH)  # (Z,)  (EVAL.2)
     res = _jsonable(res)
     report = {"run": str(ck.path.parent), "checkpoint": str(ck.path), "epochs": ck.epoch,
               "model": ck.model.config["kind"], "test_images": len(x_test), "k": ns.k,
@@ -848,6 +865,8 @@ def _eval_run(ns) -> int:
         if isinstance(value, (list, dict)):
             continue  # e.g. per-code counts: in eval.json
         print(f"{key:<{width}}  {_fmt(value)}")
+    if "kl_per_dim" in report:
+        print(_kl_per_dim_lines(report["kl_per_dim"]))
     if out is not None:
         print(f"written to {out}")
     return 0

@@ -121,6 +121,15 @@ def test_train_other_models(capsys, tmp_path, extra):
                              *extra)
     assert code == 0, err
     assert "test ELBO" in out
+    code, out, err = run_cli(capsys, "eval", str(tmp_path / "r"), "--k", "0")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r" / "eval.json").read_text())
+    if "vqvae" in extra:  # a point mass on codes: no KL per dimension
+        assert "kl_per_dim" not in report and "KL per latent dimension" not in out
+    else:
+        assert len(report["kl_per_dim"]) == 20  # the default --latent
+        assert sum(report["kl_per_dim"]) == pytest.approx(report["kl"], rel=1e-5)
+        assert "KL per latent dimension" in out
 
 
 def test_resume_continues_a_run(capsys, tmp_path):
@@ -249,6 +258,14 @@ def test_eval_writes_eval_json(capsys, trained_run):
         assert key in report and key in out
     assert report["test_images"] == SIZES["test"] and report["k"] == 8
     assert report["log_px"] >= report["elbo"] - 5.0  # a tighter bound, up to noise
+    # the KL of each latent dimension (EVAL.2): one value per dimension, summing to the KL
+    assert len(report["kl_per_dim"]) == 2 and min(report["kl_per_dim"]) >= 0
+    assert sum(report["kl_per_dim"]) == pytest.approx(report["kl"], rel=1e-5)
+    assert "KL per latent dimension" in out
+    by_dim = next(line for line in out.splitlines() if "dimension 0.." in line).split()[2:]
+    ranked = next(line for line in out.splitlines() if "largest first" in line).split()[2:]
+    assert by_dim == [f"{v:.2f}" for v in report["kl_per_dim"]]
+    assert ranked == sorted(by_dim, key=float, reverse=True)
 
 
 def test_sample_and_plot(capsys, trained_run, tmp_path):
