@@ -16,26 +16,24 @@ one never runs code), whose members are
                      epoch, where in that epoch it stopped (see npvae.train)
 
 :func:`save_checkpoint` refuses parameters, buffers or optimizer state holding NaN or
-inf (:class:`NonFiniteState`), then writes to a hidden temporary file in the same folder
-(``.checkpoint.npz.<random>.tmp``), flushes and fsyncs it, and renames it over the old
-file (``os.replace``), so a crash, Ctrl-C or ``kill -9`` while saving leaves the previous
-checkpoint intact (``npvae.train`` removes such leftovers when a run starts).
+inf (:class:`NonFiniteState`), then writes through :func:`npvae.atomic.write_atomic`, so
+a crash, Ctrl-C or ``kill -9`` while saving leaves the previous checkpoint intact.
 :func:`load_checkpoint` checks everything it reads (finite parameters, buffers and
 optimizer state; a config no larger than the file; a well-formed position) and reports
 any problem as a :class:`CheckpointError` that names the file and what is wrong with it.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import write_atomic
 
 FORMAT_VERSION = 1
 FILENAME = "checkpoint.npz"
@@ -128,21 +126,7 @@ def save_checkpoint(path, model, optimizer, rng, epoch: int, step: int, history,
     arrays.update({f"optim/{k}": v for k, v in optimizer_state.items()})
     arrays.update({f"buffer/{k}": np.asarray(v) for k, v in _buffers(model).items()})
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), _file_mode())  # mkstemp makes owner-only files
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return write_atomic(path, lambda fh: np.savez(fh, **arrays))
 
 
 class NonFiniteState(CheckpointError):
@@ -195,46 +179,6 @@ def _check_finite_state(path: Path, model, optimizer_state: dict) -> None:
         raise NonFiniteState(
             f"{path}: not saved: {detail}, and a checkpoint must hold finite values ({kept})",
             detail)
-
-
-def write_text_atomic(path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a hidden temporary file renamed over it.
-
-    A reader sees the old file or the new one, never half of one; a crash leaves at most
-    a ``.<name>.<random>.tmp`` file, which ``npvae.train`` removes when the run next starts.
-    """
-    path = Path(os.fspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.fchmod(fh.fileno(), _file_mode())  # mkstemp makes owner-only files
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _file_mode() -> int:
-    """The permissions an ordinary new file gets under the current umask."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable where the platform allows it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    with contextlib.suppress(OSError):
-        os.fsync(fd)
-    os.close(fd)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -835,7 +835,7 @@ def cmd_eval(ns) -> int:
 
 def _eval_run(ns) -> int:
     from . import evaluate
-    from .checkpoint import write_text_atomic
+    from .atomic import write_text_atomic
     from .train import side_rng
 
     ck = _load_run(ns.run)

@@ -53,7 +53,6 @@ import json
 import lzma
 import os
 import pickle
-import secrets
 import struct
 import subprocess
 import sys
@@ -67,6 +66,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from .atomic import write_atomic
 
 DATASETS = ("mnist", "fashion-mnist")
 SPLITS = ("train", "test")
@@ -237,57 +238,6 @@ def cache_dir(dataset: str = "mnist", data_dir=None) -> Path:
     return root / dataset
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable, where the platform allows it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _create_temp(dest: Path) -> tuple[int, Path]:
-    """A new hidden ``.part`` file beside ``dest``, with the usual umask permissions."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.part"
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"cannot create a temporary file beside {dest}")
-
-
-def _atomic_write(dest: Path, write: Callable, verify: Callable | None = None) -> None:
-    """Write ``dest`` through a temporary file in the same folder.
-
-    ``write(fileobj)`` fills the temporary file; it is flushed and fsynced, then
-    ``verify(temp_path)`` may raise to reject it. Only then is it renamed onto
-    ``dest``. On any failure the temporary file is removed and ``dest`` untouched.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temp(dest)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if verify is not None:
-            verify(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(dest.parent)
-
-
 def _read_manifest(directory: Path) -> dict:
     """``{file name: sha256}`` recorded in ``directory``; empty if absent or unreadable."""
     try:
@@ -307,7 +257,7 @@ def _record(directory: Path, name: str, digest: str, source: str) -> None:
         files = {}
     files[name] = {"sha256": digest, "source": source}
     text = json.dumps({"version": 1, "files": files}, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / MANIFEST_NAME, lambda f: f.write(text.encode("utf-8")))
+    write_atomic(directory / MANIFEST_NAME, lambda f: f.write(text.encode("utf-8")))
 
 
 # --------------------------------------------------------------------------- IDX
@@ -456,7 +406,7 @@ def write_idx(path, array) -> None:
         if _sha256(back) != digest:
             raise CorruptFileError(f"{path}: the written file does not read back intact")
 
-    _atomic_write(path, write, verify)
+    write_atomic(path, write, verify)
 
 
 # --------------------------------------------------------------------------- verified reading
@@ -593,7 +543,7 @@ def _download(url: str, dest: Path, expected_sha256: str) -> None:
             )
         read_idx(tmp)
 
-    _atomic_write(dest, write, verify)
+    write_atomic(dest, write, verify)
     _record(dest.parent, dest.name, expected_sha256, url)
 
 

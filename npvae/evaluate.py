@@ -84,6 +84,7 @@ from .models.autoencoder import Autoencoder
 from .models.base import as_rng, likelihood_forward
 from .models.vae import VAE
 from .ops import gaussian_kl_forward
+from .ops.vq import perplexity
 from .ops.activations import EXP_CUT, neg_clamp_kernel
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -498,8 +499,7 @@ def codebook_stats(model, x, batch_size: int = 500) -> dict:
     for start, stop in _batches(x.shape[0], batch_size):
         idx = np.asarray(model.assign(x[start:stop]))  # (B, M) int
         counts += np.bincount(idx.reshape(-1), minlength=num_codes)  # (K,)  n_k
-    p = counts[counts > 0] / counts.sum()  # (used,)  0 log 0 = 0
-    return dict(perplexity=float(np.exp(-np.sum(p * np.log(p)))),  # (EVAL.5)
+    return dict(perplexity=perplexity(counts),  # (EVAL.5)
                 used_fraction=float((counts > 0).mean()), counts=counts)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import tempfile
 from pathlib import Path
 from statistics import NormalDist
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,6 +32,9 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+
+from .atomic import write_atomic
+from .ops.vq import perplexity as usage_perplexity
 
 __all__ = [
     "image_grid",
@@ -180,31 +182,9 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _file_mode() -> int:
-    """Permissions an ordinary new file gets under the current umask."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def _write_png(fig: Figure, path: Path) -> Path:
-    """Render ``fig`` to ``path`` through a temporary sibling file and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), _file_mode())  # mkstemp makes owner-only files
-            fig.savefig(fh, format="png", dpi=DPI, facecolor="white")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """Render ``fig`` to ``path`` atomically (:func:`npvae.atomic.write_atomic`)."""
+    return write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=DPI, facecolor="white"))
 
 
 def _image_figure(grid: np.ndarray, extra_height: float = 0.6, min_width: float = 3.0
@@ -683,12 +663,6 @@ def save_loss_curves(path: PathLike, history, title: str = "Training curves") ->
     return _write_png(fig, p)
 
 
-def _perplexity(counts: np.ndarray) -> float:
-    probs = counts / counts.sum()
-    probs = probs[probs > 0]
-    return float(np.exp(-(probs * np.log(probs)).sum()))
-
-
 def save_codebook_usage(path: PathLike, counts, title: str = "Codebook usage") -> Path:
     """Bar chart of how often each code was chosen, in code-index order.
 
@@ -707,7 +681,7 @@ def save_codebook_usage(path: PathLike, counts, title: str = "Codebook usage") -
         raise ValueError("counts must have a positive total (no code was ever used)")
     k = arr.size
     used = int((arr > 0).sum())
-    perplexity = _perplexity(arr)
+    perplexity = usage_perplexity(arr)
 
     fig = _new_figure(min(4.0 + 0.04 * k, 10.0), 3.8)
     ax = fig.add_subplot()

@@ -59,9 +59,10 @@ import numpy as np
 
 from . import data as npdata
 from . import schedule as schedules
+from .atomic import write_text_atomic
 from .checkpoint import (
     FILENAME, Checkpoint, CheckpointError, NonFiniteState, load_checkpoint, non_finite,
-    rng_state, save_checkpoint, write_text_atomic,
+    rng_state, save_checkpoint,
 )
 from .threads import blas_threads, blas_threads_for
 

@@ -62,7 +62,7 @@ def put_split(directory: Path, split: str, images, labels, gz: bool = True) -> N
 
 
 def leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".part"))
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith((".part", ".tmp")))
 
 
 # --------------------------------------------------------------------------- IDX files

@@ -14,6 +14,7 @@ import matplotlib.image as mpimg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from npvae import plots  # noqa: E402
+from npvae.ops.vq import perplexity  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -448,8 +449,8 @@ def test_codebook_usage_png_and_perplexity(tmp_path):
     counts = np.array([0, 5, 12, 0, 30, 1, 7, 0] * 8)
     out = plots.save_codebook_usage(tmp_path / "cb.png", counts)
     assert_real_png(out)
-    assert plots._perplexity(np.full(16, 3.0)) == pytest.approx(16.0)
-    assert plots._perplexity(np.array([0.0, 9.0, 0.0])) == pytest.approx(1.0)
+    assert perplexity(np.full(16, 3.0)) == pytest.approx(16.0)
+    assert perplexity(np.array([0.0, 9.0, 0.0])) == pytest.approx(1.0)
     assert_real_png(plots.save_codebook_usage(tmp_path / "one.png", [4]))
 
 
