@@ -333,7 +333,7 @@ def _static_sample(x, dtype, rng, rows: int = 4096) -> np.ndarray:
     for start in range(0, len(x), rows):
         block = x[start:start + rows]
         p = npdata.to_unit(block, dtype) if block.dtype == np.uint8 else block
-        out[start:start + rows] = rng.random(p.shape, dtype=p.dtype) < p
+        out[start:start + rows] = npdata.binarize_static(p, "sample", rng=rng)
     return out
 
 
@@ -557,7 +557,7 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                             np.take(x_base, idx, axis=0, out=raw[:idx.size])  # (B, D) bytes
                             np.divide(raw[:idx.size], xb.dtype.type(scale), out=xb)  # to [0, 1]
                         if binarize == "dynamic":  # a fresh Bernoulli sample, every visit
-                            xb[...] = rng.random(xb.shape, dtype=xb.dtype) < xb
+                            npdata.binarize_dynamic(xb, rng, out=xb)
                         if before_batch is not None:
                             before_batch(xb, rng)
                         loss, grads, stats = model.loss_and_grads(xb, rng=rng, step=step, out=grad_buf)

