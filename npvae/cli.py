@@ -376,6 +376,12 @@ examples:
   npvae tour ae --batch 2 --seed 3
   npvae tour vae-gaussian --data-dim 784      MNIST-sized inputs (slower checks)
 
+the tutorial's own models:
+  npvae tour vae-gaussian                          the Gaussian VAE
+  npvae tour ae --sampled --likelihood gaussian    the noisy autoencoder (eq. 14)
+  npvae tour vqvae --metric dot --likelihood gaussian
+                                the VQ-VAE, largest dot product, Gaussian decoder
+
 Read it from the top: the loss, the likelihood, the decoder's layers from the last
 to the first, the latent nodes, then the encoder. docs/derivations.md derives every
 tag shown in parentheses.
@@ -388,8 +394,11 @@ def _add_tour(sub, kinds) -> None:
         description=_wrap(
             "Run one training step of a small float64 model on a tiny random batch and print "
             "its backward pass in the order it runs, from the loss back to the first layer. "
-            "Each node shows its equation tags, the shapes of its inputs and gradients, the "
-            "gradient norms, and a finite-difference check of that node alone with the "
+            "Each node shows its local equations, forward and backward, with their tags in "
+            "docs/derivations.md, the value its forward pass computed (the reconstruction "
+            "term, the KL and the ELBO where they appear), the shapes of its inputs and "
+            "gradients, the gradients' 2-norms, and a finite-difference check of that node "
+            "alone with the "
             "gradient that really reached it. The tour's parameter gradients are then "
             "compared with the model's own. Exits with 1 if any derived node's relative error "
             "exceeds 1e-6 or the gradients differ."),
@@ -400,6 +409,12 @@ def _add_tour(sub, kinds) -> None:
     p.add_argument("--batch", type=_positive_int, default=4, help="examples (default 4)")
     p.add_argument("--data-dim", type=_positive_int, default=64,
                    help="values per example (default 64, an 8x8 image)")
+    p.add_argument("--likelihood", choices=("bernoulli", "gaussian"),
+                   help="decoder distribution for ae and vqvae (default bernoulli)")
+    p.add_argument("--sampled", action="store_true",
+                   help="ae: add N(0, I) noise to the code, z = code + eps, as eq. 14 does")
+    p.add_argument("--metric", choices=("euclidean", "dot"),
+                   help="vqvae: nearest code (euclidean, default) or largest dot product")
     _add_backend(p)
     p.set_defaults(func=cmd_tour)
 
@@ -967,9 +982,15 @@ def cmd_tour(ns) -> int:
 
     _set_backend(ns.backend)
     _announce_compilation()
-    model, x, eps = tour_model(ns.kind, ns.data_dim, ns.batch, ns.seed)
+    options = dict(likelihood=ns.likelihood, sampled=ns.sampled, metric=ns.metric)
+    try:
+        model, x, eps = tour_model(ns.kind, ns.data_dim, ns.batch, ns.seed, **options)
+    except ValueError as exc:  # an option the model does not take, e.g. --sampled on a VAE
+        raise UsageError(str(exc)) from None
     nodes = tour(model, x, eps)
-    print(f"npvae tour {ns.kind}, seed {ns.seed}")
+    given = ((f" --likelihood {ns.likelihood}" if ns.likelihood else "")
+             + (" --sampled" if ns.sampled else "") + (f" --metric {ns.metric}" if ns.metric else ""))
+    print(f"npvae tour {ns.kind}{given}, seed {ns.seed}")
     print(format_tour(nodes))
     return 0 if nodes.ok else 1
 

@@ -2,8 +2,10 @@
 
 ``npvae tour MODEL`` builds a small float64 model, runs one training step on a tiny batch
 and walks the reverse chain in the order the model runs it, one op pair at a time. For
-each node it shows the equation tags of docs/derivations.md, the shapes going in, the
-gradients coming out with their norms, and a check of that node alone: central
+each node it shows its local equations, forward and backward, with their tags in
+docs/derivations.md, the value its forward pass computed (the reconstruction term, the
+KL and the ELBO where they appear), the shapes going in, the gradients coming out with
+their 2-norms, and a check of that node alone: central
 differences (GC.1, GC.4) of
 
     f(inputs) = sum(dout * forward(inputs))                                  (GC.2)
@@ -73,6 +75,9 @@ class Node(NamedTuple):
     stopped: dict  # {input: 2-norm of the true derivative the node drops on purpose (sg)}
     copied: bool = False  # the gradient is copied (straight-through), not derived
     note: str = ""
+    formula: str = ""  # its forward equation and tag, e.g. "z = mu + eps*exp(logvar/2)  (REP.1)"
+    gradient: str = ""  # its backward equations and tags, e.g. "dmu = dz  (REP.2); ..."
+    value: str = ""  # what its forward pass computed in this step, e.g. "z (4, 2) norm 1.3"
 
     @property
     def passed(self) -> bool:
@@ -84,15 +89,18 @@ class Tour(list):
     """The nodes of one backward pass, in the order they run, and what they add up to.
 
     A list of :class:`Node`, plus ``title`` (str), ``loss`` (float), ``grads`` ({name:
-    array}, the parameter gradients the nodes produced) and ``max_difference`` (float,
-    the largest |tour - model.loss_and_grads| over every parameter entry).
+    array}, the parameter gradients the nodes produced), ``max_difference`` (float,
+    the largest |tour - model.loss_and_grads| over every parameter entry) and
+    ``forward`` ({"reconstruction", "kl", "elbo": float, "bound": str}, nats per example,
+    empty for the learned prior): the step's forward values.
     """
 
     def __init__(self, nodes, *, title: str, loss: float, grads: dict, max_difference: float,
-                 scale: float):
+                 scale: float, forward: dict | None = None):
         super().__init__(nodes)
         self.title, self.loss, self.grads = title, loss, grads
         self.max_difference, self.scale = max_difference, scale
+        self.forward = dict(forward or {})
 
     @property
     def matches_model(self) -> bool:
@@ -227,6 +235,14 @@ def _norm(a) -> float:
     return float(np.linalg.norm(np.asarray(a, dtype=np.float64)))
 
 
+def _summary(out) -> str:
+    """What a forward pass computed: a scalar's value, else each array's shape and 2-norm."""
+    outs = out if isinstance(out, tuple) else (out,)
+    if len(outs) == 1 and np.ndim(outs[0]) == 0:
+        return f"{float(outs[0]):.6g}"
+    return ",  ".join(f"{_shape(np.shape(o))} norm {_norm(o):.4g}" for o in outs)
+
+
 def _contract(dout, out) -> float:
     """sum(dout * out), over every output of a node that has several  (GC.2)."""
     if isinstance(out, tuple):
@@ -239,15 +255,23 @@ class _Chain:
 
     def __init__(self, param_names, max_entries, rng):
         self.records = {}
+        self.texts = {}  # {node name: (formula, gradient, value)}
+        self.values = {}  # the step's forward values: reconstruction, kl, elbo, bound
         self.nodes = []
         self.grads = {}
         self.param_names = set(param_names)
         self.max_entries, self.rng = max_entries, rng
 
-    def forward(self, name, tags, op, inputs: dict):
-        """Run the op's forward on ``inputs`` (in order); keep what backward and the check need."""
+    def forward(self, name, tags, op, inputs: dict, *, formula="", gradient="", value=None):
+        """Run the op's forward on ``inputs`` (in order); keep what backward and the check need.
+
+        formula and gradient are the node's local equations, forward and backward, as the
+        tour prints them; value(out) -> str describes the output (default: its shape and
+        2-norm, or a scalar's value).
+        """
         out, cache = op[0](*inputs.values())
         self.records[name] = (tags, op, inputs, cache)
+        self.texts[name] = (formula, gradient, value(out) if value else _summary(out))
         return out
 
     def numeric(self, name, dout, wrt):
@@ -288,6 +312,7 @@ class _Chain:
             errors.append(rel_error(ana, num))
             numeric_sq += _norm(num) ** 2
         dropped = {inp: _norm(self.numeric(name, dout, inp)[0]) for inp in stopped}
+        formula, gradient, value = self.texts.get(name, ("", "", ""))
         self.nodes.append(Node(
             name=name, tags=tuple(tags),
             upstream=tuple((n, np.shape(a), _norm(a)) for n, a in upstream),
@@ -295,7 +320,8 @@ class _Chain:
             grad_shapes=grad_shapes, grad_norms=grad_norms,
             error=max(errors) if errors else None,
             numeric_norm=math.sqrt(numeric_sq) if errors else None,
-            stopped=dropped, copied=copied, note=note))
+            stopped=dropped, copied=copied, note=note, formula=formula, gradient=gradient,
+            value=value))
         return grads
 
 
@@ -312,21 +338,41 @@ def _bias_act_name(prefix, i, act):
     return f"{prefix}.{i} bias + {act}"
 
 
+# f'(a) of each activation, written with what backward reads (ACT.1-5)
+ACT_DERIVATIVE = {"relu": "[h > 0]", "leaky_relu": "(1 if a + b > 0 else 0.01)",
+                  "tanh": "(1 - h^2)", "sigmoid": "h (1 - h)", "softplus": "sigmoid(a + b)"}
+
+
 def _mlp_forward(c, model, prefix, x, in_name, out_name):
     """The MLP of (MLP.1) as two op nodes per layer: a = h W, then act(a + b), none on the last."""
     p, act = model.params, model.config["activation"]
     n_layers = num_layers(p, prefix)
     h = x
     for i in range(n_layers):
-        h_name, a_name, _ = _layer_names(prefix, i, n_layers, in_name, out_name)
+        h_name, a_name, o_name = _layer_names(prefix, i, n_layers, in_name, out_name)
         layer_act = act if i < n_layers - 1 else "identity"
-        a = c.forward(f"{prefix}.{i} linear a = h W", ("LIN.2", "LIN.3") if i or prefix != "enc"
-                      else ("LIN.3",), (matmul_forward, matmul_backward),
-                      {h_name: h, f"{prefix}.{i}.W": p[f"{prefix}.{i}.W"]})
-        tags = (ACT_TAG[layer_act], "LIN.4") if layer_act != "identity" else ("LIN.4",)
+        first = i == 0 and prefix == "enc"
+        a = c.forward(f"{prefix}.{i} linear a = h W", ("LIN.3",) if first else ("LIN.2", "LIN.3"),
+                      (matmul_forward, matmul_backward),
+                      {h_name: h, f"{prefix}.{i}.W": p[f"{prefix}.{i}.W"]},
+                      formula="a = h W  (MLP.1, LIN.1 without its bias)",
+                      value=lambda a, name=a_name: f"{name} {_summary(a)}",
+                      gradient="dW = x^T da  (LIN.3); x is data: no dx" if first
+                      else "dh = da W^T  (LIN.2);  dW = h^T da  (LIN.3)")
+        if layer_act == "identity":
+            tags = ("LIN.4",)
+            formula, gradient = "out = a + b  (MLP.1)", "da = dout;  db = sum_n da  (LIN.4)"
+        else:
+            tag = ACT_TAG[layer_act]
+            tags = (tag, "LIN.4")
+            formula = f"h = {layer_act}(a + b)  (MLP.1, {tag})"
+            gradient = (f"da = dh * {ACT_DERIVATIVE[layer_act]}  ({tag});  db = sum_n da  "
+                        f"(LIN.4)")
         h = c.forward(_bias_act_name(prefix, i, layer_act), tags,
                       (partial(bias_activation_forward, name=layer_act), bias_activation_backward),
-                      {a_name: a, f"{prefix}.{i}.b": p[f"{prefix}.{i}.b"]})
+                      {a_name: a, f"{prefix}.{i}.b": p[f"{prefix}.{i}.b"]},
+                      formula=formula, gradient=gradient,
+                      value=lambda h, name=o_name: f"{name} {_summary(h)}")
     return h
 
 
@@ -357,6 +403,27 @@ def _likelihood(cfg):
             "mean")
 
 
+def _likelihood_texts(cfg) -> dict:
+    """The likelihood node's equations and the value it shows: the reconstruction term."""
+    if cfg["likelihood"] == "bernoulli":
+        formula = "logp_n = sum_d x_nd l_nd - softplus(l_nd), l = logits  (LIK.3)"
+        gradient = "dl = dlogp (x - sigmoid(l))  (LIK.4)"
+    else:
+        s2 = f"{cfg['sigma2']:g}"
+        formula = (f"logp_n = -||x_n - m_n||^2 / (2 s2) - (D/2) log(2 pi s2), m = mean, "
+                   f"s2 = {s2}  (LIK.1)")
+        gradient = "dm = dlogp (x - m) / s2  (LIK.2)"
+    return dict(formula=formula, gradient=gradient, value=lambda logp: (
+        f"logp {_shape(logp.shape)}, mean {logp.mean():.6g}: reconstruction term "
+        f"-mean_n logp_n = {-logp.mean():.6g} nats"))
+
+
+def _loss_value(recon, kl, elbo):
+    """The loss node's value: the loss, and the ELBO from the same forward pass."""
+    return lambda loss: (f"loss {float(loss):.6g};  reconstruction {recon:.6g} + KL {kl:.6g}: "
+                         f"ELBO {elbo:.6g}")
+
+
 # ----------------------------------------------------------------------------------
 # The three chains, each in the order its model's loss_and_grads runs it.
 
@@ -373,17 +440,40 @@ def _tour_vae(c, model, x, eps):
     enc = _mlp_forward(c, model, "enc", x, "x", "enc.out")  # (N, 2Z)
     mu, logvar, mu_kl, logvar_kl = c.forward(
         "sum of the two paths into mu/logvar", ("VAE.1",), (partial(split_forward, z_dim=z_dim),
-                                                             split_backward), {"enc.out": enc})
+                                                             split_backward), {"enc.out": enc},
+        formula="mu = enc.out[:, :Z], logvar = enc.out[:, Z:], each read by z and by the KL  "
+                "(VAE.1)",
+        gradient="denc.out = [dmu from z + dmu from KL, dlogvar from z + dlogvar from KL]")
     z = c.forward("reparameterization z = mu + eps*exp(logvar/2)", ("REP.2", "REP.3"),
                   (reparameterize_forward, reparameterize_backward),
-                  {"mu": mu, "logvar": logvar, "eps": eps})  # (N, Z)
+                  {"mu": mu, "logvar": logvar, "eps": eps},
+                  formula="z = mu + eps * exp(logvar/2), eps ~ N(0, I) held fixed  (REP.1)",
+                  gradient="dmu = dz  (REP.2);  dlogvar = dz * eps * exp(logvar/2) / 2  "
+                           "(REP.3)", value=lambda z: f"z {_summary(z)}")  # (N, Z)
     out = _mlp_forward(c, model, "dec", z, "z", out_name)  # (N, D)
-    logp = c.forward(lik_name, lik_tags, lik_op, {out_name: out, "x": x})  # (N,)
+    logp = c.forward(lik_name, lik_tags, lik_op, {out_name: out, "x": x},
+                     **_likelihood_texts(cfg))  # (N,)
     kl = c.forward("KL(q(z|x) || N(0, I)) per dimension", ("KL.2", "KL.3"),
-                   (gaussian_kl_forward, gaussian_kl_backward), {"mu": mu_kl, "logvar": logvar_kl})
+                   (gaussian_kl_forward, gaussian_kl_backward), {"mu": mu_kl, "logvar": logvar_kl},
+                   formula="KL_nj = (mu^2 + exp(logvar) - logvar - 1) / 2  (KL.1)",
+                   gradient="dmu = dKL * mu  (KL.2);  dlogvar = dKL (exp(logvar) - 1) / 2  (KL.3)",
+                   value=lambda kl: (f"KL {_shape(kl.shape)}, mean_n sum_j KL_nj = "
+                                     f"{kl.sum(axis=1).mean():.6g} nats: the KL term"))
+    recon, kl_term = -float(logp.mean()), float(kl.sum(axis=1).mean())
+    c.values = dict(reconstruction=recon, kl=kl_term, elbo=-(recon + kl_term),
+                    bound="a lower bound on log p(x) (T.5), one sample of z")
+    if free_bits > 0:
+        formula = "loss = -mean_n logp_n + w sum_j max(lambda, mean_n KL_nj)  (OBJ.3)"
+        gradient = ("dlogp = -1/N;  dKL_nj = w/N where mean_n KL_nj > lambda, else 0  "
+                    "(OBJ.3)")
+    else:
+        formula = "loss = -mean_n logp_n + w mean_n sum_j KL_nj  (OBJ.1)"
+        gradient = "dlogp = -1/N;  dKL = w/N  (OBJ.1)"
     loss = c.forward(loss_name, ("OBJ.1", "OBJ.3") if free_bits > 0 else ("OBJ.1",),
                      (partial(vae_objective_forward, w=w, free_bits=free_bits),
-                      vae_objective_backward), {"logp": logp, "kl": kl})
+                      vae_objective_backward), {"logp": logp, "kl": kl},
+                     formula=formula, gradient=gradient,
+                     value=_loss_value(recon, kl_term, -(recon + kl_term)))
 
     # ---- reverse
     note = f"w = {w:g}; each example's terms enter with a factor 1/N = 1/{x.shape[0]}"
@@ -419,18 +509,34 @@ def _tour_ae(c, model, x, eps):
     # ---- forward
     code = _mlp_forward(c, model, "enc", x, "x", "code")  # (N, Z)
     code_z, code_l2 = c.forward(sum_name, ("AE.3",), (fanout_forward, fanout_backward),
-                                {"code": code})
+                                {"code": code},
+                                formula="code is read twice: by the decoder and by the penalty",
+                                gradient="dcode = dcode from z + dcode from L2  (AE.3)")
     if sampled:  # (REP.1) with logvar = 0: exp(0) = 1 exactly, so z = code + eps
         z = c.forward(reparam_name, ("REP.2",), (reparameterize_forward, reparameterize_backward),
-                      {"code": code_z, "logvar": np.zeros_like(code_z), "eps": eps})
+                      {"code": code_z, "logvar": np.zeros_like(code_z), "eps": eps},
+                      formula="z = code + eps, eps ~ N(0, I) held fixed  (REP.1 with logvar = 0)",
+                      gradient="dcode = dz  (REP.2)", value=lambda z: f"z {_summary(z)}")
     else:
         z = code_z
     out = _mlp_forward(c, model, "dec", z, "z" if sampled else "code", out_name)
-    logp = c.forward(lik_name, lik_tags, lik_op, {out_name: out, "x": x})
+    logp = c.forward(lik_name, lik_tags, lik_op, {out_name: out, "x": x},
+                     **_likelihood_texts(cfg))
     l2 = c.forward(l2_name, ("AE.1", "AE.3"), (l2_penalty_forward, l2_penalty_backward),
-                   {"code": code_l2})
+                   {"code": code_l2},
+                   formula="l2_n = ||code_n||^2 / 2, the KL of q = N(code, I)  (AE.1)",
+                   gradient="dcode = dl2 * code  (AE.3)",
+                   value=lambda l2: (f"l2 {_shape(l2.shape)}, mean {l2.mean():.6g} nats: "
+                                     f"the KL term"))
+    recon, kl_term = -float(logp.mean()), float(l2.mean())
+    c.values = dict(reconstruction=recon, kl=kl_term, elbo=-(recon + kl_term),
+                    bound="a lower bound on log p(x) (T.5), one sample of z" if sampled else
+                    "not a bound: z = code has no noise, so the terms are an objective (AE.2)")
     loss = c.forward(loss_name, ("AE.2",), (partial(ae_objective_forward, w=w),
-                                            ae_objective_backward), {"logp": logp, "l2": l2})
+                                            ae_objective_backward), {"logp": logp, "l2": l2},
+                     formula="loss = -mean_n logp_n + w mean_n l2_n  (AE.2)",
+                     gradient="dlogp = -1/N;  dl2 = w/N  (AE.2)",
+                     value=_loss_value(recon, kl_term, -(recon + kl_term)))
 
     # ---- reverse
     dlogp, dl2 = c.backward(loss_name, 1.0, (("dloss", 1.0),), ("logp", "l2"), note=f"w = {w:g}")
@@ -464,21 +570,50 @@ def _tour_vqvae(c, model, x):
     h = _mlp_forward(c, model, "enc", x, "x", "z_e")  # (N, M Dz)
     rows = h.reshape(R, Dz)  # (R, Dz)  one row per code vector
     rows_q, rows_cm = c.forward(sum_name, ("VQVAE.2",), (fanout_forward, fanout_backward),
-                                {"z_e": rows})
+                                {"z_e": rows},
+                                formula=f"z_e (N, M Dz) read as R = N M = {R} rows of Dz = {Dz}, "
+                                        f"each read by the quantizer and the commitment loss",
+                                gradient="dz_e = dz_e from the quantizer + dz_e from "
+                                         "commitment  (VQVAE.2)")
+    choose = ("k_r = argmin_k ||z_r - e_k||^2  (VQ.1)" if cfg["metric"] == "euclidean"
+              else "k_r = argmax_k z_r . e_k  (VQ.2)")
     z_q = c.forward(q_name, (metric_tag, "VQ.3"),
                     (partial(quantize_forward, metric=cfg["metric"]), quantize_backward),
-                    {"z_e": rows_q, "codebook": codebook})  # (R, Dz)
+                    {"z_e": rows_q, "codebook": codebook},
+                    formula=f"{choose};  z_q[r] = e_(k_r)  (VQ.3)",
+                    gradient="dz_e := dz_q, copied straight through, not derived  (VQ.3); "
+                             "the codebook gets nothing on this path",
+                    value=lambda zq: f"z_q {_summary(zq)}")  # (R, Dz)
     idx = c.records[q_name][3].idx  # (R,)
     cb = c.forward(cb_name, ("VQ.4",), (codebook_loss_forward, codebook_loss_backward),
-                   {"z_e": rows, "codebook": codebook, "idx": idx})
+                   {"z_e": rows, "codebook": codebook, "idx": idx},
+                   formula="cb_r = ||sg[z_r] - e_(k_r)||^2  (VQ.4)",
+                   gradient="dE_k = sum_(r: k_r = k) -2 dcb_r (z_r - e_k)  (VQ.4);  dz_e = 0 "
+                            "(sg)", value=lambda cb: f"cb {_summary(cb)}")
     cm = c.forward(cm_name, ("VQ.5",), (partial(commitment_loss_forward, beta=cfg["beta"]),
                                         commitment_loss_backward),
-                   {"z_e": rows_cm, "codebook": codebook, "idx": idx})
+                   {"z_e": rows_cm, "codebook": codebook, "idx": idx},
+                   formula=f"cm_r = beta ||z_r - sg[e_(k_r)]||^2, beta = {cfg['beta']:g}  (VQ.5)",
+                   gradient="dz_r = 2 beta dcm_r (z_r - e_(k_r))  (VQ.5);  dE = 0 (sg)",
+                   value=lambda cm: f"cm {_summary(cm)}")
     out = _mlp_forward(c, model, "dec", z_q.reshape(n, -1), "z_q", out_name)
-    logp = c.forward(lik_name, lik_tags, lik_op, {out_name: out, "x": x})
+    logp = c.forward(lik_name, lik_tags, lik_op, {out_name: out, "x": x},
+                     **_likelihood_texts(cfg))
+    recon, kl_term = -float(logp.mean()), model.M * math.log(model.K)
+    c.values = dict(reconstruction=recon, kl=kl_term, elbo=-(recon + kl_term),
+                    bound="a lower bound on log p(x) under the uniform prior over codes, whose "
+                          "KL is the constant M log K  (VQVAE.1)")
     loss = c.forward(loss_name, ("VQVAE.2",), (partial(vq_objective_forward, ema=cfg["ema"]),
                                                vq_objective_backward),
-                     {"logp": logp, "codebook_loss": cb, "commitment_loss": cm})
+                     {"logp": logp, "codebook_loss": cb, "commitment_loss": cm},
+                     formula="loss = -mean_n logp_n + sum_r cb_r / N + sum_r cm_r / N  (VQVAE.2)"
+                     + ("; under EMA without the cb term (VQ.6)" if cfg["ema"] else ""),
+                     gradient="dlogp = -1/N;  dcb = " + ("0" if cfg["ema"] else "1/N")
+                     + ";  dcm = 1/N  (VQVAE.2)",
+                     value=lambda loss: (f"loss {float(loss):.6g} (not -ELBO: it adds the "
+                                         f"codebook and commitment terms);  ELBO "
+                                         f"{-(recon + kl_term):.6g} = -(reconstruction "
+                                         f"{recon:.6g} + KL M log K = {kl_term:.6g})"))
 
     # ---- reverse
     dlogp, dcb, dcm = c.backward(loss_name, 1.0, (("dloss", 1.0),),
@@ -504,7 +639,10 @@ def _tour_vqvae(c, model, x):
         c.nodes.append(Node(cb_name, ("VQ.6",), (), {"codebook": codebook.shape},
                             {_d("codebook"): codebook.shape}, {_d("codebook"): 0.0}, None, None,
                             {}, note="ema: the codebook is learned by moving averages after "
-                                     "the step, so its gradient is zero"))
+                                     "the step, so its gradient is zero",
+                            formula="N_k, S_k moving averages of code counts and sums; "
+                                    "e_k = S_k / N_k after the step  (VQ.6)",
+                            gradient="dcodebook = 0"))
     else:
         c.backward(cb_name, dcb, (("dcodebook_loss", dcb),), ("codebook",), stopped=("z_e",),
                    note="sg[z_e]: the encoder gets no gradient from this term (chosen, VQ.4); "
@@ -580,7 +718,7 @@ def tour(model, x, eps=None, *, max_entries: int | None = None) -> Tour:
     difference = max(difference, abs(loss - model_loss))
     scale = max(float(np.abs(g).max()) for g in model_grads.values())
     return Tour(c.nodes, title=_title(model, x), loss=loss, grads=c.grads,
-                max_difference=difference, scale=scale)
+                max_difference=difference, scale=scale, forward=c.values)
 
 
 def _title(model, x) -> str:
@@ -591,12 +729,6 @@ def _title(model, x) -> str:
     n, d = x.shape
     side = math.isqrt(d)
     what = f" ({side}x{side} images)" if side * side == d else ""
-
-    def sizes(prefix):
-        k = num_layers(p, prefix)
-        return "-".join(str(s) for s in [p[f"{prefix}.0.W"].shape[0]]
-                        + [p[f"{prefix}.{i}.W"].shape[1] for i in range(k)])
-
     extra = ""
     if cfg["kind"] == "vqvae":
         extra = (f", {model.K} codes of size {model.Dz}, {model.M} per example, "
@@ -604,28 +736,79 @@ def _title(model, x) -> str:
     elif cfg["kind"] == "ae":
         extra = ", sampled z = code + eps" if cfg["sampled"] else ", z = code"
     return (f"{cfg['kind']}: one training step on {n} examples of {d} values{what}, float64\n"
-            f"encoder {sizes('enc')}, decoder {sizes('dec')}, {cfg['activation']}, "
-            f"{cfg['likelihood']} likelihood\n{extra.lstrip(', ')}").rstrip()
+            f"{cfg['likelihood']} likelihood{extra}\n"
+            + "\n".join(textwrap.fill(_read_sizes(model, part), width=92, subsequent_indent="  ")
+                        for part in ("enc", "dec")))
 
 
-def tour_model(kind: str, data_dim: int = 64, batch: int = 4, seed: int = 0):
+def _read_sizes(model, prefix) -> str:
+    """An MLP's layer sizes read aloud, e.g. "encoder 64-16-4: 64 inputs, a hidden layer of
+    16 (relu), 4 = mu and log sigma^2 for 2 latents"."""
+    cfg, p = model.config, model.params
+    k = num_layers(p, prefix)
+    sizes = [p[f"{prefix}.0.W"].shape[0]] + [p[f"{prefix}.{i}.W"].shape[1] for i in range(k)]
+    hidden = sizes[1:-1]
+    if not hidden:
+        middle = "no hidden layer"
+    elif len(hidden) == 1:
+        middle = f"a hidden layer of {hidden[0]} ({cfg['activation']})"
+    else:
+        middle = (f"hidden layers of {', '.join(map(str, hidden))} ({cfg['activation']})")
+    first, last = sizes[0], sizes[-1]
+    kind = cfg["kind"]
+    if prefix == "enc":
+        start = f"{first} inputs"
+        if kind == "vqvae":
+            end = f"{last} = {model.M} code vectors of size {model.Dz}"
+        elif kind == "ae":
+            end = f"{last} = the code, {last} latents"
+        else:
+            end = f"{last} = mu and log sigma^2 for {last // 2} latents"
+    else:
+        start = (f"{first} = the {model.M} chosen codes of size {model.Dz}" if kind == "vqvae"
+                 else f"{first} latents in")
+        end = (f"{last} = logits of {last} Bernoulli pixels" if cfg["likelihood"] == "bernoulli"
+               else f"{last} = means of {last} Gaussian pixels, variance {cfg['sigma2']:g}")
+    name = "encoder" if prefix == "enc" else "decoder"
+    return f"{name} {'-'.join(map(str, sizes))}: {start}, {middle}, {end}"
+
+
+def tour_model(kind: str, data_dim: int = 64, batch: int = 4, seed: int = 0, *,
+               likelihood: str | None = None, sampled: bool = False, metric: str | None = None):
     """A small float64 model of ``kind`` (one hidden layer of 16), a batch x and noise eps:
     what ``npvae tour`` walks through and ``npvae gradcheck`` checks.
 
     x (batch, data_dim) holds grey levels drawn uniformly from (0.05, 0.95) with ``seed``;
     eps (batch, Z) is standard normal (None for the VQ-VAE). The likelihood is each
-    kind's default in ``npvae train``: Gaussian for vae-gaussian, Bernoulli otherwise.
+    kind's default in ``npvae train``: Gaussian for vae-gaussian, Bernoulli otherwise;
+    ``likelihood`` changes it for ae and vqvae, ``sampled`` makes the autoencoder's code
+    noisy (z = code + eps) and ``metric`` ("euclidean" or "dot") sets the VQ-VAE's
+    assignment. The tutorial's own models: vae-gaussian; ae with sampled=True and
+    likelihood="gaussian"; vqvae with metric="dot" and likelihood="gaussian".
     """
     from .models import build
 
+    given = {"likelihood": likelihood is not None, "sampled": bool(sampled),
+             "metric": metric is not None}
+    allowed = {"likelihood": ("ae", "vqvae"), "sampled": ("ae",), "metric": ("vqvae",)}
+    for option, kinds in allowed.items():
+        if given[option] and kind not in kinds:
+            raise ValueError(f"{option} (--{option}) is for {' or '.join(kinds)}, not {kind}")
+    if likelihood not in (None, "bernoulli", "gaussian"):
+        raise ValueError(f"likelihood must be bernoulli or gaussian, got {likelihood!r}")
+    if metric not in (None, "euclidean", "dot"):
+        raise ValueError(f"metric must be euclidean or dot, got {metric!r}")
     if kind == "made":  # the learned prior: one-hot codes, M = 4 positions of K = 4 codes
         from .tour_prior import prior_tour_model
         return prior_tour_model(batch, seed)
     rng = np.random.default_rng(seed)
     cfg = dict(kind=kind, data_dim=int(data_dim), hidden=[16], dtype="float64")
     if kind == "vqvae":
-        cfg.update(num_codes=8, code_dim=2, num_vectors=2, likelihood="bernoulli")
-    elif kind in ("vae-gaussian", "vae-bernoulli", "ae"):
+        cfg.update(num_codes=8, code_dim=2, num_vectors=2, likelihood=likelihood or "bernoulli",
+                   metric=metric or "euclidean")
+    elif kind == "ae":
+        cfg.update(latent=2, likelihood=likelihood or "bernoulli", sampled=bool(sampled))
+    elif kind in ("vae-gaussian", "vae-bernoulli"):
         cfg.update(latent=2)
     else:
         raise ValueError(f"kind must be vae-gaussian, vae-bernoulli, ae or vqvae, got {kind!r}")
@@ -653,13 +836,31 @@ def format_tour(nodes) -> str:
     lines = []
     title = getattr(nodes, "title", None)
     if title:
-        lines += [title, f"loss {nodes.loss:.6g} nats per example", ""]
-    lines += ["The backward pass, node by node, from the loss to the first layer. Each node's",
-              f"backward is checked on its own: central differences (h = {H:g}, extrapolated) of",
-              "sum(dout * forward(inputs)), dout being the gradient that reached the node.", ""]
+        lines += [title, f"loss {nodes.loss:.6g} nats per example"]
+        values = getattr(nodes, "forward", None)
+        if values:
+            lines += [f"forward, nats per example: reconstruction -mean log p(x|z) = "
+                      f"{values['reconstruction']:.6g}, KL = {values['kl']:.6g}, ELBO = "
+                      f"{values['elbo']:.6g}", f"  the ELBO here is {values['bound']}"]
+        lines.append("")
+    lines += ["The backward pass, node by node, from the loss to the first layer. Tags in",
+              "parentheses are equations derived in docs/derivations.md. At each node:",
+              "forward, its local equation; backward, the gradients it sends back; value, what",
+              "its forward pass computed in this step. A norm is the 2-norm of a gradient array,",
+              "the square root of the sum of its squared entries: under upstream, of the",
+              "gradient arriving at the node's output; under sends, of each gradient it sends",
+              "back to an input. Each node's backward is checked on its own: central",
+              f"differences (h = {H:g}, extrapolated) of sum(dout * forward(inputs)), dout being",
+              "the gradient that reached the node.", ""]
     for i, node in enumerate(nodes, 1):
         tags = "(" + ", ".join(node.tags) + ")"
         lines.append(f"{i:>3}. {node.name:<62} {tags}")
+        if node.formula:
+            _row(lines, "forward", [node.formula], keep_items=False)
+        if node.gradient:
+            _row(lines, "backward", [node.gradient], keep_items=False)
+        if node.value:
+            _row(lines, "value", [node.value], keep_items=False)
         if node.upstream:
             _row(lines, "upstream", [f"{name} {_shape(s)} norm {v:.4g}"
                                      for name, s, v in node.upstream])
@@ -701,4 +902,7 @@ def format_tour(nodes) -> str:
             if copied:
                 lines.append(f"{copied} node copies its gradient by design, the straight-through "
                              f"estimator (VQ.3)")
+    if title:
+        lines.append("Every tag above is derived, with its code and its test, in "
+                     "docs/derivations.md.")
     return "\n".join(lines)

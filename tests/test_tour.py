@@ -176,10 +176,117 @@ def test_cli_help(capsys):
         cli.main(["tour", "--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    for word in ["MODEL", "vqvae", "--seed", "--batch", "--data-dim", "examples"]:
+    for word in ["MODEL", "vqvae", "--seed", "--batch", "--data-dim", "examples", "--likelihood",
+                 "--sampled", "--metric", "the tutorial's own models"]:
         assert word in text, word
 
 
 def test_format_tour_takes_a_plain_list(tours):
     text = format_tour(list(tours["ae"]))
     assert "L2 penalty" in text and "match model.loss_and_grads" not in text
+
+
+# ----------------------------------------------------------------------------------
+# Formulas, forward values, layer sizes and the options that tour the tutorial's models
+
+DOC_TAGS = set(__import__("re").findall(
+    r"^\*\*\(([A-Z]+\.\d+)\)\*\*",
+    (__import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "derivations.md")
+    .read_text(encoding="utf-8"), __import__("re").M))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_node_shows_its_equations_and_value(tours, kind):
+    import re
+    for node in tours[kind]:
+        assert node.formula and node.gradient and node.value, node.name
+        cited = re.findall(r"\(([A-Z]+\.\d+)", node.formula + " " + node.gradient)
+        assert all(tag in DOC_TAGS for tag in cited), (node.name, cited)
+    by_start = {node.name.split(" ")[0]: node for node in tours[kind]}
+    assert "(MLP.1" in by_start["enc.0"].formula
+
+
+@pytest.mark.parametrize("kind", ["vae-gaussian", "vae-bernoulli", "ae"])
+def test_forward_values_are_the_models_own(tours, kind):
+    model, x, eps = tour_model(kind)
+    _, _, stats = model.loss_and_grads(x, eps=eps)
+    values = tours[kind].forward
+    assert values["reconstruction"] == pytest.approx(stats["recon"], rel=1e-12)
+    assert values["kl"] == pytest.approx(stats["kl"], rel=1e-12)
+    assert values["elbo"] == pytest.approx(-(stats["recon"] + stats["kl"]), rel=1e-12)
+    loss_node, lik_node = tours[kind][0], tours[kind][1]
+    assert f"{values['elbo']:.6g}" in loss_node.value
+    assert f"{values['reconstruction']:.6g}" in lik_node.value
+
+
+def test_vq_forward_values_use_the_constant_kl(tours):
+    model, x, _ = tour_model("vqvae")
+    values = tours["vqvae"].forward
+    assert values["kl"] == pytest.approx(model.M * np.log(model.K))
+    assert values["elbo"] == pytest.approx(-(values["reconstruction"] + values["kl"]))
+    assert "M log K" in tours["vqvae"][0].value
+
+
+@pytest.mark.parametrize("kind, options, config, sizes", [
+    ("vae-gaussian", {}, {"likelihood": "gaussian"},
+     ["encoder 64-16-4: 64 inputs, a hidden layer of 16 (relu), 4 = mu and log sigma^2 for 2 "
+      "latents", "64 = means of 64 Gaussian pixels"]),
+    ("ae", dict(sampled=True, likelihood="gaussian"), {"sampled": True, "likelihood": "gaussian"},
+     ["encoder 64-16-2: 64 inputs, a hidden layer of 16 (relu), 2 = the code", "2 latents in"]),
+    ("vqvae", dict(metric="dot", likelihood="gaussian"), {"metric": "dot", "likelihood": "gaussian"},
+     ["4 = 2 code vectors of size 2", "decoder 4-16-64: 4 = the 2 chosen codes of size 2"]),
+], ids=["gaussian-vae", "noisy-ae", "dot-vqvae"])
+def test_the_tutorials_models_can_be_toured(kind, options, config, sizes):
+    model, x, eps = tour_model(kind, **options)
+    assert {k: model.config[k] for k in config} == config
+    nodes = tour(model, x, eps)
+    assert nodes.ok
+    text = " ".join(format_tour(nodes).split())  # wrapped lines joined
+    for words in sizes:
+        assert words in text, words
+    names = [node.name for node in nodes]
+    if kind == "ae":
+        assert any(name.startswith("sampling z = code + eps") for name in names)
+        assert "(REP.1 with logvar = 0)" in text
+        assert "a lower bound on log p(x)" in text
+    if kind == "vqvae":
+        assert "k_r = argmax_k z_r . e_k (VQ.2)" in text
+    assert "logp_n = -||x_n - m_n||^2 / (2 s2)" in text and "(LIK.1)" in text
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("vae-bernoulli", dict(sampled=True)), ("vae-gaussian", dict(likelihood="bernoulli")),
+    ("ae", dict(metric="dot")), ("vqvae", dict(sampled=True)), ("made", dict(metric="dot")),
+])
+def test_an_option_the_model_does_not_take_is_refused(kind, options):
+    with pytest.raises(ValueError, match="is for"):
+        tour_model(kind, **options)
+
+
+def test_cli_tours_the_noisy_autoencoder_with_formulas_and_values(capsys):
+    assert cli.main(["tour", "ae", "--sampled", "--likelihood", "gaussian"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("npvae tour ae --likelihood gaussian --sampled, seed 0")
+    for words in ["forward, nats per example: reconstruction -mean log p(x|z) =", "KL =",
+                  "ELBO =", "forward   loss = -mean_n logp_n + w mean_n l2_n  (AE.2)",
+                  "backward  dcode = dl2 * code  (AE.3)", "value     l2 (4,), mean",
+                  "2-norm of a gradient array", "docs/derivations.md",
+                  "encoder 64-16-2: 64 inputs"]:
+        assert words in out, words
+    assert out.count("forward   ") == out.count("backward  ") == out.count("check     ")
+
+
+def test_cli_tours_the_dot_product_vqvae(capsys):
+    assert cli.main(["tour", "vqvae", "--metric", "dot", "--likelihood", "gaussian"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # wrapped lines joined
+    assert "dot assignment" in out and "means of 64 Gaussian pixels" in out
+    assert "copied (straight-through), not derived (VQ.3)" in out
+
+
+@pytest.mark.parametrize("argv", [["tour", "vae-bernoulli", "--sampled"],
+                                  ["tour", "ae", "--metric", "dot"],
+                                  ["tour", "vae-gaussian", "--likelihood", "bernoulli"]])
+def test_cli_refuses_an_option_of_another_model(capsys, argv):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is for" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
