@@ -782,7 +782,9 @@ def _train_run(given: dict, run_dir: Path) -> int:
                      f"metrics.jsonl records the change")
     stored = {k: v for k, v in s.items() if k not in ("progress", "out", "resume", "overwrite")}
     what = "continuing" if ck is not None else "training"
-    _say(f"npvae: {what} {s['model']} ({model.num_params():,} parameters) on {len(x_train):,} "
+    objective = f" (objective iwae, k = {s['k']})" if s.get("objective") == "iwae" else ""
+    _say(f"npvae: {what} {s['model']}{objective} ({model.num_params():,} parameters) on "
+         f"{len(x_train):,} "
          f"{s['dataset']} images ({len(x_val):,} held out for validation) for {s['epochs']} "
          f"epochs; run directory {run_dir}")
     history = train(model, x_train, x_val, epochs=s["epochs"], batch_size=s["batch_size"],

@@ -227,3 +227,32 @@ def test_iwae_float32_step_is_finite_and_close_to_float64():
     l32, g32, _ = m32.loss_and_grads(x.astype(np.float32), eps=eps.astype(np.float32))
     assert l32 == pytest.approx(l64, rel=1e-5)
     np.testing.assert_allclose(g32.flat, g64.flat, rtol=1e-3, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------
+# The command line: npvae train --objective iwae --k K
+
+
+def test_cli_trains_an_iwae_and_refuses_misplaced_options(tmp_path, monkeypatch, capsys):
+    from npvae import cli, data
+    from npvae.checkpoint import load_checkpoint
+    from test_cli import TINY, fake_load
+
+    monkeypatch.setattr(data, "load", fake_load)  # a tiny fake dataset: no network
+    run = tmp_path / "run"
+    assert cli.main(["train", *TINY, "--latent", "2", "--epochs", "1", "--objective", "iwae",
+                     "--k", "3", "--out", str(run)]) == 0
+    ck = load_checkpoint(run)
+    assert isinstance(ck.model, IWAE) and ck.model.config["k"] == 3  # rebuilt from the config
+    assert cli.main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    assert load_checkpoint(run).epoch == 2
+    capsys.readouterr()
+    for argv, message in [
+        (["--k", "3"], "--k is the number of importance samples of --objective iwae"),
+        (["--model", "ae", "--objective", "iwae"], "--objective is for --model"),
+        (["--model", "vqvae", "--k", "2"], "--k is for --model"),
+        (["--objective", "iwae", "--beta", "2"], "--beta is an option of the ELBO"),
+        (["--objective", "iwae", "--free-bits", "0.5"], "--free-bits is an option of the ELBO"),
+    ]:
+        assert cli.main(["train", *TINY, *argv, "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err

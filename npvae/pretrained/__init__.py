@@ -32,6 +32,12 @@ HERE = Path(__file__).resolve().parent
 
 # name: (sha256 of NAME.npz, sha256 of NAME.json)
 SHIPPED = {
+    "vae-bernoulli": ("8fdfc58c5843ed8900dd06ffb111c6140094432a8e6550d168a23074279637e7",
+                      "f5d64a07c21405ba472d175c5094e48838267e0928f4a3d5eca460259ec24eb0"),
+    "vae-k1": ("8225aad819e5c0298916dc1a26fd9b371bb5dc40bb3a26c6b4c120ea948e23aa",
+               "85ea382a63fc04ad2c7bbd09a710e6ab3237108574d70f489ab82d06b5a36384"),
+    "iwae-k5": ("ca0ea7e536a3edfbbe8dd6477fbe5939e1367a61ddc7777e3b6e09e215978b3a",
+                "0f9633f0a73de53eb3a2823f36055e8fba2100efc2f138de784cb19953e97e9a"),
 }
 
 
