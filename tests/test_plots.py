@@ -14,6 +14,7 @@ import matplotlib.image as mpimg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from npvae import plots  # noqa: E402
+from npvae.plots import curves  # noqa: E402
 from npvae.ops.vq import perplexity  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -422,7 +423,7 @@ def test_loss_curves_missing_keys_and_vq_terms(tmp_path):
 
 
 def test_loss_terms_grouping():
-    terms = plots._loss_terms(make_history(2) + [{"val_codebook": 1.0, "train_lr": 0.1}])
+    terms = curves._loss_terms(make_history(2) + [{"val_codebook": 1.0, "train_lr": 0.1}])
     assert terms == ["recon", "kl", "codebook"]
 
 
