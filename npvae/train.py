@@ -30,7 +30,7 @@ Stopping:
   in the parameters or optimizer state at the end of an epoch is refused the same way
   (a checkpoint never holds it). Resume with a smaller ``lr`` or with ``clip``.
 
-The run folder: :func:`run_lock` keeps a second process out of it for the whole run,
+The run folder (:mod:`npvae.runs`): :func:`run_lock` keeps a second process out of it for the whole run,
 stale temporary files of a killed writer are removed when a run starts, and a folder
 that cannot be written to is reported before the first step. metrics.jsonl appears with
 the first finished epoch.
@@ -40,20 +40,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import re
 import signal
 import sys
-import tempfile
-import threading
 import time
 import zlib
 from pathlib import Path
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not on POSIX: runs are not locked
-    fcntl = None
+from typing import NamedTuple
 
 import numpy as np
 
@@ -64,11 +56,15 @@ from .checkpoint import (
     FILENAME, Checkpoint, CheckpointError, NonFiniteState, load_checkpoint, non_finite,
     rng_state, save_checkpoint,
 )
+from .optim import clip_grad_norm
+from .runs import (  # noqa: F401  (the run folder's names stay importable from here)
+    METRICS_FILE, RunInUse, _DeferredInterrupt, _holding_run_lock, check_writable,
+    clean_temp_files, is_run_file, is_temp_file, run_lock, signal_name, stop_on_signals,
+)
 from .threads import blas_threads, blas_threads_for
 
 OPTIMIZERS = ("adam", "sgd")
 BINARIZE = ("none", "static", "dynamic")
-METRICS_FILE = "metrics.jsonl"
 SGD_MOMENTUM = 0.9
 EVAL_BATCH = 1000
 
@@ -96,149 +92,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     def __str__(self):
         return self.message
-
-
-class RunInUse(RuntimeError):
-    """Another process holds the run folder's lock (it is training, or writing into the run)."""
-
-
-class SignalStop(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, handled like Ctrl-C; ``signum`` says which (exit status 128 + signum)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal_name(signum))
-        self.signum = signum
-
-
-# ----------------------------------------------------------------------------- signals
-
-# Signals that stop a run the way Ctrl-C does: save, say so, exit with 128 + signum.
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
-def signal_name(signum: int) -> str:
-    """'Ctrl-C' for SIGINT, else the signal's name ('SIGTERM')."""
-    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-
-
-def _raise_signal_stop(signum, frame):
-    raise SignalStop(signum)
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """While active, SIGTERM and SIGHUP raise :class:`SignalStop` (a KeyboardInterrupt).
-
-    Only in the main thread, and only for signals left at their default action (an
-    ignored SIGHUP, as under ``nohup``, stays ignored); the previous handlers come back
-    on exit. The training loop defers them to the end of a step, as it does Ctrl-C; the
-    command line uses this so that they also stop evaluation cleanly.
-    """
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in STOP_SIGNALS:
-            if signal.getsignal(signum) is signal.SIG_DFL:
-                previous[signum] = signal.signal(signum, _raise_signal_stop)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-# ----------------------------------------------------------------------------- the run folder
-
-# Files npvae writes into a run folder, and the hidden temporary files it writes them through
-# (".checkpoint.npz.<random>.tmp", from tempfile.mkstemp, then renamed over the file).
-FIGURES = ("reconstructions.png", "samples.png", "loss_curves.png", "latent_scatter.png",
-           "interpolation.png", "manifold.png", "codebook_usage.png", "perplexity.png")
-RUN_FILES = (FILENAME, METRICS_FILE, "eval.json") + FIGURES
-_SAMPLES = re.compile(r"samples-seed\d+\.png")
-_TEMP = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp")
-_held = {}  # real path of a run folder -> [fd, depth]: this process's locks
-
-
-def is_run_file(name: str) -> bool:
-    """True for a file npvae writes into a run folder (not a temporary file)."""
-    return name in RUN_FILES or bool(_SAMPLES.fullmatch(name))
-
-
-def is_temp_file(name: str) -> bool:
-    """True for a hidden temporary file through which npvae writes one of its run files."""
-    m = _TEMP.fullmatch(name)
-    return bool(m) and is_run_file(m.group("name"))
-
-
-@contextlib.contextmanager
-def run_lock(run_dir, create: bool = True):
-    """Hold an exclusive ``flock`` on the run folder while writing into it.
-
-    Raises :class:`RunInUse` at once if another process holds it. The kernel releases the
-    lock when the process ends, however it ends (``kill -9`` included), so a crash never
-    leaves a run locked. Re-entrant within a process (the command line holds it around
-    ``train``, which takes it too). Creates the folder if needed; with ``create=False`` a
-    missing folder is not locked (there is nothing in it to protect, and nothing is made).
-    """
-    run_dir = Path(run_dir)
-    if not create and not run_dir.is_dir():
-        yield run_dir
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    key = os.path.realpath(run_dir)
-    if key in _held:
-        _held[key][1] += 1
-    else:
-        _held[key] = [_lock_folder(run_dir), 1]
-    try:
-        yield run_dir
-    finally:
-        _held[key][1] -= 1
-        if _held[key][1] == 0:
-            fd = _held.pop(key)[0]
-            if fd is not None:
-                os.close(fd)  # releases the lock
-
-
-def _lock_folder(run_dir: Path):
-    """An open descriptor of ``run_dir`` holding its exclusive lock (None where flock is missing)."""
-    if fcntl is None:  # pragma: no cover
-        return None
-    fd = os.open(run_dir, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise RunInUse(
-            f"{run_dir} is in use: another npvae process is training or writing into it. "
-            f"Wait for it to finish (or stop it), or choose another run directory") from None
-    return fd
-
-
-def clean_temp_files(run_dir) -> list:
-    """Remove the hidden temporary files a killed writer left in ``run_dir``; returns them.
-
-    Call it only while holding :func:`run_lock`: then no live npvae process is writing
-    there, and every such file is a leftover of one that was killed (``kill -9``).
-    """
-    removed = []
-    for path in Path(run_dir).iterdir():
-        if is_temp_file(path.name) and path.is_file():
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed.append(path)
-    return removed
-
-
-def check_writable(run_dir) -> None:
-    """Fail now, with a clear OSError, if files cannot be created in ``run_dir``."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=run_dir)
-    except OSError as exc:
-        raise PermissionError(
-            exc.errno, f"cannot write into the run directory {run_dir} ({exc.strerror}); "
-                       f"make it writable or choose another one") from None
-    os.close(fd)
-    os.unlink(probe)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -294,37 +147,6 @@ def _write_metrics(path: Path, history) -> None:
 def _append_metrics(path: Path, row) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(row) + "\n")
-
-
-class _DeferredInterrupt:
-    """While active in the main thread, the first Ctrl-C, SIGTERM or SIGHUP only sets
-    ``requested`` (and ``signum``).
-
-    The loop checks the flag between steps, so it stops on a consistent state. A second
-    one raises KeyboardInterrupt (:class:`SignalStop` for SIGTERM or SIGHUP) at once.
-    Handlers someone else installed are left alone, and restored ones on exit.
-    """
-
-    def __enter__(self):
-        self.requested, self.signum = False, None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            ours = {signal.SIGINT: (signal.default_int_handler,)}
-            ours.update({s: (signal.SIG_DFL, _raise_signal_stop) for s in STOP_SIGNALS})
-            for signum, defaults in ours.items():
-                if signal.getsignal(signum) in defaults:
-                    self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt if signum == signal.SIGINT else SignalStop(signum)
-        self.requested, self.signum = True, signum
-
-    def __exit__(self, *exc):
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        return False
 
 
 def _static_sample(x, dtype, rng, rows: int = 4096) -> np.ndarray:
@@ -425,19 +247,176 @@ def _setting_changes(opt, ck: Checkpoint, lr: float, clip) -> dict:
     return changes
 
 
-def _holding_run_lock(fn):
-    """Run ``fn`` while holding :func:`run_lock` on its ``run_dir`` argument."""
-    import functools
-
-    @functools.wraps(fn)
-    def locked(*args, run_dir, **kwargs):
-        with run_lock(run_dir):
-            return fn(*args, run_dir=run_dir, **kwargs)
-
-    return locked
-
-
 # ----------------------------------------------------------------------------- the loop
+
+
+class Position(NamedTuple):
+    """Where a run stands between two steps, as a checkpoint saved now would record it.
+
+    ``batch`` None: at an epoch boundary, ``epoch`` epochs done. Otherwise inside epoch
+    ``epoch`` (from 0) after ``batch`` batches, with the epoch's starting stream
+    ``epoch_rng``, the example-weighted ``sums`` of the stats over ``seen`` examples and
+    ``seconds`` of training so far. ``rng``: the run's stream at this point.
+    """
+
+    epoch: int
+    batch: int | None
+    epoch_rng: dict | None
+    sums: dict | None
+    seen: int
+    seconds: float
+    rng: dict
+
+
+class _Batches:
+    """The training images as a source of batches in the model's dtype.
+
+    uint8 images stay uint8 (a quarter of the memory) and are scaled one batch at a time;
+    "static" binarization draws one fixed binary sample up front (as 0/1 bytes), "dynamic"
+    a fresh one of every batch from the run's stream. One batch array is reused by every step.
+    """
+
+    def __init__(self, x, dtype, batch_size, binarize, seed):
+        self.n, d = x.shape
+        self.per_epoch = -(-self.n // batch_size)
+        self.x, self.scale = x, (255 if x.dtype == np.uint8 else None)
+        if binarize == "static":  # one fixed binary sample, as 0/1 bytes
+            self.x, self.scale = _static_sample(x, dtype, side_rng(seed, "static")), 1
+        self.dynamic = binarize == "dynamic"
+        self.batch = np.empty((min(batch_size, self.n), d), dtype=dtype)
+        self.raw = np.empty((min(batch_size, self.n), d), dtype=np.uint8) if self.scale else None
+
+    def fill(self, idx, rng) -> np.ndarray:
+        """The examples ``idx`` as a (B, D) batch in [0, 1] (a view of the reused array)."""
+        xb = self.batch[:idx.size]
+        if self.scale is None:
+            np.take(self.x, idx, axis=0, out=xb)  # (B, D), contiguous
+        else:
+            np.take(self.x, idx, axis=0, out=self.raw[:idx.size])  # (B, D) bytes
+            np.divide(self.raw[:idx.size], xb.dtype.type(self.scale), out=xb)  # to [0, 1]
+        if self.dynamic:  # a fresh Bernoulli sample, every visit
+            npdata.binarize_dynamic(xb, rng, out=xb)
+        return xb
+
+
+def _open_run(run_dir: Path) -> tuple:
+    """Ready a locked run folder for writing: (checkpoint path, metrics path)."""
+    clean_temp_files(run_dir)  # leftovers of a killed writer: no live one holds the lock
+    check_writable(run_dir)  # fail now, not after the first epoch
+    return run_dir / FILENAME, run_dir / METRICS_FILE
+
+
+def _resume(resume_from, model, opt, rng, settings, n_batches, lr, clip):
+    """Restore a checkpoint into this run: (start epoch, step, history, position, changes)."""
+    ck = resume_from if isinstance(resume_from, Checkpoint) else load_checkpoint(resume_from)
+    _restore(model, opt, ck, settings)
+    rng.bit_generator.state = rng_state(ck.rng)
+    resume = None
+    if ck.position is not None:
+        p = ck.position
+        if p["batch"] > n_batches:
+            raise CheckpointError(f"{ck.path}: its position, batch {p['batch']}, "
+                                  f"lies beyond the {n_batches} batches of an epoch")
+        resume = Position(ck.epoch, p["batch"], p["epoch_rng"], p["sums"], p["seen"],
+                          p["seconds"], rng_state(ck.rng))
+    return ck.epoch, ck.step, list(ck.history), resume, _setting_changes(opt, ck, lr, clip)
+
+
+def _as_unit(x, dtype) -> np.ndarray:
+    """uint8 images as floats in [0, 1]; anything else as it is."""
+    return npdata.to_unit(x, dtype) if x.dtype == np.uint8 else x
+
+
+def _start_epoch(rng, n, epoch, resume) -> tuple:
+    """(order of the n examples, Position at the epoch's first step), drawn from the run's
+    stream ``rng``, or as a checkpoint stopped inside this epoch (``resume``)."""
+    epoch_rng = resume.epoch_rng if resume else rng_state(rng)
+    rng.bit_generator.state = epoch_rng
+    order = rng.permutation(n)
+    here = resume or Position(epoch, 0, epoch_rng, {}, 0, 0.0, rng_state(rng))
+    rng.bit_generator.state = here.rng  # where the checkpoint's stream stood, if resuming
+    return order, here
+
+
+def _add_stats(sums: dict, stats: dict, m: int, grad_norm) -> int:
+    """Add a step's stats, weighted by its ``m`` examples, to the epoch's ``sums``; returns m."""
+    for k, v in stats.items():
+        sums[k] = sums.get(k, 0.0) + float(v) * m
+    if grad_norm is not None:  # measured on this step
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm * m
+        sums["grad_norm_seen"] = sums.get("grad_norm_seen", 0) + m
+    return m
+
+
+def _epoch_row(epoch, step, opt, clip, changed, sums, seen) -> dict:
+    """An epoch's line of metrics.jsonl before validation: means of the training stats."""
+    row = {"epoch": epoch + 1, "step": step, "lr": float(opt.lr), "clip": clip}
+    if changed:  # {"lr": [before, now], ..., "step": where the resume happened}
+        row["changed"] = changed
+    row.update({f"train_{k}": v / seen for k, v in sums.items()
+                if k not in ("kl_weight", "grad_norm", "grad_norm_seen")})
+    if "kl_weight" in sums:  # an epoch mean that is not a loss term
+        row["kl_weight"] = sums["kl_weight"] / seen
+    if sums.get("grad_norm_seen"):  # mean over the steps that measured it
+        row["grad_norm"] = sums["grad_norm"] / sums["grad_norm_seen"]
+    return row
+
+
+def _validated(row, model, x_val, seed, train_seconds) -> dict:
+    """The epoch's row with the validation metrics and the time each part took."""
+    t1 = time.perf_counter()
+    row.update(validation_metrics(model, x_val, seed, min(EVAL_BATCH, len(x_val))))
+    row["seconds"], row["val_seconds"] = train_seconds, time.perf_counter() - t1
+    return row
+
+
+def _stopped(signum, saved, where, epochs_done, step) -> TrainingInterrupted:
+    """What a stop by a signal raises: where the state was saved, if anywhere."""
+    name = signal_name(signum)
+    msg = (f"stopped by {name}; the state {where} is saved in {saved}" if saved
+           else f"stopped by {name} before anything could be saved")
+    return TrainingInterrupted(msg, checkpoint=saved, epoch=epochs_done, step=step,
+                               signum=signum)
+
+
+def _check_state(model, opt, step, epoch, ckpt_path) -> None:
+    """NaN or inf in the parameters or optimizer state the loss did not show: stop now."""
+    bad = non_finite(model, opt)
+    if bad is not None:
+        raise _diverged_state(bad, step, epoch, ckpt_path)
+
+
+def _save(ckpt_path, model, opt, rng, epochs_done, step, history, settings, position=None):
+    """save_checkpoint, with non-finite state reported as a divergence."""
+    try:
+        return save_checkpoint(ckpt_path, model, opt, rng, epochs_done, step, history,
+                               settings, position=position)
+    except NonFiniteState as exc:  # NaN that the loss and gradient did not show
+        raise _diverged_state(exc.detail, step, epochs_done - 1, ckpt_path) from None
+
+
+def _save_position(here, ckpt_path, model, opt, rng, epochs_done, step, history, settings,
+                   n_batches) -> tuple:
+    """Save the state at ``here`` after a stop: (the file, where in the run), or (None, "")."""
+    saved, where = None, ""
+    try:
+        if here is not None and here.batch is not None:  # between two steps
+            rng.bit_generator.state = here.rng  # undo draws of a step cut short
+            position = dict(batch=here.batch, epoch_rng=here.epoch_rng, sums=here.sums,
+                            seen=here.seen, seconds=here.seconds)
+            saved = save_checkpoint(ckpt_path, model, opt, rng, here.epoch, step, history,
+                                    settings, position=position)
+            where = f"in epoch {here.epoch + 1} after {here.batch} of {n_batches} batches"
+        elif here is not None:  # between epochs
+            rng.bit_generator.state = here.rng  # undo the next epoch's draws, if any
+            saved = save_checkpoint(ckpt_path, model, opt, rng, epochs_done, step, history,
+                                    settings)
+            where = f"after epoch {epochs_done}"
+    except NonFiniteState:  # the state to save holds NaN: keep the last good file
+        saved = None
+    if saved is None and ckpt_path.exists():  # stopped mid-update, or NaN: keep the last one
+        saved, where = ckpt_path, _saved_epoch(ckpt_path)
+    return saved, where
 
 
 @_holding_run_lock
@@ -449,117 +428,61 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
           schedule: str = "constant") -> list:
     """Train ``model`` in place for ``epochs`` epochs in total; returns the metrics history.
 
-    x_train (N, D), x_val (V, D): arrays of the model's dtype, values in [0, 1] (grey
-        levels), or uint8 images with values 0-255 (read as v / 255; kept as bytes and
-        scaled one batch at a time, which saves three quarters of the memory).
-        ``binarize`` "static" draws one binary sample of the training set; "dynamic"
-        draws a fresh one for every batch, so each image is resampled on every visit.
-    optimizer: "adam" or "sgd" (momentum 0.9); clip: max global gradient norm, or None.
-    run_dir: receives metrics.jsonl (one JSON line per epoch) and checkpoint.npz. It is
-        locked for the whole call (:class:`RunInUse` if another process holds it), its
-        stale temporary files are removed, and it must be writable before training starts.
-    log_every: steps between updates of the progress bar's loss; progress: show a
-        tqdm bar (only on a terminal); verbose: print one summary line per epoch.
-    resume_from: a checkpoint path, run directory or :class:`Checkpoint` to continue
-        from; the other arguments must describe the same run, except that ``epochs`` may
-        grow and ``lr`` and ``clip`` may change (recorded in that epoch's metrics).
-    on_epoch_end: called as ``on_epoch_end(row)`` with each epoch's metrics dict.
-    on_first_step: called with no arguments once the first step of this call is done.
-    args: extra JSON-friendly settings stored in checkpoints (the command line keeps
-        everything it needs to rebuild the run there).
-    schedule: the learning-rate schedule by name (:mod:`npvae.schedule`): "constant",
-        "burda" (Burda et al.'s 3,280 epochs, Adam epsilon 1e-4) or "burda:P" (the same
-        stages in P epochs); the rate of each epoch follows from its index (SCHED.1).
+    x_train (N, D), x_val (V, D): the model's dtype with values in [0, 1], or uint8 images
+        (read as v / 255, kept as bytes and scaled a batch at a time). ``binarize``
+        "static" draws one binary sample of the training set, "dynamic" a fresh one of
+        every batch. optimizer "adam" or "sgd" (momentum 0.9); clip: max gradient norm.
+    run_dir: receives metrics.jsonl and checkpoint.npz; locked for the whole call
+        (:class:`RunInUse`), cleared of stale temporary files, checked to be writable.
+    log_every: steps between progress-bar updates; progress: a tqdm bar (on a terminal);
+        verbose: a summary line per epoch; on_epoch_end(row) and on_first_step() callbacks.
+    resume_from: a checkpoint path, run directory or :class:`Checkpoint` of the same run
+        (``epochs`` may grow, ``lr`` and ``clip`` change, recorded in the metrics).
+    args: extra JSON-friendly settings stored in checkpoints. schedule: the learning-rate
+        schedule (:mod:`npvae.schedule`): "constant", "burda" or "burda:P" (SCHED.1).
     """
     from tqdm.auto import tqdm
 
-    from .optim import clip_grad_norm
-
     _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip, binarize)
-    run_dir = Path(run_dir)  # created and locked by _holding_run_lock
-    clean_temp_files(run_dir)  # leftovers of a killed writer: no live one holds the lock
-    check_writable(run_dir)  # fail now, not after the first epoch
-    ckpt_path, metrics_path = run_dir / FILENAME, run_dir / METRICS_FILE
     schedules.parse(schedule)  # a clear error for an unknown schedule, before any work
+    ckpt_path, metrics_path = _open_run(Path(run_dir))  # locked by _holding_run_lock
     settings = dict(args or {}, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
                     optimizer=optimizer, clip=clip, seed=int(seed), binarize=binarize,
                     data=fingerprint(x_train), schedule=schedule)
-
-    # ---- data: kept as given (uint8 images stay uint8: a quarter of the memory) and
-    # turned into a float batch of the model's dtype one batch at a time
-    n, d = x_train.shape
-    x_base, scale = x_train, (255 if x_train.dtype == np.uint8 else None)
-    if binarize == "static":  # one fixed binary sample, as 0/1 bytes
-        x_base, scale = _static_sample(x_train, model.dtype, side_rng(seed, "static")), 1
-    if x_val.dtype == np.uint8:
-        x_val = npdata.to_unit(x_val, model.dtype)
-    x_val = binarize_for_eval(x_val, binarize, seed, "val")
-    n_batches = -(-n // batch_size)
-    batch = np.empty((min(batch_size, n), d), dtype=model.dtype)  # reused by every step
-    raw = np.empty((min(batch_size, n), d), dtype=np.uint8) if scale else None
+    batches = _Batches(x_train, model.dtype, batch_size, binarize, seed)
+    x_val = binarize_for_eval(_as_unit(x_val, model.dtype), binarize, seed, "val")
+    n, n_batches = batches.n, batches.per_epoch
 
     # ---- state: fresh, or as a checkpoint left it
     rng = np.random.default_rng(seed)
     opt = make_optimizer(optimizer, model.params, lr, eps=schedules.adam_eps(schedule))
     start_epoch, step, history, resume, changes = 0, 0, [], None, {}
     if resume_from is not None:
-        ck = resume_from if isinstance(resume_from, Checkpoint) else load_checkpoint(resume_from)
-        _restore(model, opt, ck, settings)
-        start_epoch, step, history = ck.epoch, ck.step, list(ck.history)
-        rng.bit_generator.state = rng_state(ck.rng)
-        if ck.position is not None:
-            if ck.position["batch"] > n_batches:
-                raise CheckpointError(f"{ck.path}: its position, batch {ck.position['batch']}, "
-                                      f"lies beyond the {n_batches} batches of an epoch")
-            resume = dict(ck.position, rng=rng_state(ck.rng))
-        changes = _setting_changes(opt, ck, lr, clip)
+        start_epoch, step, history, resume, changes = _resume(
+            resume_from, model, opt, rng, settings, n_batches, lr, clip)
     _write_metrics(metrics_path, history)  # forget epochs the checkpoint does not hold
-    before_batch = getattr(model, "on_batch_start", None)  # e.g. k-means codebook init
-    after_step = getattr(model, "after_step", None)  # e.g. moving-average codebook
-
-    # What a checkpoint written now would hold: "boundary" between epochs, a dict
-    # (the position inside an epoch) between steps, None while parameters change.
-    here = "boundary" if resume is None else None
-    boundary_rng = rng_state(rng)
-    step_at_start = step
-    stop = _DeferredInterrupt()
+    # What a checkpoint written now would hold (None while the parameters change)
+    here = Position(start_epoch, None, None, None, 0, 0.0, rng_state(rng)) if resume is None else None
+    step_at_start, stop = step, _DeferredInterrupt()
     try:
         grad_buf = model.params.empty_like()  # backward writes here on every step
         with stop, blas_threads(blas_threads_for(model.params, batch_size)):
             for epoch in range(start_epoch, epochs):
                 opt.lr = schedules.lr_at(schedule, lr, epoch)  # (SCHED.1)
-                # -- the epoch's binary sample and order, drawn from the run's stream
-                epoch_rng = resume["epoch_rng"] if resume else rng_state(rng)
-                rng.bit_generator.state = epoch_rng
-                order = rng.permutation(n)
-                first, sums, seen, seconds = 0, {}, 0, 0.0
-                if resume:  # continue inside this epoch, where the checkpoint stopped
-                    first, sums, seen = resume["batch"], resume["sums"], resume["seen"]
-                    seconds = resume["seconds"]
-                    rng.bit_generator.state = resume["rng"]
-                    resume = None
-                t0 = time.perf_counter() - seconds
-                here = dict(epoch=epoch, batch=first, epoch_rng=epoch_rng, sums=dict(sums),
-                            seen=seen, seconds=seconds, rng=rng_state(rng))
+                # -- the epoch's order, drawn from the run's stream, or where a checkpoint stopped
+                order, here, resume = *_start_epoch(rng, n, epoch, resume), None
+                epoch_rng, sums, seen = here.epoch_rng, dict(here.sums), here.seen
+                t0 = time.perf_counter() - here.seconds
 
-                with tqdm(total=n_batches, initial=first, desc=f"epoch {epoch + 1}/{epochs}",
+                with tqdm(total=n_batches, initial=here.batch, desc=f"epoch {epoch + 1}/{epochs}",
                           unit="batch", disable=None if progress else True, leave=False,
                           dynamic_ncols=True, file=sys.stderr) as bar:
-                    for b in range(first, n_batches):
+                    for b in range(here.batch, n_batches):
                         if stop.requested:
                             raise KeyboardInterrupt
                         # -- forward and backward on one batch
-                        idx = order[b * batch_size:(b + 1) * batch_size]
-                        xb = batch[:idx.size]
-                        if scale is None:
-                            np.take(x_base, idx, axis=0, out=xb)  # (B, D), contiguous
-                        else:
-                            np.take(x_base, idx, axis=0, out=raw[:idx.size])  # (B, D) bytes
-                            np.divide(raw[:idx.size], xb.dtype.type(scale), out=xb)  # to [0, 1]
-                        if binarize == "dynamic":  # a fresh Bernoulli sample, every visit
-                            npdata.binarize_dynamic(xb, rng, out=xb)
-                        if before_batch is not None:
-                            before_batch(xb, rng)
+                        xb = batches.fill(order[b * batch_size:(b + 1) * batch_size], rng)
+                        model.on_batch_start(xb, rng)
                         loss, grads, stats = model.loss_and_grads(xb, rng=rng, step=step, out=grad_buf)
                         # the gradient norm: on steps that clip or log (a pass over every
                         # gradient); Adam counts non-finite gradients in its own pass
@@ -572,53 +495,28 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                         if opt.step(grads):  # non-finite gradient entries: the update is spoilt
                             raise _diverged(loss, math.nan, step, epoch, b, n_batches, ckpt_path,
                                             applied=True)
-                        if after_step is not None:
-                            after_step(rng)
+                        model.after_step(rng)
                         step += 1
                         if on_first_step is not None:
                             on_first_step()
                             on_first_step = None
-                        # -- bookkeeping: example-weighted sums of every stat
-                        m = idx.size
-                        for k, v in stats.items():
-                            sums[k] = sums.get(k, 0.0) + float(v) * m
-                        if measure:
-                            sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm * m
-                            sums["grad_norm_seen"] = sums.get("grad_norm_seen", 0) + m
-                        seen += m
-                        here = dict(epoch=epoch, batch=b + 1, epoch_rng=epoch_rng, sums=dict(sums),
-                                    seen=seen, seconds=time.perf_counter() - t0, rng=rng_state(rng))
+                        seen += _add_stats(sums, stats, len(xb), grad_norm if measure else None)
+                        here = Position(epoch, b + 1, epoch_rng, dict(sums), seen,
+                                        time.perf_counter() - t0, rng_state(rng))
                         bar.update(1)
                         if step % log_every == 0 or b + 1 == n_batches:
                             bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", refresh=False)
 
-                # -- end of epoch: validation, metrics, checkpoint
+                # -- end of epoch: validation, metrics, checkpoint (a resume in this
+                # epoch may have changed lr or clip: the row records it)
                 train_seconds = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                row = {"epoch": epoch + 1, "step": step, "lr": float(opt.lr), "clip": clip}
-                if changes:  # a resume in (or before) this epoch changed lr or clip
-                    row["changed"] = dict(changes, step=step_at_start)
-                    changes = {}
-                row.update({f"train_{k}": v / seen for k, v in sums.items()
-                            if k not in ("kl_weight", "grad_norm", "grad_norm_seen")})
-                if "kl_weight" in sums:  # an epoch mean that is not a loss term
-                    row["kl_weight"] = sums["kl_weight"] / seen
-                if sums.get("grad_norm_seen"):  # mean over the steps that measured it
-                    row["grad_norm"] = sums["grad_norm"] / sums["grad_norm_seen"]
-                bad = non_finite(model, opt)  # NaN the loss did not show: stop before using it
-                if bad is not None:
-                    raise _diverged_state(bad, step, epoch, ckpt_path)
-                row.update(validation_metrics(model, x_val, seed, min(EVAL_BATCH, len(x_val))))
-                row["seconds"] = train_seconds
-                row["val_seconds"] = time.perf_counter() - t1
-                history.append(row)
+                changed = dict(changes, step=step_at_start) if changes else None
+                row, changes = _epoch_row(epoch, step, opt, clip, changed, sums, seen), {}
+                _check_state(model, opt, step, epoch, ckpt_path)
+                history.append(_validated(row, model, x_val, seed, train_seconds))
                 if checkpoint_every_epoch or epoch + 1 == epochs:
-                    try:
-                        save_checkpoint(ckpt_path, model, opt, rng, epoch + 1, step, history,
-                                        settings)
-                    except NonFiniteState as exc:  # NaN that the loss and gradient did not show
-                        raise _diverged_state(exc.detail, step, epoch, ckpt_path) from None
-                here, boundary_rng = "boundary", rng_state(rng)
+                    _save(ckpt_path, model, opt, rng, epoch + 1, step, history, settings)
+                here = Position(epoch + 1, None, None, None, seen, 0.0, rng_state(rng))
                 _append_metrics(metrics_path, row)
                 if verbose:
                     print(_summary(row, epochs), flush=True)
@@ -626,32 +524,12 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                     on_epoch_end(row)
                 if stop.requested and epoch + 1 < epochs:
                     raise KeyboardInterrupt
-    except KeyboardInterrupt as exc:
-        # -- Ctrl-C, SIGTERM or SIGHUP: save the last consistent state, then stop
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: save the last consistent state
         signum = getattr(exc, "signum", None) or stop.signum or signal.SIGINT
         epochs_done = history[-1]["epoch"] if history else start_epoch
-        saved, where = None, ""
-        try:
-            if isinstance(here, dict):  # between two steps (or inside a step that changed nothing)
-                rng.bit_generator.state = here["rng"]  # undo draws of a step cut short
-                position = {k: here[k] for k in ("batch", "epoch_rng", "sums", "seen", "seconds")}
-                saved = save_checkpoint(ckpt_path, model, opt, rng, here["epoch"], step,
-                                        history, settings, position=position)
-                where = f"in epoch {here['epoch'] + 1} after {here['batch']} of {n_batches} batches"
-            elif here == "boundary":  # between epochs
-                rng.bit_generator.state = boundary_rng  # undo the next epoch's draws, if any
-                saved = save_checkpoint(ckpt_path, model, opt, rng, epochs_done, step, history,
-                                        settings)
-                where = f"after epoch {epochs_done}"
-        except NonFiniteState:  # the state to save holds NaN: keep the last good file
-            here = None
-        if saved is None and ckpt_path.exists():  # stopped mid-update, or NaN: keep the last one
-            saved, where = ckpt_path, _saved_epoch(ckpt_path)
-        name = signal_name(signum)
-        msg = (f"stopped by {name}; the state {where} is saved in {saved}" if saved
-               else f"stopped by {name} before anything could be saved")
-        raise TrainingInterrupted(msg, checkpoint=saved, epoch=epochs_done, step=step,
-                                  signum=signum) from None
+        saved, where = _save_position(here, ckpt_path, model, opt, rng, epochs_done, step,
+                                      history, settings, n_batches)
+        raise _stopped(signum, saved, where, epochs_done, step) from None
     return history
 
 

@@ -517,7 +517,7 @@ def test_an_unwritable_run_folder_fails_before_training(capsys, tmp_path, monkey
     run = tmp_path / "run"
     run.mkdir()
     steps = []
-    monkeypatch.setattr(train_mod.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
     from npvae.models.vae import VAE
 
     original = VAE.loss_and_grads
@@ -526,7 +526,7 @@ def test_an_unwritable_run_folder_fails_before_training(capsys, tmp_path, monkey
     code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(run))
     one_line_error(code, err, status=1)
     assert f"cannot write into the run directory {run}" in err and steps == []
-    monkeypatch.setattr(train_mod.tempfile, "mkstemp", real)
+    monkeypatch.setattr(tempfile, "mkstemp", real)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

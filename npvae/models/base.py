@@ -114,6 +114,13 @@ class Model:
     def num_params(self) -> int:
         return int(self.params.flat.size)
 
+    # -- hooks of the training loop: nothing by default ------------------------------
+    def on_batch_start(self, x, rng) -> None:
+        """Called with each batch before its step (the VQ-VAE's k-means start uses it)."""
+
+    def after_step(self, rng) -> None:
+        """Called after each optimizer step (the VQ-VAE's moving averages and restarts)."""
+
 
 class ContinuousLatentModel(Model):
     """A model with a real latent z (N, Z), prior N(0, I), and an MLP decoder ``dec.*``.
