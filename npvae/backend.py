@@ -150,12 +150,3 @@ def dispatch(numpy_twin, numba_twin):
     kernel.numba = numba_twin
     return kernel
 
-
-def numba_available() -> bool:
-    """True when Numba can be imported (it is a run-time dependency, so normally yes)."""
-    try:
-        import numba  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the installation
-        return False
-    return True
-

@@ -28,7 +28,7 @@ import json
 import math
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +66,6 @@ class Checkpoint:
     history: list
     args: dict
     position: dict | None = None
-    format_version: int = FORMAT_VERSION
-    buffers: dict = field(default_factory=dict)
 
 
 def checkpoint_path(path) -> Path:
@@ -300,10 +298,9 @@ def _parse(path: Path, members: dict) -> Checkpoint:
 
     optimizer_state = {k[len("optim/"):]: v for k, v in members.items() if k.startswith("optim/")}
     _check_finite_members(path, "optimizer state", optimizer_state)
-    buffers = _fill_buffers(path, model, members)
+    _fill_buffers(path, model, members)
     return Checkpoint(path=path, model=model, optimizer_state=optimizer_state, rng=rng,
-                      epoch=epoch, step=step, history=history, args=args, position=position,
-                      format_version=FORMAT_VERSION, buffers=buffers)
+                      epoch=epoch, step=step, history=history, args=args, position=position)
 
 
 # What a position inside an epoch holds (see npvae.train), and what each entry must be.
@@ -357,7 +354,7 @@ def _buffers(model) -> dict:
     return dict(buffers) if isinstance(buffers, dict) else {}
 
 
-def _fill_buffers(path, model, members) -> dict:
+def _fill_buffers(path, model, members) -> None:
     """Copy buffer/<name> into model.buffers, with the same checks as parameters."""
     saved = {k[len("buffer/"):]: v for k, v in members.items() if k.startswith("buffer/")}
     expected = _buffers(model)
@@ -374,7 +371,6 @@ def _fill_buffers(path, model, members) -> dict:
     _check_finite_members(path, "model buffer", saved)
     for name, arr in expected.items():
         arr[...] = saved[name]
-    return saved
 
 
 def param_count(config: dict) -> int | None:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from npvae.backend import numba_available, use_backend
+from npvae.backend import use_backend
 from npvae.optim import SGD, Adam, adam_kernel, clip_grad_norm
 from npvae.params import FlatDict
 
@@ -181,10 +181,6 @@ def test_strided_parameters_are_updated_in_place():
 # The two Adam twins
 
 
-needs_numba = pytest.mark.skipif(not numba_available(), reason="numba not installed")
-
-
-@needs_numba
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-6)])
 @given(st.integers(1, 200), seeds, st.sampled_from([0.0, 0.01]))
 def test_adam_twins_agree(dtype, rtol, n, seed, wd):
@@ -220,7 +216,6 @@ def _special_values(dtype, n, rng):
     return out
 
 
-@needs_numba
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("wd", [0.0, 0.01])
 def test_adam_twins_agree_on_nan_inf_and_subnormal_input(dtype, wd):
@@ -278,7 +273,6 @@ def test_sgd_momentum_buffer_never_subnormal():
     assert not np.any(opt._buffers["buf"]["w"])  # 0.5^300 is far below tiny: flushed to 0
 
 
-@needs_numba
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_adam_same_result_on_both_backends(dtype):
     results = []
@@ -473,8 +467,6 @@ def test_bad_hyperparameters(make, match):
                                   lambda p: SGD(p, lr=0.1)])
 @pytest.mark.parametrize("flat", [True, False])
 def test_step_counts_non_finite_gradient_entries(backend, make, flat):
-    if backend == "numba" and not numba_available():
-        pytest.skip("numba not installed")
     params = random_flat(np.random.default_rng(0), np.float32)
     if not flat:
         params = {k: v.copy() for k, v in params.items()}

@@ -13,7 +13,6 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from npvae.backend import numba_available
 from npvae.ops import vq
 
 from strategies import dim, seeds
@@ -133,8 +132,6 @@ def test_metrics_disagree_on_a_hand_made_case():
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 def test_exact_ties_go_to_the_lowest_index(backend):
-    if backend == "numba" and not numba_available():
-        pytest.skip("numba not installed")
     kernel = vq.assign_kernel.numpy if backend == "numpy" else vq.assign_kernel.numba
     codebook = np.array([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     z_e = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
@@ -152,10 +149,6 @@ def test_single_code_takes_every_row():
 # The two twins agree
 
 
-needs_numba = pytest.mark.skipif(not numba_available(), reason="numba not installed")
-
-
-@needs_numba
 @settings(deadline=None)
 @given(st.sampled_from([np.float64, np.float32]).flatmap(
     lambda dt: st.tuples(any_case(dt), st.just(dt))), st.sampled_from([0, 1]))
@@ -177,7 +170,6 @@ def test_assign_twins_agree(case_dtype, code):
         np.testing.assert_array_equal(a, b)
 
 
-@needs_numba
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("code", [0, 1])
 def test_assign_twins_identical_on_random_data(dtype, code):
@@ -192,7 +184,6 @@ def test_assign_twins_identical_on_random_data(dtype, code):
     )
 
 
-@needs_numba
 @settings(deadline=None)
 @given(any_case(), seeds)
 def test_scatter_twins_agree(case, seed):

@@ -95,10 +95,6 @@ class Autoencoder(ContinuousLatentModel):
         code, _ = mlp_forward(self.params, "enc", x, self.config["activation"])
         return code
 
-    def embed(self, x):
-        """x (N, D) -> the code Enc(x) (N, Z)."""
-        return self.encode(x)
-
     def reconstruct(self, x, rng=None):
         z = self.encode(x)
         if rng is not None and self.config["sampled"]:

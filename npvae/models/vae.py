@@ -127,10 +127,6 @@ class VAE(ContinuousLatentModel):
         enc, _ = mlp_forward(self.params, "enc", x, self.config["activation"])
         return enc[:, : self.latent].copy(), enc[:, self.latent:].copy()
 
-    def embed(self, x):
-        """x (N, D) -> the posterior mean mu (N, Z), e.g. for a latent plot."""
-        return self.encode(x)[0]
-
     def reconstruct(self, x, rng=None):
         """Decode the posterior mean (rng None) or one posterior sample (rng given)."""
         mu, logvar = self.encode(x)
@@ -139,26 +135,28 @@ class VAE(ContinuousLatentModel):
         return self.decode(mu)
 
 
-class GaussianVAE(VAE):
+class _FixedLikelihoodVAE(VAE):
+    """A VAE whose decoder distribution is fixed by its class (``likelihood``)."""
+
+    likelihood, other = "", ""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("likelihood", self.likelihood)
+        if kwargs["likelihood"] != self.likelihood:
+            raise ValueError(f"{type(self).__name__} has likelihood {self.likelihood!r}; "
+                             f"use {self.other} or VAE")
+        if self.likelihood == "bernoulli":
+            kwargs.pop("sigma2", None)  # a Bernoulli decoder has no variance
+        super().__init__(*args, **kwargs)
+
+
+class GaussianVAE(_FixedLikelihoodVAE):
     """The VAE of tutorial section 3: p(x|z) = N(Dec(z), sigma2 I), sigma2 = 1 by default."""
 
-    kind = "vae-gaussian"
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("likelihood", "gaussian")
-        if kwargs["likelihood"] != "gaussian":
-            raise ValueError("GaussianVAE has likelihood 'gaussian'; use BernoulliVAE or VAE")
-        super().__init__(*args, **kwargs)
+    kind, likelihood, other = "vae-gaussian", "gaussian", "BernoulliVAE"
 
 
-class BernoulliVAE(VAE):
+class BernoulliVAE(_FixedLikelihoodVAE):
     """The VAE of tutorial section 4: p(x|z) = Bernoulli(sigmoid(Dec(z)))."""
 
-    kind = "vae-bernoulli"
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("likelihood", "bernoulli")
-        if kwargs["likelihood"] != "bernoulli":
-            raise ValueError("BernoulliVAE has likelihood 'bernoulli'; use GaussianVAE or VAE")
-        kwargs.pop("sigma2", None)
-        super().__init__(*args, **kwargs)
+    kind, likelihood, other = "vae-bernoulli", "bernoulli", "GaussianVAE"

@@ -265,11 +265,6 @@ class VQVAE(Model):
         out, _ = mlp_forward(self.params, "dec", z_q, self.config["activation"])
         return likelihood_mean(self.config["likelihood"], out)
 
-    def embed(self, x):
-        """x (N, D) -> the quantized code vectors, flattened (N, M Dz), e.g. for a latent plot."""
-        idx = self.assign(x)
-        return self.params["codebook"][idx].reshape(x.shape[0], -1)
-
     def reconstruct(self, x, rng=None):
         return self.decode_indices(self.assign(x))
 

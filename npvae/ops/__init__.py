@@ -6,16 +6,6 @@ from .activations import (  # noqa: F401
     activation_forward,
     bias_activation_backward,
     bias_activation_forward,
-    leaky_relu_backward,
-    leaky_relu_forward,
-    relu_backward,
-    relu_forward,
-    sigmoid_backward,
-    sigmoid_forward,
-    softplus_backward,
-    softplus_forward,
-    tanh_backward,
-    tanh_forward,
 )
 from .kl import (  # noqa: F401
     gaussian_kl2_backward,

@@ -23,6 +23,7 @@ from ..backend import dispatch, numba_kernel
 
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "softplus", "identity")
 _CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
+RELU, LEAKY_RELU, TANH, SIGMOID, SOFTPLUS, IDENTITY = range(len(ACTIVATIONS))  # the codes
 LEAKY_SLOPE = 0.01
 
 
@@ -97,15 +98,15 @@ def stable_softplus(a):
 def _bias_act_numpy(a, b, code, slope, out):
     """out = act(a + b) for a (N, H), b (H,); reference twin of _bias_act_numba."""
     np.add(a, b, out=out)
-    if code == 0:
+    if code == RELU:
         np.maximum(out, 0, out=out)
-    elif code == 1:
+    elif code == LEAKY_RELU:
         np.multiply(out, np.where(out > 0, 1.0, slope).astype(out.dtype), out=out)
-    elif code == 2:
+    elif code == TANH:
         np.tanh(out, out=out)
-    elif code == 3:
+    elif code == SIGMOID:
         out[...] = stable_sigmoid(out)
-    elif code == 4:
+    elif code == SOFTPLUS:
         out[...] = stable_softplus(out)
     return out
 
@@ -123,24 +124,24 @@ def _bias_act_loop(a, b, code, slope, out, cut):
     """
     n, h = a.shape
     zero, one = out.dtype.type(0.0), out.dtype.type(1.0)
-    if code == 0:
+    if code == RELU:
         for i in range(n):
             for j in range(h):
                 t = a[i, j] + b[j]
                 out[i, j] = zero if t <= 0 else t  # NaN stays NaN, as np.maximum keeps it
-    elif code == 1:
+    elif code == LEAKY_RELU:
         for i in range(n):
             for j in range(h):
                 t = a[i, j] + b[j]
                 out[i, j] = t if t > 0 else slope * t
-    elif code == 3:
+    elif code == SIGMOID:
         for i in range(n):
             for j in range(h):
                 t = a[i, j] + b[j]
                 s = -abs(t)
                 e = zero if s < cut else np.exp(s)  # exp(-|t|), 0 below the cut  (FTZ.2)
                 out[i, j] = (one if t >= 0 else e) / (one + e)
-    elif code == 4:
+    elif code == SOFTPLUS:
         for i in range(n):
             for j in range(h):
                 t = a[i, j] + b[j]
@@ -161,7 +162,7 @@ def _bias_act_numba(a, b, code, slope, out):
     than NumPy's SIMD ufunc, so for tanh the loop only adds the bias.
     """
     _bias_act_loop(a, b, code, slope, out, out.dtype.type(EXP_CUT[out.dtype]))
-    if code == 2:
+    if code == TANH:
         np.tanh(out, out=out)
     return out
 
@@ -175,15 +176,15 @@ bias_act_kernel = dispatch(_bias_act_numpy, _bias_act_numba)
 
 def _act_grad_numpy(dh, h, code, slope, out):
     """out = dh * dh/da, the local derivative taken from the output h (ACT.1-5)."""
-    if code == 0:
+    if code == RELU:
         np.multiply(dh, h > 0, out=out)  # (ACT.1)
-    elif code == 1:
+    elif code == LEAKY_RELU:
         np.multiply(dh, np.where(h > 0, 1.0, slope).astype(h.dtype), out=out)  # (ACT.2)
-    elif code == 2:
+    elif code == TANH:
         np.multiply(dh, 1.0 - h * h, out=out)  # (ACT.3)
-    elif code == 3:
+    elif code == SIGMOID:
         np.multiply(dh, h * (1.0 - h), out=out)  # (ACT.4)
-    elif code == 4:
+    elif code == SOFTPLUS:
         np.multiply(dh, -np.expm1(-h), out=out)  # (ACT.5)
     else:
         out[...] = dh
@@ -200,23 +201,23 @@ def _act_grad_numba(dh, h, code, slope, out):
     """
     n, m = dh.shape
     zero, one = out.dtype.type(0.0), out.dtype.type(1.0)
-    if code == 0:
+    if code == RELU:
         for i in range(n):
             for j in range(m):
                 out[i, j] = dh[i, j] * (one if h[i, j] > 0 else zero)
-    elif code == 1:
+    elif code == LEAKY_RELU:
         for i in range(n):
             for j in range(m):
                 out[i, j] = dh[i, j] if h[i, j] > 0 else dh[i, j] * slope
-    elif code == 2:
+    elif code == TANH:
         for i in range(n):
             for j in range(m):
                 out[i, j] = dh[i, j] * (one - h[i, j] * h[i, j])
-    elif code == 3:
+    elif code == SIGMOID:
         for i in range(n):
             for j in range(m):
                 out[i, j] = dh[i, j] * (h[i, j] * (one - h[i, j]))
-    elif code == 4:
+    elif code == SOFTPLUS:
         for i in range(n):
             for j in range(m):
                 out[i, j] = dh[i, j] * -np.expm1(-h[i, j])
@@ -262,24 +263,6 @@ def activation_backward(dh, cache: ActivationCache):
     dh2 = np.ascontiguousarray(dh).reshape(h2.shape)
     da = act_grad_kernel(dh2, h2, code, h.dtype.type(slope), np.empty_like(h2))
     return da.reshape(h.shape)
-
-
-def _named(name):
-    def forward(a, slope=LEAKY_SLOPE):
-        return activation_forward(a, name, slope)
-
-    forward.__name__ = f"{name}_forward"
-    forward.__doc__ = f"h = {name}(a), any shape. Returns (h, cache)."
-    return forward
-
-
-relu_forward = _named("relu")
-leaky_relu_forward = _named("leaky_relu")
-tanh_forward = _named("tanh")
-sigmoid_forward = _named("sigmoid")
-softplus_forward = _named("softplus")
-relu_backward = leaky_relu_backward = tanh_backward = activation_backward
-sigmoid_backward = softplus_backward = activation_backward
 
 
 class BiasActCache(NamedTuple):
