@@ -14,6 +14,7 @@ from functools import partial
 
 import numpy as np
 
+from .ops.activations import TAGS as ACT_TAG
 from .ops.activations import activation_backward, activation_forward
 from .ops.masked import masked_linear_backward, masked_linear_forward
 from .ops.softmax import softmax_xent_backward, softmax_xent_forward
@@ -53,8 +54,6 @@ def prior_objective_backward(dloss, shape):
 
 def tour_prior(c, model, x) -> float:
     """Forward, then every node of the backward pass, for a MADEPrior on one-hot codes x."""
-    from .tour import ACT_TAG
-
     p, act, n = model.params, model.config["activation"], x.shape[0]
     idx = model.codes_of(x)  # (N, M)
     layers = len(model.masks) - 1
@@ -64,25 +63,43 @@ def tour_prior(c, model, x) -> float:
     concat_name = "concatenation [h, x] (the direct path)"
     out_name = "out masked linear [h, x] (W*A) + b"
 
+    masked_backward = ("dh = da (W*A)^T;  dW = (h^T da)*A;  db = sum_n da  (MADE.5); the mask "
+                       "is a constant")
+    tag = ACT_TAG[act]
+
     # ---- forward
     h, h_name = x, "x"
     for i in range(layers):
         a = c.forward(f"hid.{i} masked linear h (W*A) + b", ("MADE.2", "MADE.5"), masked,
                       {h_name: h, f"hid.{i}.W": p[f"hid.{i}.W"], f"hid.{i}.mask": model.masks[i],
-                       f"hid.{i}.b": p[f"hid.{i}.b"]})
-        h = c.forward(f"hid.{i} {act}", (ACT_TAG[act],), (partial(activation_forward, name=act),
-                                                    activation_backward), {f"hid.{i}.a": a})
+                       f"hid.{i}.b": p[f"hid.{i}.b"]},
+                      formula="a = h (W*A) + b, A the mask of (MADE.2)  (MADE.4)",
+                      gradient=masked_backward)
+        h = c.forward(f"hid.{i} {act}", (tag,), (partial(activation_forward, name=act),
+                                                 activation_backward), {f"hid.{i}.a": a},
+                      formula=f"h = {act}(a)  ({tag})", gradient=f"da = dh * {act}'(a)  ({tag})")
         h_name = f"hid.{i}.out"
     hx = c.forward(concat_name, ("MADE.3",), (concat_forward, concat_backward),
-                   {h_name: h, "x": x}) if layers else x
+                   {h_name: h, "x": x}, formula="[h, x]: the last hidden layer beside the codes  "
+                                                "(MADE.3)",
+                   gradient="dh = d[h, x][:, :H]; x is data") if layers else x
     logits = c.forward(out_name, ("MADE.3", "MADE.5"), masked,
                        {"[h, x]" if layers else "x": hx, "out.W": p["out.W"],
-                        "out.mask": model.masks[-1], "out.b": p["out.b"]})
+                        "out.mask": model.masks[-1], "out.b": p["out.b"]},
+                       formula="logits = [h, x] (W*A) + b, A the strict mask of (MADE.3)  "
+                               "(MADE.4)", gradient=masked_backward)
     xent = c.forward(xent_name, ("XENT.2",), (partial(position_xent_forward, num_codes=model.K),
                                               position_xent_backward),
-                     {"logits": logits, "codes": idx})
+                     {"logits": logits, "codes": idx},
+                     formula="xent_nm = lse(l_nm) - l_nm[c_nm], l_nm the K logits of position m  "
+                             "(XENT.1)",
+                     gradient="dl_nm = dxent_nm (softmax(l_nm) - onehot(c_nm))  (XENT.2)",
+                     value=lambda xe: (f"xent {xe.shape}, mean_n sum_m xent_nm = "
+                                       f"{xe.sum(axis=1).mean():.6g} nats = mean_n -log p(c_n)"))
     loss = c.forward(loss_name, ("MADE.1",), (prior_objective_forward, prior_objective_backward),
-                     {"xent": xent})
+                     {"xent": xent},
+                     formula="loss = (1/N) sum_n sum_m xent_nm = mean_n -log p(c_n)  (MADE.1)",
+                     gradient="dxent = 1/N  (MADE.1)")
 
     # ---- reverse
     (dxent,) = c.backward(loss_name, 1.0, (("dloss", 1.0),), ("xent",),

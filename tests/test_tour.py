@@ -290,3 +290,13 @@ def test_cli_refuses_an_option_of_another_model(capsys, argv):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "is for" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_learned_priors_nodes_show_their_equations():
+    import re
+    nodes = tour(*tour_model("made"))
+    assert nodes.ok
+    for node in nodes:
+        assert node.formula and node.gradient and node.value, node.name
+        cited = re.findall(r"\(([A-Z]+\.\d+)", node.formula + " " + node.gradient)
+        assert cited and all(tag in DOC_TAGS for tag in cited), (node.name, cited)
