@@ -41,6 +41,7 @@ import numpy as np
 
 from .gradcheck import H, numerical_gradient, rel_error
 from .models.base import kl_weight
+from .ops.activations import TAGS as ACT_TAG
 from .ops.activations import bias_activation_backward, bias_activation_forward
 from .ops.kl import gaussian_kl_backward, gaussian_kl_forward
 from .ops.likelihoods import (
@@ -57,8 +58,6 @@ from .ops.vq import (
 
 NODE_TOL = 1e-6  # largest relative error (GC.3) a derived node may show
 MATCH_TOL = 1e-12  # largest difference from loss_and_grads, relative to the largest gradient
-ACT_TAG = {"relu": "ACT.1", "leaky_relu": "ACT.2", "tanh": "ACT.3", "sigmoid": "ACT.4",
-           "softplus": "ACT.5"}
 
 
 class Node(NamedTuple):

@@ -24,6 +24,9 @@ from ..backend import dispatch, numba_kernel
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "softplus", "identity")
 _CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
 RELU, LEAKY_RELU, TANH, SIGMOID, SOFTPLUS, IDENTITY = range(len(ACTIVATIONS))  # the codes
+# The tag of each activation's derivative in docs/derivations.md
+TAGS = {"relu": "ACT.1", "leaky_relu": "ACT.2", "tanh": "ACT.3", "sigmoid": "ACT.4",
+        "softplus": "ACT.5"}
 LEAKY_SLOPE = 0.01
 
 
