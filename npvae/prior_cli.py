@@ -255,7 +255,7 @@ def sample_images(ck, n: int, rng, temperature):
             raise cli.UsageError(f"--temperature needs a learned prior, and {ck.path.parent} has "
                                  f"none; fit one with npvae train-prior {ck.path.parent}")
         cli._say(f"npvae: {ck.path.parent} has no learned prior, so these codes are drawn "
-                 f"uniformly, and most decode to noise; fit a prior with npvae train-prior "
+                 f"uniformly, and most decode to smeared strokes rather than digits; fit a prior with npvae train-prior "
                  f"{ck.path.parent}")
         return decode_codes(vq, sample_codes(vq, None, n, rng)), "the uniform prior"
     t = 1.0 if temperature is None else temperature
