@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import _validate as v
-from ..ops.activations import activation_code
-from ..ops.mlp import mlp_backward, mlp_forward, mlp_init, mlp_shapes
+from ..ops.mlp import mlp_backward, mlp_forward
 from .base import (
-    ContinuousLatentModel, trusted, as_rng, check_likelihood, kl_weight, likelihood_backward, likelihood_forward,
+    ContinuousLatentModel, trusted, as_rng, kl_weight, likelihood_backward, likelihood_forward,
 )
 
 
@@ -37,24 +35,8 @@ class Autoencoder(ContinuousLatentModel):
                  activation: str = "relu", likelihood: str = "bernoulli", sigma2: float = 1.0,
                  sampled: bool = False, beta: float = 1.0, warmup_steps: int = 0,
                  dtype=np.float32, rng=0):
-        hidden = tuple(int(h) for h in hidden)
-        sigma2 = check_likelihood(likelihood, sigma2, dtype)
-        activation_code(activation)
-        if int(latent) < 1 or int(data_dim) < 1:
-            raise ValueError(f"latent and data_dim must be >= 1, got {latent} and {data_dim}")
-        beta = v.nonnegative("beta", beta)
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        config = dict(data_dim=int(data_dim), hidden=list(hidden), latent=int(latent),
-                      activation=activation, likelihood=likelihood, sigma2=sigma2,
-                      sampled=bool(sampled), beta=float(beta), warmup_steps=int(warmup_steps))
-        self.latent = int(latent)
-        shapes = {**mlp_shapes("enc", (data_dim, *hidden, latent)),
-                  **mlp_shapes("dec", (latent, *hidden[::-1], data_dim))}
-        super().__init__(shapes, dtype, config)
-        rng = as_rng(rng)
-        mlp_init(self.params, "enc", activation, rng)
-        mlp_init(self.params, "dec", activation, rng)
+        self._build(data_dim, hidden, latent, int(latent), activation, likelihood, sigma2, beta,
+                    warmup_steps, dtype, rng, sampled=bool(sampled))
 
     def loss_and_grads(self, x, *, rng=None, eps=None, step=None, out=None):
         """Forward chain, then reverse chain. eps (N, Z) fixes the noise of the sampled form."""

@@ -21,8 +21,8 @@ from ..ops import (
     bernoulli_loglik_backward, bernoulli_loglik_forward, gaussian_loglik_backward,
     gaussian_loglik_forward,
 )
-from ..ops.activations import stable_sigmoid
-from ..ops.mlp import mlp_forward
+from ..ops.activations import activation_code, stable_sigmoid
+from ..ops.mlp import mlp_forward, mlp_init, mlp_shapes
 from ..params import FlatDict
 from .._validate import trusted  # noqa: F401  (re-exported for the models)
 
@@ -129,6 +129,30 @@ class ContinuousLatentModel(Model):
     """
 
     latent: int
+
+    def _build(self, data_dim, hidden, latent, enc_out, activation, likelihood, sigma2, beta,
+               warmup_steps, dtype, rng, **options) -> None:
+        """Check the settings the VAEs and the autoencoder share, keep them (and the kind's
+        own ``options``) in the config, and lay out and initialise the encoder ``enc.*``
+        (D -> enc_out) and the decoder ``dec.*`` (Z -> D)."""
+        hidden = tuple(int(h) for h in hidden)
+        sigma2 = check_likelihood(likelihood, sigma2, dtype)
+        activation_code(activation)  # validates the name
+        if int(latent) < 1 or int(data_dim) < 1:
+            raise ValueError(f"latent and data_dim must be >= 1, got {latent} and {data_dim}")
+        beta = v.nonnegative("beta", beta)
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        config = dict(data_dim=int(data_dim), hidden=list(hidden), latent=int(latent),
+                      activation=activation, likelihood=likelihood, sigma2=sigma2,
+                      beta=float(beta), warmup_steps=int(warmup_steps), **options)
+        self.latent = int(latent)
+        shapes = {**mlp_shapes("enc", (data_dim, *hidden, enc_out)),
+                  **mlp_shapes("dec", (latent, *hidden[::-1], data_dim))}
+        Model.__init__(self, shapes, dtype, config)
+        rng = as_rng(rng)
+        mlp_init(self.params, "enc", activation, rng)
+        mlp_init(self.params, "dec", activation, rng)
 
     def decoder_output(self, z):
         """z (N, Z) -> the decoder's raw output (N, D): Gaussian mean or Bernoulli logits."""

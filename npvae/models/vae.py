@@ -29,10 +29,9 @@ from .. import _validate as v
 from ..ops import (
     gaussian_kl_backward, gaussian_kl_forward, reparameterize_backward, reparameterize_forward,
 )
-from ..ops.activations import activation_code
-from ..ops.mlp import mlp_backward, mlp_forward, mlp_init, mlp_shapes
+from ..ops.mlp import mlp_backward, mlp_forward
 from .base import (
-    ContinuousLatentModel, trusted, as_rng, check_likelihood, kl_weight, likelihood_backward, likelihood_forward,
+    ContinuousLatentModel, trusted, as_rng, kl_weight, likelihood_backward, likelihood_forward,
 )
 
 
@@ -51,28 +50,9 @@ class VAE(ContinuousLatentModel):
                  activation: str = "relu", likelihood: str = "bernoulli", sigma2: float = 1.0,
                  beta: float = 1.0, warmup_steps: int = 0, free_bits: float = 0.0,
                  dtype=np.float32, rng=0):
-        hidden = tuple(int(h) for h in hidden)
-        sigma2 = check_likelihood(likelihood, sigma2, dtype)
-        activation_code(activation)  # validates the name
-        if int(latent) < 1 or int(data_dim) < 1:
-            raise ValueError(f"latent and data_dim must be >= 1, got {latent} and {data_dim}")
-        beta, free_bits = v.nonnegative("beta", beta), v.nonnegative("free_bits", free_bits)
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        config = dict(data_dim=int(data_dim), hidden=list(hidden), latent=int(latent),
-                      activation=activation, likelihood=likelihood, sigma2=sigma2,
-                      beta=float(beta), warmup_steps=int(warmup_steps), free_bits=float(free_bits))
-        self.latent = int(latent)
-        shapes = {**mlp_shapes("enc", (data_dim, *hidden, self.enc_out)),
-                  **mlp_shapes("dec", (latent, *hidden[::-1], data_dim))}
-        super().__init__(shapes, dtype, config)
-        rng = as_rng(rng)
-        mlp_init(self.params, "enc", activation, rng)
-        mlp_init(self.params, "dec", activation, rng)
-
-    @property
-    def enc_out(self) -> int:
-        return 2 * self.latent  # [mu, logvar]
+        free_bits = v.nonnegative("free_bits", free_bits)
+        self._build(data_dim, hidden, latent, 2 * int(latent), activation, likelihood, sigma2,
+                    beta, warmup_steps, dtype, rng, free_bits=float(free_bits))
 
     # -- the objective ---------------------------------------------------------------
     def loss_and_grads(self, x, *, rng=None, eps=None, step=None, out=None):

@@ -137,20 +137,17 @@ def _bias_act_loop(a, b, code, slope, out, cut):
             for j in range(h):
                 t = a[i, j] + b[j]
                 out[i, j] = t if t > 0 else slope * t
-    elif code == SIGMOID:
+    elif code == SIGMOID or code == SOFTPLUS:  # both from exp(-|t|); the inner test is
+        sigmoid = code == SIGMOID  # loop-invariant, so the compiler hoists it out
         for i in range(n):
             for j in range(h):
                 t = a[i, j] + b[j]
                 s = -abs(t)
                 e = zero if s < cut else np.exp(s)  # exp(-|t|), 0 below the cut  (FTZ.2)
-                out[i, j] = (one if t >= 0 else e) / (one + e)
-    elif code == SOFTPLUS:
-        for i in range(n):
-            for j in range(h):
-                t = a[i, j] + b[j]
-                s = -abs(t)
-                e = zero if s < cut else np.exp(s)  # exp(-|t|), 0 below the cut  (FTZ.2)
-                out[i, j] = max(t, zero) + np.log1p(e)
+                if sigmoid:
+                    out[i, j] = (one if t >= 0 else e) / (one + e)
+                else:
+                    out[i, j] = max(t, zero) + np.log1p(e)
     else:
         for i in range(n):
             for j in range(h):
