@@ -34,10 +34,10 @@ HERE = Path(__file__).resolve().parent
 SHIPPED = {
     "vae-bernoulli": ("8fdfc58c5843ed8900dd06ffb111c6140094432a8e6550d168a23074279637e7",
                       "f5d64a07c21405ba472d175c5094e48838267e0928f4a3d5eca460259ec24eb0"),
-    "vae-k1": ("8225aad819e5c0298916dc1a26fd9b371bb5dc40bb3a26c6b4c120ea948e23aa",
-               "85ea382a63fc04ad2c7bbd09a710e6ab3237108574d70f489ab82d06b5a36384"),
-    "iwae-k5": ("ca0ea7e536a3edfbbe8dd6477fbe5939e1367a61ddc7777e3b6e09e215978b3a",
-                "0f9633f0a73de53eb3a2823f36055e8fba2100efc2f138de784cb19953e97e9a"),
+    "vae-k1": ("c8bbf1c4a77182add150f5fcb91f6b4714835b8847bfa3e7575df1d0d01da6c0",
+               "b92873511c1eac17667152c6453dabe3b9c1a41441a2ed21224a27bf3bc19709"),
+    "iwae-k5": ("278c209e632991edcd8365e481ac9beef0cb74429aa57c383a63b4bec5732e4c",
+                "7a734c6fb441a6e760113dd645bf20e9e68727026cf3edef2b3cb8bbecc020f9"),
 }
 
 
