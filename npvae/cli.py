@@ -20,19 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli_common import (
+    DEFAULTS, UsageError, _add_backend, _announce_compilation, _formatter, _hidden, _hidden_list,
+    _load_run, _non_negative_float, _non_negative_int, _positive_float, _positive_int,
+    _run_dir_of, _say, _set_backend, _test_set, _wrap, load_training_data, prepare_run_dir,
+)
+
 _STARTED = time.perf_counter()  # for the "first step ... s after start" report
 
 LIKELIHOOD = {"vae-gaussian": "gaussian", "vae-bernoulli": "bernoulli"}
 
-# Settings of `npvae train` when an option is not given.
-DEFAULTS = dict(
-    model="vae-bernoulli", hidden="400", activation="relu", latent=20, epochs=30,
-    batch_size=128, lr=1e-3, optimizer="adam", beta=None, warmup="0", free_bits=0.0,
-    binarize=None, dataset="mnist", data_dir=None, seed=0, backend=None, dtype="float32",
-    out=None, clip=None, sigma2=1.0, sampled=False, likelihood=None, codes=128, code_dim=16,
-    code_vectors=4, metric="euclidean", ema=False, restart_after=0, kmeans_init=False,
-    limit=None, val=5000, progress=True, schedule="constant", objective="elbo", k=5,
-)
 # Options that only some models take.
 ONLY_FOR = {
     "latent": ("vae-gaussian", "vae-bernoulli", "ae"),
@@ -51,57 +48,9 @@ ONLY_FOR = {
 RESUME_OK = {"resume", "epochs", "progress", "backend", "data_dir", "lr", "clip"}
 MAX_SAMPLES = 400  # npvae sample: a 20 x 20 grid is the most one readable image holds
 EVAL_BATCH = 1000
-BACKENDS = ("numba", "numpy")
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for; printed without a traceback, exit 2."""
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- argument types
-
-
-def _hidden(text: str) -> str:
-    if text.strip().lower() == "none":
-        return "none"  # no hidden layer: linear encoder and decoder
-    if not text.strip():
-        raise argparse.ArgumentTypeError(
-            "expected layer sizes like 400 or 512,256, got an empty value; "
-            "for no hidden layer at all, write --hidden none")
-    try:
-        sizes = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected layer sizes like 400 or 512,256, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"layer sizes must be positive integers, got {text!r}")
-    return ",".join(map(str, sizes))
-
-
-def _number(kind, lowest, what: str):
-    """An argparse type: text -> kind (int or float), finite and >= lowest, or a clear error."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not (math.isfinite(value) and value >= lowest):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    parse.__name__ = what  # argparse names the type in its own messages
-    return parse
-
-
-_positive_int = _number(int, 1, "a positive integer")
-_non_negative_int = _number(int, 0, "an integer >= 0")
-_positive_float = _number(float, math.ulp(0.0), "a positive number")
-_non_negative_float = _number(float, 0.0, "a number >= 0")
 
 
 def parse_warmup(text: str) -> tuple[int, str]:
@@ -172,15 +121,6 @@ The run directory (default runs/<model>-<date>-<time>) receives metrics.jsonl
 While a command writes into a run, the run is locked: a second npvae train, eval,
 sample or plot of the same run refuses at once.
 """
-
-
-def _formatter(prog):
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=30)
-
-
-def _wrap(text: str) -> str:
-    """A description as a paragraph of at most 79 columns (the epilogs keep their layout)."""
-    return textwrap.fill(" ".join(text.split()), width=79)
 
 
 def _add_train(sub, kinds) -> None:
@@ -331,11 +271,6 @@ def _add_sample(sub) -> None:
     p.set_defaults(func=cmd_sample)
 
 
-def _add_backend(parser) -> None:
-    parser.add_argument("--backend", choices=BACKENDS,
-                        help="compiled kernels (numba, default) or their NumPy twins")
-
-
 def _add_plot(sub) -> None:
     p = sub.add_parser(
         "plot", help="remake a run's figures from its checkpoint and metrics",
@@ -446,90 +381,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- shared steps
 
-_announced = {"registered": False, "said": False}
-
-
-def _announce_compilation() -> None:
-    """Print one line the first time a compiled kernel is prepared in this process."""
-    if _announced["registered"]:
-        return
-    from .backend import on_first_compile
-
-    import threading
-
-    def say():
-        if not _announced["said"]:
-            _announced["said"] = True
-            from tqdm import tqdm
-
-            tqdm.write("npvae: compiling kernels (this happens on the first run only; "
-                       "they are cached on disk afterwards)…", file=sys.stderr)
-
-    def tell(_kernel_name):
-        # loading a cached kernel takes milliseconds: speak only if this one takes longer
-        timer = threading.Timer(0.5, say)
-        timer.daemon = True
-        timer.start()
-        return timer.cancel
-
-    on_first_compile(tell)
-    _announced["registered"] = True
-
-
-def _set_backend(name) -> None:
-    if name:
-        from .backend import set_backend
-
-        set_backend(name)
-
-
-def _load_split(dataset, split, data_dir, dtype):
-    from . import data
-
-    images, labels = data.load(dataset, split, data_dir=data_dir,
-                               progress=lambda msg: _say(f"npvae: {msg}"))
-    return data.to_unit(images, np.dtype(dtype)), labels
-
-
-def validation_size(n: int, val: int, given: bool) -> int:
-    """How many of n training images to hold out: ``val``, when at most half of them.
-
-    A --val the user gave that leaves fewer training than validation images is an error;
-    the default (5000) falls back to a tenth of a small dataset.
-    """
-    if 2 * val <= n:
-        return val
-    if given:
-        raise UsageError(f"--val {val} would hold out more images than are left to train on: "
-                         f"the training set has {n:,} images, so --val can be at most {n // 2:,}")
-    return max(1, n // 10)
-
-
-def load_training_data(settings: dict, val_given: bool = False):
-    """(x_train, x_val) for a run's settings: split off the validation images, then --limit.
-
-    ``val_given``: the user chose --val (then it must fit; see :func:`validation_size`).
-    """
-    from . import data
-
-    images, y = data.load(settings["dataset"], "train", data_dir=settings["data_dir"],
-                          progress=lambda msg: _say(f"npvae: {msg}"))
-    x = images.reshape(len(images), -1)  # uint8 (N, D): the loop scales each batch
-    n_val = validation_size(len(x), settings["val"], val_given)
-    (x_tr, _), (x_va, _) = data.train_val_split(x, y, n_val, seed=0)  # the same split for every seed
-    if settings["limit"]:
-        x_tr, x_va = x_tr[: settings["limit"]], x_va[: settings["limit"]]
-    x_va = data.to_unit(x_va, np.dtype(settings["dtype"]))
-    return np.ascontiguousarray(x_tr), np.ascontiguousarray(x_va)
-
-
-def _hidden_list(text) -> list:
-    """"400" -> [400]; "200,200" -> [200, 200]; "" or "none" -> [] (no hidden layer)."""
-    text = str(text).strip()
-    if text.lower() in ("", "none"):
-        return []
-    return [int(h) for h in text.split(",")]
-
 
 def model_config(s: dict, data_dim: int, steps_per_epoch: int) -> dict:
     """The model config for a run's settings (warm-up converted to steps)."""
@@ -632,40 +483,6 @@ def check_model_size(config: dict, batch_size: int) -> None:
             f"choose smaller --hidden sizes (or a smaller --latent, --codes or --batch-size)")
 
 
-def _run_files(run_dir: Path) -> tuple[list, list]:
-    """(files npvae wrote, anything else) in ``run_dir``, by name."""
-    from .train import is_run_file, is_temp_file
-
-    ours, others = [], []
-    for path in sorted(run_dir.iterdir()):
-        mine = path.is_file() and (is_run_file(path.name) or is_temp_file(path.name))
-        (ours if mine else others).append(path)
-    return ours, others
-
-
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Make sure a new run does not mix its files with another run's (hold the run's lock).
-
-    An empty or new folder is used as it is. A folder holding a run is refused, with the
-    way to continue it, unless ``overwrite``: then that run's files are deleted. Files
-    npvae did not write are never deleted, and make it refuse.
-    """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--out {run_dir} is a file, not a directory; choose another --out")
-    ours, others = _run_files(run_dir) if run_dir.exists() else ([], [])
-    if others:
-        names = ", ".join(p.name for p in others[:5]) + (", ..." if len(others) > 5 else "")
-        raise UsageError(f"{run_dir} holds files that are not part of an npvae run ({names}); "
-                         f"choose a new or empty directory with --out")
-    if ours and not overwrite:
-        names = ", ".join(p.name for p in ours[:4]) + (", ..." if len(ours) > 4 else "")
-        raise UsageError(f"{run_dir} already holds a run ({names}). Continue it with "
-                         f"npvae train --resume {run_dir}, pass --overwrite to replace it, "
-                         f"or choose another --out")
-    for path in ours:
-        path.unlink()
-
-
 def _default_run_dir(kind: str) -> Path:
     base = Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     run, i = base, 2
@@ -674,38 +491,9 @@ def _default_run_dir(kind: str) -> Path:
     return run
 
 
-def _test_set(settings, data_dir=None):
-    """Grey test images (for figures) and the fixed binary sample the ELBO is measured on."""
-    from .train import binarize_for_eval
-
-    x, y = _load_split(settings["dataset"], "test", data_dir or settings.get("data_dir"),
-                       settings["dtype"])
-    return x, y, binarize_for_eval(x, settings["binarize"], settings["seed"], "test")
-
-
 def _is_pretrained(run) -> bool:
     """RUN names a model shipped with npvae: pretrained:NAME (npvae.pretrained)."""
     return str(run).startswith("pretrained:")
-
-
-def _run_dir_of(run) -> Path:
-    """The run folder of RUN: the folder itself, or the folder holding a checkpoint file."""
-    from .checkpoint import checkpoint_path
-
-    return checkpoint_path(run).parent
-
-
-def _load_run(run):
-    from . import pretrained
-    from .checkpoint import load_checkpoint
-
-    if pretrained.is_pretrained(run):  # a model shipped inside the package
-        return pretrained.load(run)
-    ck = load_checkpoint(run)
-    missing = [k for k in ("dataset", "dtype", "binarize", "seed") if k not in ck.args]
-    if missing:
-        raise UsageError(f"{ck.path}: was not written by `npvae train` (its settings lack {missing})")
-    return ck
 
 
 # ----------------------------------------------------------------------------- commands

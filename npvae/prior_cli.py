@@ -42,7 +42,7 @@ codes mean something else, and the prior must be fitted again (--overwrite).
 
 def add_train_prior_command(sub) -> None:
     """Register ``npvae train-prior`` on the subparsers of the main command."""
-    from . import cli
+    from . import cli_common as cli
 
     p = sub.add_parser(
         "train-prior", help="fit a learned prior over the codes of a VQ-VAE run",
@@ -74,7 +74,7 @@ def add_train_prior_command(sub) -> None:
 
 
 def cmd_train_prior(ns) -> int:
-    from . import cli
+    from . import cli_common as cli
     from .train import run_lock
 
     given = {k: v for k, v in vars(ns).items()
@@ -95,7 +95,7 @@ def cmd_train_prior(ns) -> int:
 
 def _vq_run(run):
     """The VQ-VAE run's checkpoint, refusing anything else."""
-    from . import cli
+    from . import cli_common as cli
     from .codeprior import PriorError, require_vqvae
 
     ck = cli._load_run(run)
@@ -108,7 +108,7 @@ def _vq_run(run):
 
 def _prior_of(run_dir, vq_ck):
     """The run's prior checkpoint (checked against its VQ-VAE) or None; PriorError -> UsageError."""
-    from . import cli
+    from . import cli_common as cli
     from .codeprior import PriorError, load_prior
 
     try:
@@ -118,7 +118,7 @@ def _prior_of(run_dir, vq_ck):
 
 
 def _train_prior(ns, run_dir: Path) -> int:
-    from . import cli
+    from . import cli_common as cli
     from .checkpoint import FILENAME
     from .codeprior import encode_codes, evaluate_prior, prior_dir, vqvae_identity
     from .models import MADEPrior
@@ -245,7 +245,7 @@ def sample_images(ck, n: int, rng, temperature):
 
     ``temperature`` None means 1 with a learned prior; given without one, it is an error.
     """
-    from . import cli
+    from . import cli_common as cli
     from .codeprior import decode_codes, sample_codes
 
     vq = ck.model
