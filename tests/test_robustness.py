@@ -111,28 +111,31 @@ def test_sigterm_and_sighup_save_the_partial_epoch_and_exit_128_plus_signum(
         capsys, tmp_path, signum, status):
     run = tmp_path / "run"
     child, lines = start_child("train", *TINY, "--limit", "300", "--batch-size", "4",
-                               "--epochs", "3", "--out", str(run))
+                               "--epochs", "50", "--out", str(run))
     child.send_signal(signum)
     code, _, err = finish(child, lines)
     name = signal.Signals(signum).name
     assert code == status, err
-    assert f"stopped by {name}; the state in epoch 1 after" in err and "Traceback" not in err
+    # the signal lands inside an epoch (the child cannot finish 50 epochs first; on a
+    # loaded machine it may be past the first one)
+    assert f"stopped by {name}; the state in epoch " in err and "Traceback" not in err
     assert f"continue with: npvae train --resume {run}" in err
     ck = load_checkpoint(run)
-    assert ck.epoch == 0 and ck.position is not None and 1 <= ck.position["batch"] < 75
+    assert ck.epoch < 50 and ck.position is not None and 1 <= ck.position["batch"] < 75
     # the partial epoch is not lost: the run goes on from there
-    code, out, err = run_cli(capsys, "train", "--resume", str(run), "--epochs", "1", "--no-progress")
+    code, out, err = run_cli(capsys, "train", "--resume", str(run), "--epochs",
+                             str(ck.epoch + 1), "--no-progress")
     assert code == 0, err
-    assert load_checkpoint(run).epoch == 1
+    assert load_checkpoint(run).epoch == ck.epoch + 1
 
 
 def test_ctrl_c_is_still_130(capsys, tmp_path):
     run = tmp_path / "run"
     child, lines = start_child("train", *TINY, "--limit", "300", "--batch-size", "4",
-                               "--epochs", "3", "--out", str(run))
+                               "--epochs", "50", "--out", str(run))
     child.send_signal(signal.SIGINT)
     code, _, err = finish(child, lines)
-    assert code == 130 and "stopped by Ctrl-C; the state in epoch 1" in err, err
+    assert code == 130 and "stopped by Ctrl-C; the state in epoch " in err, err
 
 
 def test_ctrl_c_inside_a_compiled_kernel_exits_130(capsys, tmp_path, monkeypatch):
@@ -158,7 +161,7 @@ def test_ctrl_c_inside_a_compiled_kernel_exits_130(capsys, tmp_path, monkeypatch
 def test_a_second_train_into_a_running_run_refuses_at_once(capsys, tmp_path):
     run = tmp_path / "run"
     child, lines = start_child("train", *TINY, "--limit", "300", "--batch-size", "4",
-                               "--epochs", "3", "--out", str(run))
+                               "--epochs", "50", "--out", str(run))
     try:
         t0 = time.perf_counter()
         for argv in (["train", *TINY, "--out", str(run), "--overwrite"],
