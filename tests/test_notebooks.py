@@ -13,7 +13,6 @@ draws synthetic digits otherwise; the tests below check that fallback.
 """
 import os
 import sys
-import time
 from pathlib import Path
 
 import jupytext
@@ -41,10 +40,8 @@ def test_notebook_runs(path):
     nb = jupytext.read(path)
     client = nbclient.NotebookClient(nb, timeout=LIMIT, kernel_name="python3",
                                      resources={"metadata": {"path": str(NOTEBOOKS)}})
-    start = time.perf_counter()
-    client.execute()  # raises CellExecutionError, naming the cell, on any error
-    seconds = time.perf_counter() - start
-    assert seconds < LIMIT, f"{path.name} took {seconds:.0f} s"
+    client.execute()  # raises CellExecutionError, naming the cell, on any error (or a cell
+    # running past LIMIT seconds); the notebooks' run times are not asserted here
     printed = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
                       for out in cell.get("outputs", []) if out.get("output_type") == "stream")
     if path.stem != "01_elbo_and_the_bound":  # that one draws its data from its own model

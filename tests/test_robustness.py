@@ -163,14 +163,14 @@ def test_a_second_train_into_a_running_run_refuses_at_once(capsys, tmp_path):
     child, lines = start_child("train", *TINY, "--limit", "300", "--batch-size", "4",
                                "--epochs", "50", "--out", str(run))
     try:
-        t0 = time.perf_counter()
         for argv in (["train", *TINY, "--out", str(run), "--overwrite"],
                      ["train", "--resume", str(run)], ["eval", str(run)], ["plot", str(run)],
                      ["sample", str(run)]):
             code, _, err = run_cli(capsys, *argv)
             one_line_error(code, err)
             assert f"{run} is in use: another npvae process" in err
-        assert time.perf_counter() - t0 < 5  # at once, not after waiting for the lock
+        # at once: had a command waited for the lock, it would have blocked until the
+        # child's 50 epochs were over and then found the run free, not refused it
     finally:
         child.send_signal(signal.SIGTERM)
         code, _, err = finish(child, lines)
@@ -443,13 +443,16 @@ def test_a_malformed_position_is_named(tmp_path, position, problem):
 # ----------------------------------------------------------------------------- clear messages
 
 
-def test_a_model_too_large_for_memory_is_refused_before_allocating(capsys, tmp_path):
-    t0 = time.perf_counter()
+def test_a_model_too_large_for_memory_is_refused_before_allocating(capsys, tmp_path,
+                                                                   monkeypatch):
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the model was built before its size was checked")
+
+    monkeypatch.setattr("npvae.models.build", must_not_build)
     code, _, err = run_cli(capsys, "train", *TINY, "--hidden", "1000000000", "--out",
                            str(tmp_path / "run"))
     one_line_error(code, err)
     assert "this model has 1,576,000,000,788 parameters" in err and "choose smaller --hidden" in err
-    assert time.perf_counter() - t0 < 10
 
 
 def test_out_of_memory_is_a_message(capsys, tmp_path, monkeypatch):
@@ -486,10 +489,9 @@ def test_val_larger_than_half_the_data_is_refused(capsys, tmp_path):
 
 
 def test_sample_refuses_an_unreadable_number_of_samples(capsys, tmp_path):
-    t0 = time.perf_counter()
     code, _, err = run_cli(capsys, "sample", str(tmp_path), "--n", "100000")
     one_line_error(code, err)
-    assert "at most 400" in err and time.perf_counter() - t0 < 2
+    assert "at most 400" in err
     assert list(tmp_path.iterdir()) == []
 
 
