@@ -4,6 +4,7 @@ from __future__ import annotations
 from .autoencoder import Autoencoder
 from .base import Model
 from .conv_vae import ConvVAE
+from .conv_vqvae import ConvVQVAE
 from .iwae import IWAE
 from .prior import MADEPrior
 from .vae import VAE, BernoulliVAE, GaussianVAE
@@ -17,6 +18,7 @@ MODELS = {
     "ae": Autoencoder,
     "conv-vae": ConvVAE,
     "vqvae": VQVAE,
+    "conv-vqvae": ConvVQVAE,
     "made": MADEPrior,  # the learned prior over a VQ-VAE's codes (npvae train-prior)
 }
 # The kinds the command line trains, checks and tours ("vae" needs a likelihood named).
@@ -32,4 +34,4 @@ def build(config: dict, rng=0) -> Model:
     return MODELS[kind](**config, rng=rng)
 
 
-__all__ = ["Autoencoder", "BernoulliVAE", "ConvVAE", "GaussianVAE", "IWAE", "KINDS", "MADEPrior", "MODELS", "Model", "VAE", "VQVAE", "build"]
+__all__ = ["Autoencoder", "BernoulliVAE", "ConvVAE", "ConvVQVAE", "GaussianVAE", "IWAE", "KINDS", "MADEPrior", "MODELS", "Model", "VAE", "VQVAE", "build"]

@@ -47,6 +47,27 @@ from .base import (
 )
 
 
+def quantizer_settings(*, num_codes, code_dim, num_vectors, likelihood, sigma2, metric, beta,
+                       ema, ema_decay, restart_after, kmeans_init, dtype) -> dict:
+    """Check the settings every VQ-VAE shares, whatever its networks; return them for the config."""
+    sigma2 = check_likelihood(likelihood, sigma2, dtype)
+    beta = v.nonnegative("beta", beta)
+    metric_code(metric)
+    for name, value in (("num_codes", num_codes), ("code_dim", code_dim),
+                        ("num_vectors", num_vectors)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if beta < 0 or restart_after < 0 or not 0.0 <= ema_decay < 1.0:
+        raise ValueError(
+            f"need beta >= 0, restart_after >= 0 and 0 <= ema_decay < 1, "
+            f"got {beta}, {restart_after}, {ema_decay}"
+        )
+    return dict(num_codes=int(num_codes), code_dim=int(code_dim), num_vectors=int(num_vectors),
+                likelihood=likelihood, sigma2=sigma2, metric=metric, beta=float(beta),
+                ema=bool(ema), ema_decay=float(ema_decay), restart_after=int(restart_after),
+                kmeans_init=bool(kmeans_init))
+
+
 class VQVAE(Model):
     """Parameters: ``enc.*`` (D -> M Dz), ``dec.*`` (M Dz -> D) and ``codebook`` (K, Dz).
 
@@ -62,23 +83,16 @@ class VQVAE(Model):
                  beta: float = 0.25, ema: bool = False, ema_decay: float = 0.99,
                  restart_after: int = 0, kmeans_init: bool = False, dtype=np.float32, rng=0):
         hidden = tuple(int(h) for h in hidden)
-        sigma2 = check_likelihood(likelihood, sigma2, dtype)
-        beta = v.nonnegative("beta", beta)
-        activation_code(activation), metric_code(metric)
-        for name, value in (("num_codes", num_codes), ("code_dim", code_dim),
-                            ("num_vectors", num_vectors), ("data_dim", data_dim)):
-            if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if beta < 0 or restart_after < 0 or not 0.0 <= ema_decay < 1.0:
-            raise ValueError(
-                f"need beta >= 0, restart_after >= 0 and 0 <= ema_decay < 1, "
-                f"got {beta}, {restart_after}, {ema_decay}"
-            )
-        config = dict(data_dim=int(data_dim), hidden=list(hidden), num_codes=int(num_codes),
-                      code_dim=int(code_dim), num_vectors=int(num_vectors), activation=activation,
-                      likelihood=likelihood, sigma2=sigma2, metric=metric, beta=float(beta),
-                      ema=bool(ema), ema_decay=float(ema_decay), restart_after=int(restart_after),
-                      kmeans_init=bool(kmeans_init))
+        activation_code(activation)
+        if int(data_dim) < 1:
+            raise ValueError(f"data_dim must be >= 1, got {data_dim}")
+        q = quantizer_settings(
+            num_codes=num_codes, code_dim=code_dim, num_vectors=num_vectors, likelihood=likelihood,
+            sigma2=sigma2, metric=metric, beta=beta, ema=ema, ema_decay=ema_decay,
+            restart_after=restart_after, kmeans_init=kmeans_init, dtype=dtype)
+        config = dict(data_dim=int(data_dim), hidden=list(hidden), num_codes=q.pop("num_codes"),
+                      code_dim=q.pop("code_dim"), num_vectors=q.pop("num_vectors"),
+                      activation=activation, **q)
         self.K, self.Dz, self.M = int(num_codes), int(code_dim), int(num_vectors)
         width = self.M * self.Dz
         shapes = {**mlp_shapes("enc", (data_dim, *hidden, width)),
@@ -88,15 +102,40 @@ class VQVAE(Model):
         rng = as_rng(rng)
         mlp_init(self.params, "enc", activation, rng)
         mlp_init(self.params, "dec", activation, rng)
+        self._init_codebook(rng)
+
+    def _init_codebook(self, rng) -> None:
+        """Codebook rows drawn from N(0, 1/Dz), and the buffers that are not parameters."""
         self.params["codebook"] = rng.standard_normal((self.K, self.Dz)) / math.sqrt(self.Dz)
         ema_state = ema_init(self.params["codebook"])
         self.buffers = {
             "ema_cluster_size": ema_state.cluster_size,  # (K,)  N_k of (VQ.6)
             "ema_embed_sum": ema_state.embed_sum,  # (K, Dz)  S_k of (VQ.6)
             "steps_unused": np.zeros(self.K, dtype=np.int64),  # (K,)  for restarts
-            "initialised": np.array(not kmeans_init),  # k-means done (or not wanted)
+            "initialised": np.array(not self.config["kmeans_init"]),  # k-means done (or not wanted)
         }
         self._last = None  # (rows (R, Dz), idx (R,)) of the latest loss_and_grads
+
+    # -- the two networks: forward, and backward from the caches --------------------
+    # Everything else (the objective, the bookkeeping, encode/assign/decode_indices) goes
+    # through these four, so a subclass with other networks overrides only them.
+    def _encoder_forward(self, x):
+        """x (N, D) -> z_e (N, M, Dz), the code vectors before quantization, and a cache."""
+        h, cache = mlp_forward(self.params, "enc", x, self.config["activation"])  # (N, M Dz)
+        return h.reshape(x.shape[0], self.M, self.Dz), cache
+
+    def _encoder_backward(self, dz_e, cache, grads) -> None:
+        """dz_e (N, M, Dz) -> the encoder's parameter gradients, written into ``grads``."""
+        mlp_backward(dz_e.reshape(dz_e.shape[0], -1), cache, grads, need_dx=False)
+
+    def _decoder_forward(self, z_q):
+        """z_q (N, M, Dz) -> the decoder's raw output (N, D) (Gaussian mean or logits), a cache."""
+        return mlp_forward(self.params, "dec", z_q.reshape(z_q.shape[0], -1), self.config["activation"])
+
+    def _decoder_backward(self, dout, cache, grads):
+        """dout (N, D) -> dz_q (N, M, Dz); the decoder's parameter gradients go into ``grads``."""
+        dzq, _ = mlp_backward(dout, cache, grads)  # (N, M Dz)
+        return dzq.reshape(dout.shape[0], self.M, self.Dz)
 
     # -- the objective ---------------------------------------------------------------
     def loss_and_grads(self, x, *, rng=None, eps=None, step=None, out=None, tape=None):
@@ -108,13 +147,13 @@ class VQVAE(Model):
 
         with trusted():  # x was checked above: the ops need not scan it again
             # ---- forward
-            h, enc_cache = mlp_forward(self.params, "enc", x, cfg["activation"])  # (N, M Dz)
-            rows = h.reshape(R, self.Dz)  # (R, Dz)  z_e, one row per code vector
+            z_e, enc_cache = self._encoder_forward(x)  # (N, M, Dz)
+            rows = z_e.reshape(R, self.Dz)  # (R, Dz)  z_e, one row per code vector
             z_q, q_cache = quantize_forward(rows, codebook, cfg["metric"])  # (R, Dz)  (VQ.1-3)
             idx = q_cache.idx  # (R,)
             cb, cb_cache = codebook_loss_forward(rows, codebook, idx)  # (R,)  (VQ.4)
             cm, cm_cache = commitment_loss_forward(rows, codebook, idx, cfg["beta"])  # (R,)  (VQ.5)
-            dec_out, dec_cache = mlp_forward(self.params, "dec", z_q.reshape(n, -1), cfg["activation"])
+            dec_out, dec_cache = self._decoder_forward(z_q.reshape(n, self.M, self.Dz))  # (N, D)
             logp, lik_cache = likelihood_forward(cfg["likelihood"], dec_out, x, cfg["sigma2"])  # (N,)
             recon = -logp.mean()  # ()
             codebook_term = 0.0 if cfg["ema"] else cb.sum() / n  # ()  mean over examples of sum_m
@@ -126,7 +165,7 @@ class VQVAE(Model):
             grads = self.new_grads(out)
             dlogp = np.full(n, -1.0 / n, dtype=self.dtype)  # (N,)
             ddec_out = likelihood_backward(cfg["likelihood"], dlogp, lik_cache)  # (N, D)  (LIK.2/4)
-            dzq, _ = mlp_backward(ddec_out, dec_cache, grads)  # (N, M Dz)  decoder-input gradient
+            dzq = self._decoder_backward(ddec_out, dec_cache, grads)  # (N, M, Dz)  decoder-input gradient
             dz_st = quantize_backward(dzq.reshape(R, self.Dz), q_cache)  # (R, Dz)  (VQ.3)
             drow = np.full(R, 1.0 / n, dtype=self.dtype)  # (R,)  d loss / d l_r
             dz_cm = commitment_loss_backward(drow, cm_cache)  # (R, Dz)  (VQ.5)
@@ -135,7 +174,7 @@ class VQVAE(Model):
                 grads["codebook"][...] = 0.0  # (K, Dz)  learned by moving averages, not gradient  (VQ.6)
             else:
                 grads["codebook"] = codebook_loss_backward(drow, cb_cache)  # (K, Dz)  (VQ.4)
-            mlp_backward(dz_e.reshape(n, -1), enc_cache, grads, need_dx=False)
+            self._encoder_backward(dz_e.reshape(n, self.M, self.Dz), enc_cache, grads)
             if tape is not None:
                 tape.update(dz_q=dzq.reshape(R, self.Dz), dz_straight_through=dz_st,
                             dz_commitment=dz_cm, dz_e=dz_e)
@@ -194,8 +233,8 @@ class VQVAE(Model):
     def encode(self, x):
         """x (N, D) -> z_e (N, M, Dz), the encoder outputs before quantization."""
         x = self.check_x(x)
-        h, _ = mlp_forward(self.params, "enc", x, self.config["activation"])
-        return h.reshape(x.shape[0], self.M, self.Dz)
+        z_e, _ = self._encoder_forward(x)
+        return z_e
 
     def assign(self, x):
         """x (N, D) -> idx (N, M), the chosen code of each vector."""
@@ -243,10 +282,10 @@ class VQVAE(Model):
         e0 = p["codebook"][idx0].copy()  # (R, Dz)
 
         def f():
-            h, _ = mlp_forward(p, "enc", x, cfg["activation"])
-            rows = h.reshape(-1, self.Dz)  # (R, Dz)
+            z_e, _ = self._encoder_forward(x)  # (N, M, Dz)
+            rows = z_e.reshape(-1, self.Dz)  # (R, Dz)
             z_q = rows + (e0 - z0)  # (R, Dz)
-            dec_out, _ = mlp_forward(p, "dec", z_q.reshape(n, -1), cfg["activation"])
+            dec_out, _ = self._decoder_forward(z_q.reshape(n, self.M, self.Dz))  # (N, D)
             logp, _ = likelihood_forward(cfg["likelihood"], dec_out, x, cfg["sigma2"])
             cb = 0.0 if cfg["ema"] else np.sum((z0 - p["codebook"][idx0]) ** 2) / n
             cm = cfg["beta"] * np.sum((rows - e0) ** 2) / n
@@ -261,8 +300,8 @@ class VQVAE(Model):
             raise ValueError(f"idx must have shape (N, {self.M}), got {idx.shape}")
         if idx.size and (idx.min() < 0 or idx.max() >= self.K):
             raise ValueError(f"idx must lie in [0, {self.K}), got values from {idx.min()} to {idx.max()}")
-        z_q = self.params["codebook"][idx].reshape(idx.shape[0], -1)  # (N, M Dz)
-        out, _ = mlp_forward(self.params, "dec", z_q, self.config["activation"])
+        z_q = self.params["codebook"][idx]  # (N, M, Dz)
+        out, _ = self._decoder_forward(z_q)  # (N, D)
         return likelihood_mean(self.config["likelihood"], out)
 
     def reconstruct(self, x, rng=None):

@@ -1,0 +1,332 @@
+"""The convolutional VQ-VAE: whole-model straight-through gradients against central
+differences, the code map's geometry and raster order, the codebook's bookkeeping on the
+map's rows (moving averages, restarts, k-means), rebuilding and checkpoints, and a learned
+prior over its M = 49 codes."""
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+
+from npvae.checkpoint import load_checkpoint, save_checkpoint
+from npvae.codeprior import decode_codes, encode_codes, sample_codes
+from npvae.gradcheck import check_model
+from npvae.models import MODELS, ConvVQVAE, MADEPrior, VQVAE, build
+from npvae.ops.conv import conv2d_forward, conv_transpose2d_forward
+from npvae.ops.vq import kmeans_init
+from npvae.optim import Adam
+
+from strategies import seeds
+
+TOL = 1e-6
+MARGIN = 1e-2  # distance kept from ReLU kinks and code ties: far above the step 1e-4
+
+
+def tiny(likelihood="bernoulli", dtype=np.float64, **kw):
+    """8 x 8 images, channels (2, 3): a 2 x 2 map, M = 4 code vectors of size 2."""
+    args = dict(image_shape=(1, 8, 8), channels=(2, 3), num_codes=5, code_dim=2,
+                likelihood=likelihood, ema=False, restart_after=0, kmeans_init=False,
+                dtype=dtype, rng=0)
+    args.update(kw)
+    return ConvVQVAE(**args)
+
+
+def images(n, rng, d=64, dtype=np.float64):
+    return rng.random((n, d)).astype(dtype)
+
+
+def preactivations(model, x):
+    """Every ReLU's input, encoder on x and decoder on the chosen codes, recomputed here
+    from the conv ops (not from the model's caches)."""
+    p, out = model.params, []
+    h = x.reshape((x.shape[0],) + model.image_shape)
+    for i in range(model.n_conv):
+        a, _ = conv2d_forward(h, p[f"enc.conv{i}.w"], p[f"enc.conv{i}.b"], 2, 1)
+        out.append(a)
+        h = np.maximum(a, 0)
+    idx = model.assign(x)  # (N, M)
+    z = model.params["codebook"][idx]  # (N, M, Dz)
+    z = z.reshape((x.shape[0],) + model.map_side + (model.Dz,)).transpose(0, 3, 1, 2)
+    a, _ = conv2d_forward(np.ascontiguousarray(z), p["dec.in.w"], p["dec.in.b"], 1, 1)
+    out.append(a)
+    h = np.maximum(a, 0)
+    for i in range(model.n_conv - 1):
+        a, _ = conv_transpose2d_forward(h, p[f"dec.convT{i}.w"], p[f"dec.convT{i}.b"], 2, 1)
+        out.append(a)
+        h = np.maximum(a, 0)
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# Gradients: the straight-through estimate is the true gradient of (VQVAE.4)
+
+
+@settings(max_examples=8, deadline=None)
+@given(seeds, st.sampled_from(["bernoulli", "gaussian"]), st.sampled_from(["euclidean", "dot"]),
+       st.booleans())
+def test_every_gradient_matches_central_differences(seed, likelihood, metric, ema):
+    rng = np.random.default_rng(seed)
+    model = tiny(likelihood, metric=metric, ema=ema, rng=seed)
+    for p in model.params.values():  # non-trivial biases, so a wrong db cannot hide
+        if p.ndim == 1:
+            p[...] = rng.normal(scale=0.1, size=p.shape)
+    x = images(3, rng)
+    assume(model.assignment_margin(x) > MARGIN)
+    assume(all(np.abs(a).min() > MARGIN for a in preactivations(model, x)))
+    loss, grads, _ = model.loss_and_grads(x)
+    assert model.straight_through_objective(x)() == pytest.approx(loss, rel=1e-12)
+    if ema:
+        assert not grads["codebook"].any()  # learned by moving averages, not by gradient
+    rows = check_model(model, x, max_entries=12, rng=rng)
+    worst = max(r.rel_error for r in rows)
+    assert worst <= TOL, "\n".join(str(r) for r in rows)
+
+
+def test_with_beta_zero_each_row_gets_its_decoder_input_gradient_copied():
+    """(VQ.3, CVQ.1): without the commitment term, dz_e is dz_q row for row."""
+    model = tiny(beta=0.0, rng=3)
+    x = images(2, np.random.default_rng(3))
+    tape = {}
+    model.loss_and_grads(x, tape=tape)
+    assert tape["dz_q"].shape == (2 * model.M, model.Dz)
+    assert tape["dz_q"].any()
+    np.testing.assert_array_equal(tape["dz_e"], tape["dz_straight_through"])
+    np.testing.assert_array_equal(tape["dz_straight_through"], tape["dz_q"])
+
+
+# ----------------------------------------------------------------------------------
+# Geometry and checks
+
+
+def test_geometry_of_the_default_model():
+    model = ConvVQVAE()
+    assert model.M == model.config["num_vectors"] == 49 and model.map_side == (7, 7)
+    assert (model.K, model.Dz) == (model.config["num_codes"], model.config["code_dim"])
+    shapes = {k: v.shape for k, v in model.params.items()}
+    assert shapes["enc.conv0.w"] == (32, 1, 4, 4) and shapes["enc.conv1.w"] == (64, 32, 4, 4)
+    assert shapes["enc.out.w"] == (model.Dz, 64, 1, 1) and shapes["dec.in.w"] == (64, model.Dz, 3, 3)
+    assert shapes["dec.convT0.w"] == (64, 32, 4, 4) and shapes["dec.convT1.w"] == (32, 1, 4, 4)
+    assert shapes["codebook"] == (model.K, model.Dz)
+    x = np.random.default_rng(0).random((3, 784)).astype(np.float32)
+    z_e = model.encode(x)
+    assert z_e.shape == (3, 49, model.Dz)
+    assert model.code_map(x).shape == (3, model.Dz, 7, 7)
+    idx = model.assign(x)
+    assert idx.shape == (3, 49) and idx.min() >= 0 and idx.max() < model.K
+    assert model.assign_map(x).shape == (3, 7, 7)
+    assert model.decode_indices(idx).shape == (3, 784)
+    assert model.reconstruct(x).shape == (3, 784)
+    assert model.sample(2, rng=0).shape == (2, 784)
+    loss, grads, stats = model.loss_and_grads(x)
+    assert np.isfinite(loss) and set(grads) == set(model.params)
+    assert stats["kl"] == pytest.approx(49 * np.log(model.K))  # (VQVAE.1)
+
+
+def test_rows_are_the_map_in_raster_order():
+    """Code vector m of an image is the map's column at (i, j) = (m // w', m % w')  (CVQ.1)."""
+    model = ConvVQVAE(image_shape=(1, 12, 8), channels=(2, 3), code_dim=3, rng=1)
+    assert model.map_side == (3, 2) and model.M == 6
+    x = images(2, np.random.default_rng(1), d=96, dtype=np.float32)
+    rows, z_map = model.encode(x), model.code_map(x)
+    for m in range(6):
+        np.testing.assert_array_equal(rows[:, m], z_map[:, :, m // 2, m % 2])
+    assert np.array_equal(model.assign_map(x).reshape(2, 6), model.assign(x))
+
+
+def test_changing_one_code_changes_the_image_near_its_position_only():
+    """The decoder reads code m through a 3x3 conv and two stride-2 conv^T: position (0, 0)
+    of a 7 x 7 map reaches map positions 0..1, then 0..4 of the 14 x 14 layer (a conv^T
+    4x4/2 pad 1 sends input i to outputs 2i - 1 .. 2i + 2), then pixels 0..10 of 28 x 28."""
+    model = ConvVQVAE(channels=(4, 8), num_codes=6, code_dim=2, rng=2)
+    idx = np.zeros((1, 49), dtype=np.int64)
+    other = idx.copy()
+    other[0, 0] = 5
+    diff = np.abs(model.decode_indices(idx) - model.decode_indices(other)).reshape(28, 28)
+    assert diff.max() > 0
+    assert not diff[11:, :].any() and not diff[:, 11:].any()
+    assert diff[10, :].any() and diff[:, 10].any()  # the bound is tight
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(image_shape=(1, 30, 30)), "divisible by 4"),
+    (dict(image_shape=(1, 28, 28), channels=(8, 8, 8)), "divisible by 8"),
+    (dict(channels=()), "positive"),
+    (dict(num_vectors=4), "num_vectors 4 does not match .* M = 49"),
+    (dict(data_dim=100), "data_dim 100 does not match"),
+    (dict(hidden=(400,)), "no hidden list"),
+    (dict(activation="tanh"), "ReLU"),
+    (dict(num_codes=0), "num_codes must be >= 1"),
+    (dict(code_dim=0), "code_dim must be >= 1"),
+    (dict(beta=-1.0), "beta"),
+    (dict(ema_decay=1.0), "ema_decay"),
+    (dict(restart_after=-1), "restart_after"),
+    (dict(metric="cosine"), "metric"),
+    (dict(likelihood="poisson"), "likelihood"),
+])
+def test_bad_config_is_refused_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ConvVQVAE(**kwargs)
+
+
+def test_the_settings_that_match_the_architecture_are_accepted():
+    model = ConvVQVAE(data_dim=784, num_vectors=49, hidden=[], activation="relu")
+    assert model.config["num_vectors"] == 49
+
+
+@pytest.mark.parametrize("shape, match", [((2, 1, 28, 28), "2 dimensions|2-D|ndim|dimension"),
+                                          ((2, 783), "784 features")])
+def test_bad_input_shapes_are_refused(shape, match):
+    model = ConvVQVAE(channels=(2, 3), rng=0)
+    x = np.zeros(shape, dtype=np.float32)
+    for call in (model.loss_and_grads, model.encode, model.assign, model.reconstruct):
+        with pytest.raises(ValueError, match=match):
+            call(x)
+
+
+def test_bad_code_indices_are_refused():
+    model = ConvVQVAE(channels=(2, 3), num_codes=8, rng=0)
+    with pytest.raises(ValueError, match=r"\(N, 49\)"):
+        model.decode_indices(np.zeros((2, 4), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        model.decode_indices(np.full((2, 49), 8))
+
+
+# ----------------------------------------------------------------------------------
+# The codebook's bookkeeping, on the rows of the map
+
+
+def test_kmeans_init_fits_the_first_batch_rows():
+    """(VQ.7): the first batch's code vectors, all N M = 4 N rows, are what k-means fits."""
+    model = tiny(num_codes=4, kmeans_init=True, ema=True)
+    assert not model.buffers["initialised"]
+    x = images(6, np.random.default_rng(0))
+    rows = model.encode(x).reshape(-1, model.Dz)  # (24, 2)
+    model.on_batch_start(x, np.random.default_rng(5))
+    expected = kmeans_init(rows, 4, np.random.default_rng(5))
+    np.testing.assert_array_equal(model.params["codebook"], expected)  # the same computation
+    np.testing.assert_array_equal(model.buffers["ema_embed_sum"], expected)  # N_k = 1, S_k = e_k
+    np.testing.assert_array_equal(model.buffers["ema_cluster_size"], np.ones(4))
+    assert model.buffers["initialised"]
+    model.on_batch_start(images(6, np.random.default_rng(1)), np.random.default_rng(6))
+    np.testing.assert_array_equal(model.params["codebook"], expected)  # only the first batch
+
+
+def test_ema_after_step_averages_the_map_rows():
+    """(VQ.6) on the R = N M rows of the map, written out here by hand."""
+    decay = 0.8
+    model = tiny(num_codes=4, ema=True, ema_decay=decay)
+    x = images(5, np.random.default_rng(2))
+    size0 = model.buffers["ema_cluster_size"].copy()
+    sum0 = model.buffers["ema_embed_sum"].copy()
+    model.loss_and_grads(x)
+    rows = model.encode(x).reshape(-1, 2)  # (20, 2)
+    idx = model.assign(x).reshape(-1)  # (20,)
+    model.after_step(np.random.default_rng(0))
+    counts = np.zeros(4)
+    sums = np.zeros((4, 2))
+    for r, k in enumerate(idx):
+        counts[k] += 1
+        sums[k] += rows[r]
+    size = decay * size0 + (1 - decay) * counts
+    embed_sum = decay * sum0 + (1 - decay) * sums
+    total = size.sum()
+    smoothed = (size + 1e-5) / (total + 4 * 1e-5) * total
+    np.testing.assert_allclose(model.buffers["ema_cluster_size"], size, rtol=1e-12)
+    np.testing.assert_allclose(model.buffers["ema_embed_sum"], embed_sum, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(model.params["codebook"], embed_sum / smoothed[:, None],
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_a_dead_code_is_restarted_onto_a_map_row():
+    """(VQVAE.3): a code no position chooses for restart_after steps moves onto a row."""
+    rng = np.random.default_rng(0)
+    model = tiny(num_codes=4, restart_after=2)
+    far = np.full(2, 50.0)
+    model.params["codebook"][3] = far  # never the nearest: dead from the start
+    x = images(4, rng)
+    for _ in range(2):
+        model.loss_and_grads(x)
+        before = model.buffers["steps_unused"].copy()
+        model.after_step(rng)
+    assert before[3] == 1  # counted as unused, then restarted on the second step
+    new = model.params["codebook"][3]
+    rows = model.encode(x).reshape(-1, 2)  # (16, 2): the rows of every position
+    assert not np.allclose(new, far)
+    assert np.min(np.linalg.norm(rows - new, axis=1)) < 1e-2
+    assert model.buffers["steps_unused"][3] == 0
+
+
+def test_training_steps_lower_the_loss_and_keep_the_codes_alive():
+    """A few Adam steps through the hooks the training loop calls, on 16 x 16 blobs."""
+    rng = np.random.default_rng(0)
+    model = ConvVQVAE(image_shape=(1, 16, 16), channels=(4, 8), num_codes=8, code_dim=4,
+                      restart_after=5, rng=0)
+    yy, xx = np.mgrid[:16, :16]
+    centres = rng.uniform(3, 13, size=(64, 2))
+    x = np.exp(-((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2) / 8.0)
+    x = x.reshape(64, 256).astype(np.float32)
+    opt = Adam(model.params, lr=3e-3)
+    model.on_batch_start(x, rng)
+    first = model.loss_and_grads(x)[0]
+    for _ in range(30):
+        loss, grads, stats = model.loss_and_grads(x)
+        opt.step(grads)
+        model.after_step(rng)
+    assert loss < first
+    assert stats["used_fraction"] > 0.5
+
+
+# ----------------------------------------------------------------------------------
+# Rebuilding, checkpoints, and the learned prior over M = 49 codes
+
+
+def test_rebuilt_from_its_config_gives_the_same_outputs():
+    model = ConvVQVAE(channels=(3, 4), num_codes=16, code_dim=3, rng=4)
+    assert MODELS["conv-vqvae"] is ConvVQVAE and isinstance(model, VQVAE)
+    again = build(model.config, rng=4)
+    assert type(again) is ConvVQVAE and again.config == model.config
+    np.testing.assert_array_equal(again.params.flat, model.params.flat)  # same init, exactly
+    x = images(3, np.random.default_rng(4), d=784, dtype=np.float32)
+    np.testing.assert_array_equal(again.reconstruct(x), model.reconstruct(x))
+    assert again.loss_and_grads(x)[0] == model.loss_and_grads(x)[0]
+
+
+def test_checkpoint_round_trip_keeps_params_buffers_and_outputs(tmp_path):
+    rng = np.random.default_rng(7)
+    model = ConvVQVAE(channels=(3, 4), num_codes=16, code_dim=3, restart_after=1, rng=0)
+    opt = Adam(model.params, lr=1e-2)
+    x = images(4, rng, d=784, dtype=np.float32)
+    model.on_batch_start(x, rng)
+    for _ in range(3):
+        _, grads, _ = model.loss_and_grads(x)
+        opt.step(grads)
+        model.after_step(rng)
+    save_checkpoint(tmp_path / "c.npz", model, opt, rng, 1, 3, [], {})
+    ck = load_checkpoint(tmp_path / "c.npz")
+    assert type(ck.model) is ConvVQVAE and ck.model.config == model.config
+    np.testing.assert_array_equal(ck.model.params.flat, model.params.flat)
+    for k, v in model.buffers.items():
+        assert np.array_equal(ck.model.buffers[k], v) and ck.model.buffers[k].dtype == v.dtype
+    assert ck.model.buffers["initialised"]  # k-means is not run again after a resume
+    np.testing.assert_array_equal(ck.model.assign(x), model.assign(x))
+    np.testing.assert_array_equal(ck.model.reconstruct(x), model.reconstruct(x))
+
+
+def test_a_made_prior_fits_the_49_codes_and_its_samples_decode_to_images():
+    """The learned prior (MADE, raster order over the M = 49 positions) works unchanged."""
+    rng = np.random.default_rng(0)
+    vq = ConvVQVAE(channels=(2, 4), num_codes=8, code_dim=2, rng=0)
+    imgs = rng.integers(0, 256, size=(40, 784), dtype=np.uint8)
+    codes = encode_codes(vq, imgs, "static", np.random.default_rng(1), batch_size=16)
+    assert codes.shape == (40, 49) and codes.dtype == np.int64
+    prior = MADEPrior(num_codes=vq.K, num_vectors=vq.M, hidden=(16,), dtype=vq.dtype, rng=0)
+    x1 = prior.one_hot(codes)  # (40, 49 K)
+    opt = Adam(prior.params, lr=1e-2)
+    first = prior.loss_and_grads(x1)[0]
+    for _ in range(20):
+        loss, grads, _ = prior.loss_and_grads(x1)
+        opt.step(grads)
+    assert loss < first
+    drawn = sample_codes(vq, prior, 5, np.random.default_rng(2))  # (5, 49)
+    assert drawn.shape == (5, 49) and drawn.min() >= 0 and drawn.max() < vq.K
+    pictures = decode_codes(vq, drawn)
+    assert pictures.shape == (5, 784) and pictures.min() >= 0 and pictures.max() <= 1
+    assert np.isfinite(prior.log_prob(codes)).all()
