@@ -6,6 +6,7 @@ import pytest
 from hypothesis import assume, given, strategies as st
 
 from npvae.gradcheck import check_op
+from npvae.ops import conv
 from npvae.ops.conv import (
     conv2d_backward, conv2d_backward_reference, conv2d_forward, conv2d_forward_reference,
     conv_output_size, conv_transpose2d_backward, conv_transpose2d_forward,
@@ -135,3 +136,45 @@ def test_bad_arguments_are_named(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         conv2d_forward(**args)
+
+
+SPECIAL = np.array([np.nan, np.inf, -np.inf, 5e-324, -5e-324, 1e-310, 1e-40, -1e-44, 0.0, -0.0])
+# (the last non-zero values are subnormal in float32, the ones before in float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@given(geometry, seeds)
+def test_im2col_and_col2im_twins_agree_exactly_on_special_values(dtype, g, seed):
+    # laying out windows is a copy and summing them back adds in the same (k, l) order in
+    # both twins, so they agree bit for bit, NaN, infinities and subnormals included
+    rng = np.random.default_rng(seed)
+    x, w, _ = conv_args(g, rng)
+    special = rng.random(x.shape) < 0.3
+    x = np.where(special, rng.choice(SPECIAL, size=x.shape), x).astype(dtype)
+    kh, kw, s, p = g["kh"], g["kw"], g["stride"], g["pad"]
+    oh, ow = conv_output_size(g["h"], kh, s, p), conv_output_size(g["w"], kw, s, p)
+    cols = conv._im2col.numba(x, kh, kw, s, p, oh, ow)
+    np.testing.assert_array_equal(cols, conv._im2col.numpy(x, kh, kw, s, p, oh, ow))
+    assert cols.dtype == dtype and cols.shape == (g["n"] * oh * ow, g["c"] * kh * kw)
+    spread = np.where(rng.random(cols.shape) < 0.3, rng.choice(SPECIAL, size=cols.shape),
+                      rng.standard_normal(cols.shape)).astype(dtype)
+    with np.errstate(invalid="ignore"):  # inf + (-inf) is NaN in both, by design
+        got = conv._col2im.numba(spread, x.shape, kh, kw, s, p, oh, ow)
+        want = conv._col2im.numpy(spread, x.shape, kh, kw, s, p, oh, ow)
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == dtype and got.shape == x.shape
+
+
+@given(geometry, seeds)
+def test_col2im_is_the_adjoint_of_im2col(g, seed):
+    # <im2col(x), c> = <x, col2im(c)>: the data gradient of (CONV.1)'s layout is (CONV.2)'s sum
+    rng = np.random.default_rng(seed)
+    x, _, _ = conv_args(g, rng)
+    kh, kw, s, p = g["kh"], g["kw"], g["stride"], g["pad"]
+    oh, ow = conv_output_size(g["h"], kh, s, p), conv_output_size(g["w"], kw, s, p)
+    c = rng.standard_normal((g["n"] * oh * ow, g["c"] * kh * kw))
+    for backend in ("numba", "numpy"):
+        im2col, col2im = getattr(conv._im2col, backend), getattr(conv._col2im, backend)
+        lhs = np.sum(im2col(x, kh, kw, s, p, oh, ow) * c)
+        rhs = np.sum(x * col2im(c, x.shape, kh, kw, s, p, oh, ow))
+        assert abs(lhs - rhs) <= 1e-12 * max(1.0, abs(lhs), np.abs(c).sum())

@@ -21,7 +21,9 @@ Every op here comes twice: a direct-loop reference (``*_reference``) to read bes
 equations, one output position or one window offset at a time, and the fast path the
 models use, which lays the windows out as the rows of a matrix ("im2col") so that
 (CONV.1) and (CONV.3) become one BLAS product each, and (CONV.2) a product followed by
-KH x KW strided additions ("col2im"). Both are NumPy; tests check they agree.
+KH x KW strided additions ("col2im"). The references are NumPy; so are the products.
+Laying out the windows and summing them back are compiled loops, each beside a NumPy
+twin of strided views (the backend switch picks one); tests check all of them agree.
 
 Letters: N batch, C input channels, F output channels (filters), H x W input size,
 KH x KW kernel, OH x OW output size, s stride, p padding. docs/derivations.md, CONV.
@@ -33,6 +35,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _validate as v
+from ..backend import dispatch, numba_kernel
 
 
 # ----------------------------------------------------------------------------------
@@ -114,7 +117,9 @@ def conv2d_backward_reference(dy, x, w, stride: int = 1, pad: int = 0):
 
 
 # ----------------------------------------------------------------------------------
-# The fast path: windows as matrix rows (im2col), one BLAS product per equation
+# The fast path: windows as matrix rows (im2col), one BLAS product per equation.
+# Laying the windows out (im2col) and summing them back (col2im) are its two loops:
+# each is a NumPy twin (strided views) beside a compiled loop over the same indices.
 
 
 def _windows(xp, kh, kw, stride):
@@ -124,20 +129,78 @@ def _windows(xp, kh, kw, stride):
     return win.transpose(0, 2, 3, 1, 4, 5)
 
 
-def _col2im(cols, x_shape, kh, kw, stride, pad, dtype):
+def _im2col_numpy(x, kh, kw, stride, pad, oh, ow):
+    """x (N, C, H, W) -> cols (N*OH*OW, C*KH*KW): row (n, i, j) holds the window of the
+    padded input under output position (i, j), in (c, k, l) order (CONV.1)."""
+    n, c = x.shape[:2]
+    win = _windows(_pad(x, pad), kh, kw, stride)[:, :oh, :ow]  # (N, OH, OW, C, KH, KW) view
+    return win.reshape(n * oh * ow, c * kh * kw)  # the copy of im2col
+
+
+@numba_kernel
+def _im2col_numba(x, kh, kw, stride, pad, oh, ow):
+    """The same as :func:`_im2col_numpy`, one element at a time. The padding is never
+    built: a tap that falls on it stays zero."""
+    n, c, h, w = x.shape
+    cols = np.zeros((n * oh * ow, c * kh * kw), dtype=x.dtype)
+    for b in range(n):
+        for i in range(oh):
+            for j in range(ow):
+                row = (b * oh + i) * ow + j
+                for ch in range(c):
+                    for k in range(kh):
+                        r = i * stride + k - pad  # the input row under tap k
+                        if r < 0 or r >= h:
+                            continue
+                        at = (ch * kh + k) * kw
+                        for l in range(kw):
+                            q = j * stride + l - pad  # the input column under tap l
+                            if 0 <= q < w:
+                                cols[row, at + l] = x[b, ch, r, q]
+    return cols
+
+
+def _col2im_numpy(cols, x_shape, kh, kw, stride, pad, oh, ow):
     """Sum window-shaped rows back onto the input they were read from (CONV.2).
 
-    cols (N, OH, OW, C, KH, KW) -> dx (N, C, H, W): for each offset (k, l) of the window,
-    one strided addition of an (N, C, OH, OW) block.
+    cols (N*OH*OW, C*KH*KW) -> dx (N, C, H, W) = x_shape: for each offset (k, l) of the
+    window, one strided addition of an (N, C, OH, OW) block.
     """
     n, c, h, w = x_shape
-    oh, ow = cols.shape[1], cols.shape[2]
-    dxp = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=dtype)
+    blocks = cols.reshape(n, oh, ow, c, kh, kw)
+    dxp = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
     for k in range(kh):
         for l in range(kw):
             dxp[:, :, k:k + stride * oh:stride, l:l + stride * ow:stride] += \
-                cols[:, :, :, :, k, l].transpose(0, 3, 1, 2)  # (N, C, OH, OW)  (CONV.2)
-    return _unpad(dxp, pad)
+                blocks[:, :, :, :, k, l].transpose(0, 3, 1, 2)  # (N, C, OH, OW)  (CONV.2)
+    return np.ascontiguousarray(_unpad(dxp, pad))
+
+
+@numba_kernel
+def _col2im_numba(cols, x_shape, kh, kw, stride, pad, oh, ow):
+    """The same as :func:`_col2im_numpy`, one element at a time, in the same order of
+    additions for each input element (k, then l); taps on the padding are dropped."""
+    n, c, h, w = x_shape
+    dx = np.zeros((n, c, h, w), dtype=cols.dtype)
+    for b in range(n):
+        for k in range(kh):  # the twin's order: offset (k, l) outermost
+            for l in range(kw):
+                for i in range(oh):
+                    r = i * stride + k - pad
+                    if r < 0 or r >= h:
+                        continue
+                    for j in range(ow):
+                        q = j * stride + l - pad
+                        if q < 0 or q >= w:
+                            continue
+                        row = (b * oh + i) * ow + j
+                        for ch in range(c):
+                            dx[b, ch, r, q] += cols[row, (ch * kh + k) * kw + l]  # (CONV.2)
+    return dx
+
+
+_im2col = dispatch(_im2col_numpy, _im2col_numba)
+_col2im = dispatch(_col2im_numpy, _col2im_numba)
 
 
 class ConvCache(NamedTuple):
@@ -152,9 +215,10 @@ def conv2d_forward(x, w, b, stride: int = 1, pad: int = 0):
     """y = conv(x, w) + b  (CONV.1).  x (N, C, H, W), w (F, C, KH, KW), b (F,) -> y (N, F, OH, OW)."""
     stride, pad = _check_conv(x, w, b, stride, pad)
     f, c, kh, kw = w.shape
-    win = _windows(_pad(x, pad), kh, kw, stride)  # (N, OH, OW, C, KH, KW) view
-    n, oh, ow = win.shape[:3]
-    cols = win.reshape(n * oh * ow, c * kh * kw)  # (N*OH*OW, C*KH*KW): the copy of im2col
+    n = x.shape[0]
+    oh = conv_output_size(x.shape[2], kh, stride, pad)
+    ow = conv_output_size(x.shape[3], kw, stride, pad)
+    cols = _im2col(x, kh, kw, stride, pad, oh, ow)  # (N*OH*OW, C*KH*KW)
     y = cols @ w.reshape(f, -1).T  # (N*OH*OW, F)  (CONV.1)
     y += b
     y = y.reshape(n, oh, ow, f).transpose(0, 3, 1, 2)  # (N, F, OH, OW)
@@ -174,8 +238,8 @@ def conv2d_backward(dy, cache: ConvCache, need_dx: bool = True):
     db = g.sum(axis=0)  # (F,)  (CONV.4)
     if not need_dx:
         return None, dw, db
-    dcols = (g @ w.reshape(f, -1)).reshape(n, oh, ow, c, kh, kw)  # (N, OH, OW, C, KH, KW)
-    dx = _col2im(dcols, x_shape, kh, kw, stride, pad, dy.dtype)  # (N, C, H, W)  (CONV.2)
+    dcols = g @ w.reshape(f, -1)  # (N*OH*OW, C*KH*KW)
+    dx = _col2im(dcols, tuple(x_shape), kh, kw, stride, pad, oh, ow)  # (N, C, H, W)  (CONV.2)
     return dx, dw, db
 
 
@@ -232,8 +296,8 @@ def conv_transpose2d_forward(x, w, b, stride: int = 1, pad: int = 0, output_pad:
     c_in, c_out, kh, kw = w.shape
     n, _, h, wd = x.shape
     g = x.transpose(0, 2, 3, 1).reshape(n * h * wd, c_in)  # (N*H*W, C_in)
-    cols = (g @ w.reshape(c_in, -1)).reshape(n, h, wd, c_out, kh, kw)  # (CONVT.1)
-    y = _col2im(cols, (n, c_out, oh, ow), kh, kw, stride, pad, x.dtype)  # (N, C_out, OH, OW)
+    cols = g @ w.reshape(c_in, -1)  # (N*H*W, C_out*KH*KW)  (CONVT.1)
+    y = _col2im(cols, (n, c_out, oh, ow), kh, kw, stride, pad, h, wd)  # (N, C_out, OH, OW)
     y += b[None, :, None, None]
     return y, ConvTransposeCache(x, w, y.shape, stride, pad)
 
@@ -247,8 +311,7 @@ def conv_transpose2d_backward(dy, cache: ConvTransposeCache):
     x, w, _, stride, pad = cache
     c_in, c_out, kh, kw = w.shape
     n, _, h, wd = x.shape
-    win = _windows(_pad(dy, pad), kh, kw, stride)[:, :h, :wd]  # (N, H, W, C_out, KH, KW)
-    cols = win.reshape(n * h * wd, c_out * kh * kw)  # (N*H*W, C_out*KH*KW)
+    cols = _im2col(dy, kh, kw, stride, pad, h, wd)  # (N*H*W, C_out*KH*KW)
     dx = (cols @ w.reshape(c_in, -1).T).reshape(n, h, wd, c_in).transpose(0, 3, 1, 2)  # (CONVT.2)
     g = x.transpose(0, 2, 3, 1).reshape(n * h * wd, c_in)  # (N*H*W, C_in)
     dw = (g.T @ cols).reshape(w.shape)  # (C_in, C_out, KH, KW)  (CONVT.2)
