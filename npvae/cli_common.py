@@ -191,11 +191,21 @@ def _hidden_list(text) -> list:
 
 
 def _run_files(run_dir: Path) -> tuple[list, list]:
-    """(files npvae wrote, anything else) in ``run_dir``, by name."""
+    """(paths npvae wrote, anything else) in ``run_dir``, by name.
+
+    A VQ-VAE run's learned prior, RUN/prior/, counts as the run's own when it holds only
+    run files: its files come first in the list, then the folder itself.
+    """
+    from .codeprior import PRIOR_DIR
     from .train import is_run_file, is_temp_file
 
     ours, others = [], []
     for path in sorted(run_dir.iterdir()):
+        if path.is_dir() and path.name == PRIOR_DIR and not path.is_symlink():
+            inner, foreign = _run_files(path)
+            if not foreign:
+                ours += inner + [path]
+                continue
         mine = path.is_file() and (is_run_file(path.name) or is_temp_file(path.name))
         (ours if mine else others).append(path)
     return ours, others
@@ -206,8 +216,9 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Make sure a new run does not mix its files with another run's (hold the run's lock).
 
     An empty or new folder is used as it is. A folder holding a run is refused, with the
-    way to continue it, unless ``overwrite``: then that run's files are deleted. Files
-    npvae did not write are never deleted, and make it refuse.
+    way to continue it, unless ``overwrite``: then that run's files are deleted, with its
+    learned prior (fitted to codes the new run will change). Files npvae did not write are
+    never deleted, and make it refuse.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file, not a directory; choose another --out")
@@ -221,8 +232,8 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
         raise UsageError(f"{run_dir} already holds a run ({names}). Continue it with "
                          f"npvae train --resume {run_dir}, pass --overwrite to replace it, "
                          f"or choose another --out")
-    for path in ours:
-        path.unlink()
+    for path in ours:  # a prior's files before its folder
+        path.rmdir() if path.is_dir() else path.unlink()
 
 
 

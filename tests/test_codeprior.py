@@ -166,3 +166,19 @@ def test_a_prior_of_an_older_vqvae_is_refused(run, capsys):
     assert main(capsys, "train", "--resume", run, "--epochs", "2", "--no-progress")[0] == 0
     code, _, err = main(capsys, "sample", run, "--n", "4")
     assert code == 2 and "has changed since" in err
+
+
+def test_overwriting_a_vqvae_run_removes_its_prior_but_never_foreign_files(run, capsys):
+    # the prior was fitted to the codes of the run being replaced: it goes with it
+    assert main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")[0] == 0
+    code, _, err = main(capsys, *VQ, "--epochs", "1", "--out", run)
+    assert code == 2 and "--overwrite" in err and prior_dir(run).is_dir()
+    assert main(capsys, *VQ, "--epochs", "1", "--out", run, "--overwrite")[0] == 0
+    assert not prior_dir(run).exists() and (run / "checkpoint.npz").is_file()
+    # a file npvae did not write inside prior/ makes it refuse, and nothing is deleted
+    assert main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")[0] == 0
+    (prior_dir(run) / "notes.txt").write_text("mine")
+    code, _, err = main(capsys, *VQ, "--epochs", "1", "--out", run, "--overwrite")
+    assert code == 2 and "prior" in err
+    assert (prior_dir(run) / "notes.txt").read_text() == "mine"
+    assert (prior_dir(run) / "checkpoint.npz").is_file() and (run / "checkpoint.npz").is_file()
