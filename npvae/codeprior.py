@@ -37,8 +37,10 @@ def prior_dir(run_dir) -> Path:
 
 def require_vqvae(model, where) -> None:
     """Refuse, by name, a model that has no codes to fit a prior to."""
+    from .kinds import is_vq
+
     kind = model.config.get("kind")
-    if kind != "vqvae":
+    if not is_vq(model):
         raise PriorError(f"{where} holds a {kind} model, not a VQ-VAE: a learned prior is fitted "
                          f"to the codes of a VQ-VAE (train one with npvae train --model vqvae)")
 

@@ -73,7 +73,9 @@ def make_figures(model, run_dir, x_test, y_test, history, rng, *, n_scatter: int
 
     run_dir = Path(run_dir)
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    is_vq = model.config["kind"] == "vqvae"
+    from .kinds import is_vq
+
+    vq = is_vq(model)
     out = {}
     x_show = x_test[:20]
     out["reconstructions"] = plots.save_reconstructions(
@@ -90,18 +92,18 @@ def make_figures(model, run_dir, x_test, y_test, history, rng, *, n_scatter: int
     labels = None if y_test is None else np.asarray(y_test[:n_scatter])
     out["latent_scatter"] = plots.save_latent_scatter(
         run_dir / "latent_scatter.png", z, labels,
-        title="Encoder outputs (before quantization)" if is_vq else "Test set in latent space")
+        title="Encoder outputs (before quantization)" if vq else "Test set in latent space")
 
     a, b = _two_different_digits(y_test, len(x_test))
-    decode = _vq_decoder(model) if is_vq else _decoder(model)
+    decode = _vq_decoder(model) if vq else _decoder(model)
     if len(x_test) > 1:
         z_ab = _latents(model, x_test[[a, b]])
         out["interpolation"] = plots.save_interpolation(
             run_dir / "interpolation.png", decode, z_ab[0], z_ab[1], steps=10,
-            title="Interpolation between two test digits" + (" (each point quantized)" if is_vq else ""))
-    if not is_vq and z.shape[1] == 2:
+            title="Interpolation between two test digits" + (" (each point quantized)" if vq else ""))
+    if not vq and z.shape[1] == 2:
         out["manifold"] = plots.save_manifold(run_dir / "manifold.png", decode, n=20)
-    if is_vq:
+    if vq:
         from . import evaluate
 
         stats = evaluate.codebook_stats(model, x_test, batch_size=EVAL_BATCH)

@@ -210,11 +210,12 @@ def _restore(model, opt, ck: Checkpoint, settings: dict) -> None:
 def validation_metrics(model, x_val, seed, batch_size) -> dict:
     """Validation ELBO and its terms; for a VQ-VAE also codebook perplexity and usage."""
     from . import evaluate
+    from .kinds import is_vq
 
     rng = side_rng(seed, "val-noise")  # the same draws every epoch
     res = evaluate.elbo(model, x_val, rng, batch_size=batch_size)
     row = {f"val_{k}": float(res[k]) for k in ("loss", "elbo", "recon", "kl") if k in res}
-    if model.config["kind"] == "vqvae":
+    if is_vq(model):
         cb = evaluate.codebook_stats(model, x_val, batch_size=batch_size)
         row["val_perplexity"] = float(cb["perplexity"])
         row["val_used_fraction"] = float(cb["used_fraction"])
