@@ -35,19 +35,15 @@ from __future__ import annotations
 import math
 import textwrap
 from functools import partial
-from typing import NamedTuple
 
 import numpy as np
 
-from .gradcheck import H, numerical_gradient, rel_error
+from .gradcheck import H
+from .kinds import is_conv, is_vq
 from .models.base import kl_weight
 from .ops.activations import TAGS as ACT_TAG
 from .ops.activations import bias_activation_backward, bias_activation_forward
 from .ops.kl import gaussian_kl_backward, gaussian_kl_forward
-from .ops.likelihoods import (
-    bernoulli_loglik_backward, bernoulli_loglik_forward, gaussian_loglik_backward,
-    gaussian_loglik_forward,
-)
 from .ops.linear import linear_backward, linear_forward
 from .ops.mlp import num_layers
 from .ops.objectives import (
@@ -60,60 +56,11 @@ from .ops.vq import (
     codebook_loss_backward, codebook_loss_forward, commitment_loss_backward,
     commitment_loss_forward, quantize_backward, quantize_forward,
 )
+from .tour_chain import (  # noqa: F401  (MATCH_TOL, NODE_TOL and format_tour: the public API)
+    MATCH_TOL, NODE_TOL, Node, Tour, _Chain, _d, _likelihood, _likelihood_texts, _loss_value,
+    _shape, _summary, format_tour,
+)
 
-NODE_TOL = 1e-6  # largest relative error (GC.3) a derived node may show
-MATCH_TOL = 1e-12  # largest difference from loss_and_grads, relative to the largest gradient
-
-
-class Node(NamedTuple):
-    """One step of the backward pass, as the tour shows it."""
-
-    name: str  # what the node computes, e.g. "dec.1 linear a = h W"
-    tags: tuple  # equations of its backward in docs/derivations.md, e.g. ("LIN.2", "LIN.3")
-    upstream: tuple  # ((name, shape, norm), ...) the gradients that arrive at its outputs
-    input_shapes: dict  # {forward input: shape}
-    grad_shapes: dict  # {gradient sent back, "dX": shape}
-    grad_norms: dict  # {gradient sent back, "dX": 2-norm}
-    error: float | None  # rel. error (GC.3) of its backward vs central differences; None: no check
-    numeric_norm: float | None  # 2-norm of the central-difference gradients
-    stopped: dict  # {input: 2-norm of the true derivative the node drops on purpose (sg)}
-    copied: bool = False  # the gradient is copied (straight-through), not derived
-    note: str = ""
-    formula: str = ""  # its forward equation and tag, e.g. "z = mu + eps*exp(logvar/2)  (REP.1)"
-    gradient: str = ""  # its backward equations and tags, e.g. "dmu = dz  (REP.2); ..."
-    value: str = ""  # what its forward pass computed in this step, e.g. "z (4, 2) norm 1.3"
-
-    @property
-    def passed(self) -> bool:
-        """A derived node agrees with central differences; a chosen one is exempt by design."""
-        return self.copied or self.error is None or self.error <= NODE_TOL
-
-
-class Tour(list):
-    """The nodes of one backward pass, in the order they run, and what they add up to.
-
-    A list of :class:`Node`, plus ``title`` (str), ``loss`` (float), ``grads`` ({name:
-    array}, the parameter gradients the nodes produced), ``max_difference`` (float,
-    the largest |tour - model.loss_and_grads| over every parameter entry) and
-    ``forward`` ({"reconstruction", "kl", "elbo": float, "bound": str}, nats per example,
-    empty for the learned prior): the step's forward values.
-    """
-
-    def __init__(self, nodes, *, title: str, loss: float, grads: dict, max_difference: float,
-                 scale: float, forward: dict | None = None):
-        super().__init__(nodes)
-        self.title, self.loss, self.grads = title, loss, grads
-        self.max_difference, self.scale = max_difference, scale
-        self.forward = dict(forward or {})
-
-    @property
-    def matches_model(self) -> bool:
-        return self.max_difference <= MATCH_TOL * max(1.0, self.scale)
-
-    @property
-    def ok(self) -> bool:
-        """Every derived node passes its check and the gradients equal the model's."""
-        return self.matches_model and all(node.passed for node in self)
 
 
 # ----------------------------------------------------------------------------------
@@ -135,106 +82,6 @@ def matmul_backward(da, cache):
     return dh, dW
 
 
-# ----------------------------------------------------------------------------------
-# The machinery: run forwards, then visit nodes backwards, checking each one.
-
-
-def _d(name: str) -> str:
-    return f"d{name}" if "." not in name and " " not in name else f"d({name})"
-
-
-def _norm(a) -> float:
-    return float(np.linalg.norm(np.asarray(a, dtype=np.float64)))
-
-
-def _summary(out) -> str:
-    """What a forward pass computed: a scalar's value, else each array's shape and 2-norm."""
-    outs = out if isinstance(out, tuple) else (out,)
-    if len(outs) == 1 and np.ndim(outs[0]) == 0:
-        return f"{float(outs[0]):.6g}"
-    return ",  ".join(f"{_shape(np.shape(o))} norm {_norm(o):.4g}" for o in outs)
-
-
-def _contract(dout, out) -> float:
-    """sum(dout * out), over every output of a node that has several  (GC.2)."""
-    if isinstance(out, tuple):
-        return float(sum(np.sum(d * o) for d, o in zip(dout, out)))
-    return float(np.sum(dout * out))
-
-
-class _Chain:
-    """The forward records of one step and the nodes of its backward pass."""
-
-    def __init__(self, param_names, max_entries, rng):
-        self.records = {}
-        self.texts = {}  # {node name: (formula, gradient, value)}
-        self.values = {}  # the step's forward values: reconstruction, kl, elbo, bound
-        self.nodes = []
-        self.grads = {}
-        self.param_names = set(param_names)
-        self.max_entries, self.rng = max_entries, rng
-
-    def forward(self, name, tags, op, inputs: dict, *, formula="", gradient="", value=None):
-        """Run the op's forward on ``inputs`` (in order); keep what backward and the check need.
-
-        formula and gradient are the node's local equations, forward and backward, as the
-        tour prints them; value(out) -> str describes the output (default: its shape and
-        2-norm, or a scalar's value).
-        """
-        out, cache = op[0](*inputs.values())
-        self.records[name] = (tags, op, inputs, cache)
-        self.texts[name] = (formula, gradient, value(out) if value else _summary(out))
-        return out
-
-    def numeric(self, name, dout, wrt):
-        """Central differences of sum(dout * forward) with respect to the input ``wrt``."""
-        _, op, inputs, _ = self.records[name]
-        args = {k: (np.array(a, dtype=np.float64) if isinstance(a, np.ndarray)
-                    and a.dtype.kind == "f" else a) for k, a in inputs.items()}
-        p = args[wrt]
-        entries = None
-        if self.max_entries is not None and p.size > self.max_entries:
-            entries = self.rng.choice(p.size, size=self.max_entries, replace=False)
-        grad = numerical_gradient(lambda: _contract(dout, op[0](*args.values())[0]), p,
-                                  entries=entries)
-        return grad, entries
-
-    def backward(self, name, dout, upstream, grads_of, *, stopped=(), copied=False, note=""):
-        """Run one node's backward with this step's ``dout``, check it, and record a Node.
-
-        grads_of names, for each gradient the backward returns, the input it belongs to
-        (None: computed but not needed, like dx of the first layer). ``stopped`` lists
-        inputs whose gradient the node sets to zero on purpose; the true derivative is
-        measured and shown. Returns the backward's gradients, as a tuple.
-        """
-        tags, op, inputs, cache = self.records[name]
-        grads = op[1](dout, cache)
-        grads = grads if isinstance(grads, tuple) else (grads,)
-        errors, numeric_sq = [], 0.0
-        grad_shapes, grad_norms = {}, {}
-        for inp, g in zip(grads_of, grads):
-            if inp is None:
-                continue
-            grad_shapes[_d(inp)], grad_norms[_d(inp)] = g.shape, _norm(g)
-            if inp in self.param_names:
-                self.grads[inp] = np.array(g, copy=True)
-            num, entries = self.numeric(name, dout, inp)
-            ana = g if entries is None else g.reshape(-1)[entries]
-            num = num if entries is None else num.reshape(-1)[entries]
-            errors.append(rel_error(ana, num))
-            numeric_sq += _norm(num) ** 2
-        dropped = {inp: _norm(self.numeric(name, dout, inp)[0]) for inp in stopped}
-        formula, gradient, value = self.texts.get(name, ("", "", ""))
-        self.nodes.append(Node(
-            name=name, tags=tuple(tags),
-            upstream=tuple((n, np.shape(a), _norm(a)) for n, a in upstream),
-            input_shapes={k: np.shape(a) for k, a in inputs.items()},
-            grad_shapes=grad_shapes, grad_norms=grad_norms,
-            error=max(errors) if errors else None,
-            numeric_norm=math.sqrt(numeric_sq) if errors else None,
-            stopped=dropped, copied=copied, note=note, formula=formula, gradient=gradient,
-            value=value))
-        return grads
 
 
 def _layer_names(prefix, i, n_layers, in_name, out_name):
@@ -305,35 +152,6 @@ def _mlp_backward(c, model, prefix, dout, in_name, out_name, need_dx=True):
     return dh
 
 
-def _likelihood(cfg):
-    """(node name, backward tag, op pair, output name) of the decoder's likelihood."""
-    if cfg["likelihood"] == "bernoulli":
-        return ("likelihood log p(x|z) = log Bernoulli(x; sigmoid(logits))", ("LIK.4",),
-                (bernoulli_loglik_forward, bernoulli_loglik_backward), "logits")
-    return ("likelihood log p(x|z) = log N(x; mean, sigma2 I)", ("LIK.2",),
-            (partial(gaussian_loglik_forward, sigma2=cfg["sigma2"]), gaussian_loglik_backward),
-            "mean")
-
-
-def _likelihood_texts(cfg) -> dict:
-    """The likelihood node's equations and the value it shows: the reconstruction term."""
-    if cfg["likelihood"] == "bernoulli":
-        formula = "logp_n = sum_d x_nd l_nd - softplus(l_nd), l = logits  (LIK.3)"
-        gradient = "dl = dlogp (x - sigmoid(l))  (LIK.4)"
-    else:
-        s2 = f"{cfg['sigma2']:g}"
-        formula = (f"logp_n = -||x_n - m_n||^2 / (2 s2) - (D/2) log(2 pi s2), m = mean, "
-                   f"s2 = {s2}  (LIK.1)")
-        gradient = "dm = dlogp (x - m) / s2  (LIK.2)"
-    return dict(formula=formula, gradient=gradient, value=lambda logp: (
-        f"logp {_shape(logp.shape)}, mean {logp.mean():.6g}: reconstruction term "
-        f"-mean_n logp_n = {-logp.mean():.6g} nats"))
-
-
-def _loss_value(recon, kl, elbo):
-    """The loss node's value: the loss, and the ELBO from the same forward pass."""
-    return lambda loss: (f"loss {float(loss):.6g};  reconstruction {recon:.6g} + KL {kl:.6g}: "
-                         f"ELBO {elbo:.6g}")
 
 
 # ----------------------------------------------------------------------------------
@@ -594,6 +412,9 @@ def tour(model, x, eps=None, *, max_entries: int | None = None) -> Tour:
     """
     from .models import VAE, VQVAE, Autoencoder
 
+    if is_conv(model) and isinstance(model, VQVAE):
+        raise ValueError("the tour walks the convolutional VAE (conv-vae); the convolutional "
+                         "VQ-VAE's networks are checked by npvae gradcheck conv-vqvae")
     if model.dtype != np.float64:
         raise ValueError(f"the tour checks every node by finite differences, which needs "
                          f"float64; got a {model.dtype} model (build it with dtype='float64')")
@@ -612,6 +433,8 @@ def tour(model, x, eps=None, *, max_entries: int | None = None) -> Tour:
             eps = np.random.default_rng(0).standard_normal((n, model.latent))
         eps = model.check_eps(eps, (n, model.latent)) if needs_eps else None
         walk = _tour_vae if isinstance(model, VAE) else _tour_ae
+        if is_conv(model):  # convolutional networks: npvae.tour_conv
+            from .tour_conv import tour_conv_vae as walk
         loss = walk(c, model, x, eps)
         model_loss, model_grads, _ = model.loss_and_grads(x, eps=eps)
     elif getattr(model, "kind", None) == "made":  # the learned prior over a VQ-VAE's codes
@@ -638,11 +461,14 @@ def _title(model, x) -> str:
     if cfg["kind"] == "made":
         from .tour_prior import prior_title
         return prior_title(model, x)
+    if is_conv(model):
+        from .tour_conv import conv_title
+        return conv_title(model, x)
     n, d = x.shape
     side = math.isqrt(d)
     what = f" ({side}x{side} images)" if side * side == d else ""
     extra = ""
-    if cfg["kind"] == "vqvae":
+    if is_vq(model):
         extra = (f", {model.K} codes of size {model.Dz}, {model.M} per example, "
                  f"{cfg['metric']} assignment")
     elif cfg["kind"] == "ae":
@@ -667,22 +493,34 @@ def _read_sizes(model, prefix) -> str:
     else:
         middle = (f"hidden layers of {', '.join(map(str, hidden))} ({cfg['activation']})")
     first, last = sizes[0], sizes[-1]
-    kind = cfg["kind"]
+    kind, vq = cfg["kind"], is_vq(model)
     if prefix == "enc":
         start = f"{first} inputs"
-        if kind == "vqvae":
+        if vq:
             end = f"{last} = {model.M} code vectors of size {model.Dz}"
         elif kind == "ae":
             end = f"{last} = the code, {last} latents"
         else:
             end = f"{last} = mu and log sigma^2 for {last // 2} latents"
     else:
-        start = (f"{first} = the {model.M} chosen codes of size {model.Dz}" if kind == "vqvae"
+        start = (f"{first} = the {model.M} chosen codes of size {model.Dz}" if vq
                  else f"{first} latents in")
         end = (f"{last} = logits of {last} Bernoulli pixels" if cfg["likelihood"] == "bernoulli"
                else f"{last} = means of {last} Gaussian pixels, variance {cfg['sigma2']:g}")
     name = "encoder" if prefix == "enc" else "decoder"
     return f"{name} {'-'.join(map(str, sizes))}: {start}, {middle}, {end}"
+
+
+def _kinds(test):
+    """The kinds of ``npvae tour`` for which ``test(kind)`` holds."""
+    from .models import KINDS
+
+    return lambda: [k for k in KINDS if test(k)]
+
+
+# Options of tour_model and the kinds that take them (the other kinds fix their likelihood).
+_TAKES = {"likelihood": _kinds(lambda k: k not in ("vae-gaussian", "vae-bernoulli")),
+          "sampled": _kinds(lambda k: k == "ae"), "metric": _kinds(is_vq)}
 
 
 def tour_model(kind: str, data_dim: int = 64, batch: int = 4, seed: int = 0, *,
@@ -698,14 +536,13 @@ def tour_model(kind: str, data_dim: int = 64, batch: int = 4, seed: int = 0, *,
     assignment. The tutorial's own models: vae-gaussian; ae with sampled=True and
     likelihood="gaussian"; vqvae with metric="dot" and likelihood="gaussian".
     """
-    from .models import build
+    from .models import MODELS, build
 
     given = {"likelihood": likelihood is not None, "sampled": bool(sampled),
              "metric": metric is not None}
-    allowed = {"likelihood": ("ae", "vqvae"), "sampled": ("ae",), "metric": ("vqvae",)}
-    for option, kinds in allowed.items():
-        if given[option] and kind not in kinds:
-            raise ValueError(f"{option} (--{option}) is for {' or '.join(kinds)}, not {kind}")
+    for option, kinds in _TAKES.items():
+        if given[option] and kind not in kinds():
+            raise ValueError(f"{option} (--{option}) is for {' or '.join(kinds())}, not {kind}")
     if likelihood not in (None, "bernoulli", "gaussian"):
         raise ValueError(f"likelihood must be bernoulli or gaussian, got {likelihood!r}")
     if metric not in (None, "euclidean", "dot"):
@@ -713,9 +550,12 @@ def tour_model(kind: str, data_dim: int = 64, batch: int = 4, seed: int = 0, *,
     if kind == "made":  # the learned prior: one-hot codes, M = 4 positions of K = 4 codes
         from .tour_prior import prior_tour_model
         return prior_tour_model(batch, seed)
+    if kind in MODELS and is_conv(kind):  # 1 x side x side images: npvae.tour_conv
+        from .tour_conv import conv_tour_model
+        return conv_tour_model(kind, data_dim, batch, seed, likelihood=likelihood, metric=metric)
     rng = np.random.default_rng(seed)
     cfg = dict(kind=kind, data_dim=int(data_dim), hidden=[16], dtype="float64")
-    if kind == "vqvae":
+    if kind == "vqvae":  # the MLP VQ-VAE
         cfg.update(num_codes=8, code_dim=2, num_vectors=2, likelihood=likelihood or "bernoulli",
                    metric=metric or "euclidean")
     elif kind == "ae":
@@ -723,98 +563,9 @@ def tour_model(kind: str, data_dim: int = 64, batch: int = 4, seed: int = 0, *,
     elif kind in ("vae-gaussian", "vae-bernoulli"):
         cfg.update(latent=2)
     else:
-        raise ValueError(f"kind must be vae-gaussian, vae-bernoulli, ae or vqvae, got {kind!r}")
+        from .models import KINDS
+        raise ValueError(f"kind must be one of {', '.join(KINDS)} or made, got {kind!r}")
     model = build(cfg, rng=seed)
     x = rng.uniform(0.05, 0.95, size=(int(batch), int(data_dim)))
     eps = None if kind == "vqvae" else rng.standard_normal((int(batch), 2))
     return model, x, eps
-
-
-def _shape(s) -> str:
-    return "()" if s == () else str(tuple(s))
-
-
-def _row(lines, label, items, width=92, keep_items=True):
-    """A labelled line of the node table, wrapped under its label (never inside an item)."""
-    nbsp = "\u00a0"
-    text = ",  ".join(item.replace(" ", nbsp) if keep_items else item for item in items)
-    lines += [line.replace(nbsp, " ") for line in textwrap.wrap(
-        text, width=width, initial_indent=f"       {label:<10}", subsequent_indent=" " * 17,
-        break_on_hyphens=False)]
-
-
-def format_tour(nodes) -> str:
-    """The tour as text: a block per node, then the comparison with ``loss_and_grads``."""
-    lines = []
-    title = getattr(nodes, "title", None)
-    if title:
-        lines += [title, f"loss {nodes.loss:.6g} nats per example"]
-        values = getattr(nodes, "forward", None)
-        if values:
-            lines += [f"forward, nats per example: reconstruction -mean log p(x|z) = "
-                      f"{values['reconstruction']:.6g}, KL = {values['kl']:.6g}, ELBO = "
-                      f"{values['elbo']:.6g}", f"  the ELBO here is {values['bound']}"]
-        lines.append("")
-    lines += ["The backward pass, node by node, from the loss to the first layer. Tags in",
-              "parentheses are equations derived in docs/derivations.md. At each node:",
-              "forward, its local equation; backward, the gradients it sends back; value, what",
-              "its forward pass computed in this step. A norm is the 2-norm of a gradient array,",
-              "the square root of the sum of its squared entries: under upstream, of the",
-              "gradient arriving at the node's output; under sends, of each gradient it sends",
-              "back to an input. Each node's backward is checked on its own: central",
-              f"differences (h = {H:g}, extrapolated) of sum(dout * forward(inputs)), dout being",
-              "the gradient that reached the node.", ""]
-    for i, node in enumerate(nodes, 1):
-        tags = "(" + ", ".join(node.tags) + ")"
-        lines.append(f"{i:>3}. {node.name:<62} {tags}")
-        if node.formula:
-            _row(lines, "forward", [node.formula], keep_items=False)
-        if node.gradient:
-            _row(lines, "backward", [node.gradient], keep_items=False)
-        if node.value:
-            _row(lines, "value", [node.value], keep_items=False)
-        if node.upstream:
-            _row(lines, "upstream", [f"{name} {_shape(s)} norm {v:.4g}"
-                                     for name, s, v in node.upstream])
-        _row(lines, "inputs", [f"{k} {_shape(s)}" for k, s in node.input_shapes.items()])
-        _row(lines, "copies" if node.copied else "sends",
-             [f"{k} {_shape(s)} norm {node.grad_norms[k]:.4g}"
-              for k, s in node.grad_shapes.items()])
-        for k, v in node.stopped.items():
-            _row(lines, "stopped", [f"{_d(k)} = 0 by sg[.], chosen; the true derivative has "
-                                    f"norm {v:.4g}"], keep_items=False)
-        if node.copied:
-            _row(lines, "check", [f"copied, not derived: central differences give norm "
-                                  f"{node.numeric_norm:.1e} (rel. error {node.error:.1f}, as "
-                                  f"expected)"], keep_items=False)
-        elif node.error is None:
-            _row(lines, "check", ["none (nothing is computed here)"])
-        else:
-            verdict = "ok" if node.passed else f"FAIL (> {NODE_TOL:g})"
-            _row(lines, "check", [f"rel. error {node.error:.1e}  {verdict}"])
-        if node.note:
-            _row(lines, "note", [node.note], keep_items=False)
-    if hasattr(nodes, "max_difference"):
-        failed = [node.name for node in nodes if not node.passed]
-        worst = max((nd.error for nd in nodes if nd.error is not None and not nd.copied),
-                    default=0.0)
-        copied = sum(nd.copied for nd in nodes)
-        lines.append("")
-        if nodes.matches_model:
-            lines.append(f"the tour's gradients match model.loss_and_grads: max difference "
-                         f"{nodes.max_difference:.1e} over {len(nodes.grads)} parameters")
-        else:
-            lines.append(f"MISMATCH: the tour's gradients differ from model.loss_and_grads by "
-                         f"up to {nodes.max_difference:.1e}")
-        if failed:
-            lines.append(f"FAILED: {len(failed)} node(s) above {NODE_TOL:g}: {'; '.join(failed)}")
-        else:
-            lines.append(f"every derived node agrees with central differences (largest error "
-                         f"{worst:.1e} <= {NODE_TOL:g})")
-            if copied:
-                lines.append(f"{copied} node copies its gradient by design, the straight-through "
-                             f"estimator (VQ.3)")
-    if title:
-        lines.append("Every tag above is derived, with its code and its test, in "
-                     "docs/derivations.md.")
-    return "\n".join(lines)
