@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import signal
 import sys
 import textwrap
@@ -25,57 +24,19 @@ from .cli_common import (
     _load_run, _non_negative_float, _non_negative_int, _positive_float, _positive_int,
     _run_dir_of, _say, _set_backend, _test_set, _wrap, load_training_data, prepare_run_dir,
 )
+from .cli_conv import add_channels_option
+from .kinds import is_conv, is_vq
+from .train_settings import (
+    _schedule, _warmup, check_model_size, model_config, new_run_settings, parse_warmup,  # noqa: F401
+)
 
 _STARTED = time.perf_counter()  # for the "first step ... s after start" report
 
-LIKELIHOOD = {"vae-gaussian": "gaussian", "vae-bernoulli": "bernoulli"}
-
-# Options that only some models take.
-ONLY_FOR = {
-    "latent": ("vae-gaussian", "vae-bernoulli", "ae"),
-    "warmup": ("vae-gaussian", "vae-bernoulli", "ae"),
-    "free_bits": ("vae-gaussian", "vae-bernoulli"),
-    "objective": ("vae-gaussian", "vae-bernoulli"), "k": ("vae-gaussian", "vae-bernoulli"),
-    "sigma2": ("vae-gaussian", "ae", "vqvae"),
-    "sampled": ("ae",),
-    "likelihood": ("ae", "vqvae"),
-    "codes": ("vqvae",), "code_dim": ("vqvae",), "code_vectors": ("vqvae",),
-    "metric": ("vqvae",), "ema": ("vqvae",), "restart_after": ("vqvae",),
-    "kmeans_init": ("vqvae",),
-}
 # What may be given together with --resume: everything else comes from the checkpoint.
 # A smaller --lr or a --clip is what a diverged run needs; the change goes into metrics.jsonl.
 RESUME_OK = {"resume", "epochs", "progress", "backend", "data_dir", "lr", "clip"}
 MAX_SAMPLES = 400  # npvae sample: a 20 x 20 grid is the most one readable image holds
 EVAL_BATCH = 1000
-
-
-# ----------------------------------------------------------------------------- argument types
-
-
-def parse_warmup(text: str) -> tuple[int, str]:
-    """'2000' or '2000steps' -> (2000, 'steps'); '3epochs' or '3ep' -> (3, 'epochs')."""
-    t = str(text).strip().lower()
-    for suffix, unit in (("epochs", "epochs"), ("epoch", "epochs"), ("ep", "epochs"),
-                         ("steps", "steps"), ("step", "steps")):
-        if t.endswith(suffix):
-            t = t[: -len(suffix)].strip()
-            break
-    else:
-        unit = "steps"
-    try:
-        value = int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of steps (2000) or epochs (3epochs), got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"warm-up must be >= 0, got {text!r}")
-    return value, unit
-
-
-def _warmup(text: str) -> str:
-    parse_warmup(text)  # validate now, convert once the number of steps per epoch is known
-    return text
 
 
 # ----------------------------------------------------------------------------- parser
@@ -88,6 +49,7 @@ examples:
   npvae sample RUN --n 64 --seed 1
   npvae gradcheck vae-bernoulli        check the hand-written gradients
   npvae tour vqvae                     follow one backward pass node by node
+  npvae train --model conv-vae         a convolutional VAE, a few minutes
   npvae train-prior RUN                fit a learned prior to a VQ-VAE's codes
 
 A run directory (RUN) holds checkpoint.npz, metrics.jsonl and the figures.
@@ -106,6 +68,11 @@ examples:
   npvae train --hidden 512,256 --beta 4 --warmup 2epochs
   npvae train --model ae --beta 0            a plain autoencoder
   npvae train --model vqvae --codes 256 --code-vectors 8 --ema --restart-after 100
+  npvae train --model conv-vae
+      a convolutional encoder and decoder (4x4 stride-2 layers, 28 -> 14 -> 7),
+      channels 16,32, 8 epochs: a few minutes on two cores.
+  npvae train --model conv-vqvae --channels 32,64 --epochs 2
+      a 7x7 map of codes (M = 49); channels 32,64 cost about ten times as much.
   npvae train --limit 2000 --epochs 2 --no-progress      a quick try
   npvae train --resume runs/vae-bernoulli-20250101-120000 --epochs 20
       continue a stopped run (Ctrl-C, SIGTERM and SIGHUP save one) exactly where
@@ -134,16 +101,19 @@ def _add_train(sub, kinds) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=kinds,
                    help="vae-gaussian, vae-bernoulli (default), ae (autoencoder as a VAE with "
-                        "fixed encoder variance) or vqvae")
+                        "fixed encoder variance), vqvae, or a convolutional conv-vae or "
+                        "conv-vqvae")
     m.add_argument("--hidden", type=_hidden, metavar="SIZES",
                    help="hidden layer sizes of the encoder (the decoder mirrors them), e.g. 400 "
                         "or 512,256, or none for a single linear layer each way (default 400)")
     m.add_argument("--activation", choices=("relu", "leaky_relu", "tanh", "sigmoid", "softplus"),
                    help="hidden-layer activation (default relu)")
+    add_channels_option(m)
     m.add_argument("--latent", type=_positive_int, metavar="Z",
                    help="latent dimensions (default 20; 2 also draws the manifold)")
     m.add_argument("--likelihood", choices=("bernoulli", "gaussian"),
-                   help="decoder distribution for ae and vqvae (default bernoulli)")
+                   help="decoder distribution for ae, vqvae and the conv kinds (default "
+                        "bernoulli)")
     m.add_argument("--sigma2", type=_positive_float,
                    help="variance of a Gaussian decoder (default 1.0)")
     m.add_argument("--sampled", action="store_true",
@@ -168,19 +138,23 @@ def _add_train(sub, kinds) -> None:
     q.add_argument("--code-dim", type=_positive_int, metavar="DZ",
                    help="size of each code vector (default 16)")
     q.add_argument("--code-vectors", type=_positive_int, metavar="M",
-                   help="code vectors per image (default 4)")
+                   help="code vectors per image (default 4; conv-vqvae has one per position "
+                        "of its 7x7 map, 49)")
     q.add_argument("--metric", choices=("euclidean", "dot"),
                    help="nearest code (euclidean, default) or largest dot product")
-    q.add_argument("--ema", action="store_true",
-                   help="learn the codebook by moving averages instead of its loss")
+    q.add_argument("--ema", action=argparse.BooleanOptionalAction,
+                   help="learn the codebook by moving averages instead of its loss (default "
+                        "off; on for conv-vqvae, --no-ema turns it off)")
     q.add_argument("--restart-after", type=_non_negative_int, metavar="STEPS",
                    help="move a code unused for this many steps onto a random encoder output "
-                        "(default 0: never)")
-    q.add_argument("--kmeans-init", action="store_true",
-                   help="start the codebook from k-means on the first batch")
+                        "(default 0: never; 100 for conv-vqvae)")
+    q.add_argument("--kmeans-init", action=argparse.BooleanOptionalAction,
+                   help="start the codebook from k-means on the first batch (default off; on "
+                        "for conv-vqvae)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=_positive_int, metavar="N",
-                   help="passes over the training set (default 30)")
+                   help="passes over the training set (default 30; 8 for conv-vae and "
+                        "conv-vqvae)")
     t.add_argument("--batch-size", type=_positive_int, metavar="N", help="default 128")
     t.add_argument("--lr", type=_positive_float, help="learning rate (default 0.001)")
     t.add_argument("--optimizer", choices=("adam", "sgd"),
@@ -295,7 +269,7 @@ def _add_gradcheck(sub, kinds) -> None:
         epilog="examples:\n  npvae gradcheck vae-bernoulli\n"
                "  npvae gradcheck vqvae --seed 3\n  NPVAE_BACKEND=numpy npvae gradcheck ae\n",
         formatter_class=_formatter)
-    p.add_argument("kind", metavar="MODEL", choices=kinds, help=" | ".join(kinds))
+    _add_model_argument(p, kinds)
     p.add_argument("--seed", type=_non_negative_int, default=0, help="default 0")
     p.add_argument("--batch", type=_positive_int, default=5, help="batch size (default 5)")
     p.add_argument("--tol", type=_positive_float, default=1e-6,
@@ -309,6 +283,8 @@ examples:
   npvae tour vae-bernoulli             the Bernoulli VAE, 4 random 8x8 images
   npvae tour vqvae                     see where the straight-through copy happens
   npvae tour ae --batch 2 --seed 3
+  npvae tour conv-vae                  the convolutional VAE: 1x8x8 images, each
+                                       convolution and transposed convolution a node
   npvae tour vae-gaussian --data-dim 784      MNIST-sized inputs (slower checks)
 
 the tutorial's own models:
@@ -338,20 +314,38 @@ def _add_tour(sub, kinds) -> None:
             "compared with the model's own. Exits with 1 if any derived node's relative error "
             "exceeds 1e-6 or the gradients differ."),
         epilog=_TOUR_EPILOG, formatter_class=_formatter)
-    p.add_argument("kind", metavar="MODEL", choices=kinds, help=" | ".join(kinds))
+    _add_model_argument(p, kinds)
     p.add_argument("--seed", type=_non_negative_int, default=0,
                    help="seed of the weights, the batch and the noise (default 0)")
     p.add_argument("--batch", type=_positive_int, default=4, help="examples (default 4)")
     p.add_argument("--data-dim", type=_positive_int, default=64,
-                   help="values per example (default 64, an 8x8 image)")
+                   help="values per example (default 64, an 8x8 image; conv-vae: a square "
+                        "image whose side is divisible by 4)")
     p.add_argument("--likelihood", choices=("bernoulli", "gaussian"),
-                   help="decoder distribution for ae and vqvae (default bernoulli)")
+                   help="decoder distribution for ae, vqvae and conv-vae (default bernoulli)")
     p.add_argument("--sampled", action="store_true",
                    help="ae: add N(0, I) noise to the code, z = code + eps, as eq. 14 does")
     p.add_argument("--metric", choices=("euclidean", "dot"),
                    help="vqvae: nearest code (euclidean, default) or largest dot product")
     _add_backend(p)
     p.set_defaults(func=cmd_tour)
+
+
+def _add_model_argument(p, kinds) -> None:
+    """MODEL, named as an argument (npvae tour vqvae) or, as train takes it, with --model."""
+    p.add_argument("kind", metavar="MODEL", nargs="?", choices=kinds, help=" | ".join(kinds))
+    p.add_argument("--model", dest="model", choices=kinds, metavar="MODEL",
+                   help="MODEL given as an option, as npvae train takes it (--model conv-vae)")
+
+
+def _kind_of(ns) -> str:
+    """The MODEL of npvae tour or gradcheck, however it was given."""
+    if ns.kind and ns.model and ns.kind != ns.model:
+        raise UsageError(f"two models named: {ns.kind} and --model {ns.model}; name one")
+    if not (ns.kind or ns.model):
+        raise UsageError(f"name a model: npvae {ns.command} MODEL (or --model MODEL), e.g. "
+                         f"npvae {ns.command} vae-bernoulli")
+    return ns.kind or ns.model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,107 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- shared steps
-
-
-def model_config(s: dict, data_dim: int, steps_per_epoch: int) -> dict:
-    """The model config for a run's settings (warm-up converted to steps)."""
-    value, unit = parse_warmup(s["warmup"])
-    warmup_steps = value * steps_per_epoch if unit == "epochs" else value
-    kind = s["model"]
-    cfg = dict(kind=kind, data_dim=data_dim, hidden=_hidden_list(s["hidden"]),
-               activation=s["activation"], dtype=s["dtype"])
-    if kind in ("vae-gaussian", "vae-bernoulli"):
-        cfg.update(latent=s["latent"], beta=s["beta"], warmup_steps=warmup_steps,
-                   free_bits=s["free_bits"])
-        if kind == "vae-gaussian":
-            cfg["sigma2"] = s["sigma2"]
-        if s.get("objective") == "iwae":  # the same networks, trained on L_k (IWAE.2)
-            cfg.update(kind="iwae", likelihood=s["likelihood"], k=s["k"])
-    elif kind == "ae":
-        cfg.update(latent=s["latent"], likelihood=s["likelihood"], sigma2=s["sigma2"],
-                   sampled=s["sampled"], beta=s["beta"], warmup_steps=warmup_steps)
-    else:
-        cfg.update(num_codes=s["codes"], code_dim=s["code_dim"], num_vectors=s["code_vectors"],
-                   likelihood=s["likelihood"], sigma2=s["sigma2"], metric=s["metric"],
-                   beta=s["beta"], ema=s["ema"], restart_after=s["restart_after"],
-                   kmeans_init=s["kmeans_init"])
-    return cfg
-
-
-def _schedule(text: str) -> str:
-    """--schedule: checked by npvae.schedule.parse, kept as written (lower case)."""
-    from . import schedule
-
-    try:
-        schedule.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text.strip().lower()
-
-
-def _new_run_settings(given: dict) -> dict:
-    from . import schedule
-
-    s = {**DEFAULTS, **given}
-    if "epochs" not in given and schedule.epochs_of(s["schedule"]):
-        s["epochs"] = schedule.epochs_of(s["schedule"])
-    kind = s["model"]
-    wrong = [k for k, models in ONLY_FOR.items() if k in given and kind not in models]
-    if wrong:
-        k = wrong[0]
-        raise UsageError(f"--{k.replace('_', '-')} is for --model {' or '.join(ONLY_FOR[k])}, "
-                         f"not {kind}; see npvae train --help")
-    if "k" in given and s["objective"] != "iwae":
-        raise UsageError("--k is the number of importance samples of --objective iwae")
-    elbo_only = [k for k in ("beta", "warmup", "free_bits") if k in given]
-    if s["objective"] == "iwae" and elbo_only:
-        raise UsageError(f"--{elbo_only[0].replace('_', '-')} is an option of the ELBO, not of "
-                         f"--objective iwae")
-    s["likelihood"] = LIKELIHOOD.get(kind) or s["likelihood"] or "bernoulli"
-    if s["beta"] is None:
-        s["beta"] = 0.25 if kind == "vqvae" else 1.0
-    if s["binarize"] is None:
-        s["binarize"] = "dynamic" if s["likelihood"] == "bernoulli" else "none"
-    if s["binarize"] != "none" and s["likelihood"] != "bernoulli":
-        _say(f"npvae: note: --binarize {s['binarize']} with a Gaussian decoder")
-    return s
-
-
-def _physical_memory() -> int | None:
-    """This machine's memory in bytes, where the platform says."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
-        return None
-
-
-def _bytes(n: float) -> str:
-    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
-        if n < 1000 or unit == "PB":
-            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
-        n /= 1000
-
-
-def check_model_size(config: dict, batch_size: int) -> None:
-    """Refuse, before allocating anything, a model whose training cannot fit in memory.
-
-    Training keeps the parameters, the gradient and Adam's two moments (four copies, and
-    a fifth for slack) and, per batch, a few activations of the widest layer.
-    """
-    from .checkpoint import param_count
-
-    n = param_count(config)
-    if n is None:
-        return  # a malformed config: building the model explains what is wrong
-    itemsize = np.dtype(config["dtype"]).itemsize
-    widest = max([config["data_dim"], *config["hidden"]])
-    need = itemsize * (5 * n + 8 * batch_size * widest)
-    memory = _physical_memory()
-    if memory and need > memory:
-        raise UsageError(
-            f"this model has {n:,} parameters ({_bytes(n * itemsize)}), and training it needs "
-            f"about {_bytes(need)}, more than this machine's {_bytes(memory)} of memory; "
-            f"choose smaller --hidden sizes (or a smaller --latent, --codes or --batch-size)")
 
 
 def _default_run_dir(kind: str) -> Path:
@@ -544,7 +437,7 @@ def _train_run(given: dict, run_dir: Path) -> int:
         s = {**DEFAULTS, **ck.args, **{k: v for k, v in given.items() if k != "resume"}}
         model = ck.model
     else:
-        s = _new_run_settings(given)
+        s = new_run_settings(given)
         ck = None
         prepare_run_dir(run_dir, s.get("overwrite", False))
     check_writable(run_dir)  # before loading data and building the model
@@ -652,7 +545,7 @@ def _eval_run(ns) -> int:
     t0 = time.perf_counter()
     res = evaluate.evaluate_all(ck.model, x_test, side_rng(seed, "test-noise"), k=ns.k,
                                 batch_size=EVAL_BATCH)
-    if ck.model.config["kind"] == "vqvae":  # the learned prior's numbers, or the uniform one's
+    if is_vq(ck.model):  # the learned prior's numbers, or the uniform one's
         from .prior_cli import prior_eval
         res.update(prior_eval(ck, x_test, res["recon"], seed))
     if evaluate.family(ck.model) in ("vae", "ae", "ae-sampled"):  # a Gaussian q(z|x)
@@ -700,7 +593,7 @@ def _sample_run(ns) -> int:
 
     ck = _load_run(ns.run) if _is_pretrained(ns.run) else load_checkpoint(ns.run)
     prior = "the prior"
-    if ck.model.config["kind"] == "vqvae":  # a learned prior if the run has one (npvae train-prior)
+    if is_vq(ck.model):  # a learned prior if the run has one (npvae train-prior)
         from .prior_cli import sample_images
         images, prior = sample_images(ck, ns.n, np.random.default_rng(ns.seed), ns.temperature)
     elif ns.temperature is not None:
@@ -738,8 +631,9 @@ def cmd_gradcheck(ns) -> int:
 
     _set_backend(ns.backend)
     _announce_compilation()
+    ns.kind = _kind_of(ns)
     model, x, eps = tour_model(ns.kind, batch=ns.batch, seed=ns.seed)
-    if ns.kind == "vqvae":
+    if is_vq(model):
         # The VQ loss is piecewise constant in the encoder output: check_model takes finite
         # differences of the straight-through objective, valid while no code can change.
         margin = model.assignment_margin(x)
@@ -772,6 +666,10 @@ def cmd_tour(ns) -> int:
 
     _set_backend(ns.backend)
     _announce_compilation()
+    ns.kind = _kind_of(ns)
+    if is_vq(ns.kind) and is_conv(ns.kind):
+        raise UsageError(f"npvae tour walks conv-vae, not {ns.kind} yet; its gradients are "
+                         f"checked by npvae gradcheck {ns.kind}")
     options = dict(likelihood=ns.likelihood, sampled=ns.sampled, metric=ns.metric)
     try:
         model, x, eps = tour_model(ns.kind, ns.data_dim, ns.batch, ns.seed, **options)

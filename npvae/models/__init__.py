@@ -22,7 +22,7 @@ MODELS = {
     "made": MADEPrior,  # the learned prior over a VQ-VAE's codes (npvae train-prior)
 }
 # The kinds the command line trains, checks and tours ("vae" needs a likelihood named).
-KINDS = ("vae-gaussian", "vae-bernoulli", "ae", "vqvae")
+KINDS = ("vae-gaussian", "vae-bernoulli", "ae", "vqvae", "conv-vae", "conv-vqvae")
 
 
 def build(config: dict, rng=0) -> Model:
