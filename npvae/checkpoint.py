@@ -385,6 +385,8 @@ def param_count(config: dict) -> int | None:
         return sum(math.prod(shape) for shape in mlp_shapes("", sizes).values())
 
     try:
+        if "channels" in config:  # conv-vae, conv-vqvae
+            return _conv_param_count(config)
         kind, d = config["kind"], int(config["data_dim"])
         hidden = [int(h) for h in config["hidden"]]
         if kind == "vqvae":
@@ -397,6 +399,25 @@ def param_count(config: dict) -> int | None:
             return mlp([d, *hidden, code]) + mlp([latent, *hidden[::-1], d])
     except (KeyError, TypeError, ValueError, OverflowError):
         return None
+    return None
+
+
+def _conv_param_count(config: dict) -> int | None:
+    """param_count of a convolutional model (npvae.models.conv_vae, conv_vqvae): 4 x 4
+    stride-2 convolutions and their transposes, and the layers between them."""
+    c, h, w = (int(s) for s in config["image_shape"])
+    chans = [int(k) for k in config["channels"]]
+    ks = [c, *chans]
+    convs = sum(16 * a * b + b for a, b in zip(ks[:-1], ks[1:]))  # enc.conv{i}
+    convts = sum(16 * a * b + b for a, b in zip(ks[:0:-1], ks[-2::-1]))  # dec.convT{i}
+    cells = (h >> len(chans)) * (w >> len(chans))  # positions of the last map
+    if config["kind"] == "conv-vae":
+        z, flat = int(config["latent"]), chans[-1] * cells
+        return convs + convts + (flat + 1) * 2 * z + (z + 1) * flat  # + enc.fc, dec.fc
+    if config["kind"] == "conv-vqvae":
+        k, dz = int(config["num_codes"]), int(config["code_dim"])
+        # enc.out (1 x 1 to Dz), dec.in (3 x 3 from Dz), the codebook
+        return convs + convts + (chans[-1] + 1) * dz + (9 * dz + 1) * chans[-1] + k * dz
     return None
 
 

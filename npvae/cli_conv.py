@@ -71,8 +71,8 @@ def conv_config(s: dict, data_dim: int, warmup_steps: int) -> dict:
                          f"image side divisible by {2 ** len(channels)}, and these images are "
                          f"{shape[1]}x{shape[2]}; give at most "
                          f"{_layers_that_fit(shape[1])} channel counts")
-    cfg = dict(kind=kind, image_shape=shape, channels=channels, likelihood=s["likelihood"],
-               sigma2=s["sigma2"], beta=s["beta"], dtype=s["dtype"])
+    cfg = dict(kind=kind, data_dim=int(data_dim), image_shape=shape, channels=channels,
+               likelihood=s["likelihood"], sigma2=s["sigma2"], beta=s["beta"], dtype=s["dtype"])
     if is_vq(kind):
         cfg.update(num_codes=s["codes"], code_dim=s["code_dim"], metric=s["metric"],
                    ema=s["ema"], restart_after=s["restart_after"], kmeans_init=s["kmeans_init"])

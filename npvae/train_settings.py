@@ -184,11 +184,22 @@ def check_model_size(config: dict, batch_size: int) -> None:
     if n is None:
         return  # a malformed config, or one param_count does not know: building explains
     itemsize = np.dtype(config["dtype"]).itemsize
-    widest = max([config["data_dim"], *config.get("hidden", [])])
+    widest = max([config["data_dim"], *config.get("hidden", []), *_conv_widths(config)])
     need = itemsize * (5 * n + 8 * batch_size * widest)
     memory = _physical_memory()
     if memory and need > memory:
+        sizes = "--channels" if "channels" in config else "--hidden sizes"
         raise UsageError(
             f"this model has {n:,} parameters ({_bytes(n * itemsize)}), and training it needs "
             f"about {_bytes(need)}, more than this machine's {_bytes(memory)} of memory; "
-            f"choose smaller --hidden sizes (or a smaller --latent, --codes or --batch-size)")
+            f"choose smaller {sizes} (or a smaller --latent, --codes or --batch-size)")
+
+
+def _conv_widths(config: dict) -> list:
+    """Values per example of each convolution's windows laid out as rows (im2col):
+    16 C_in per output position of a 4 x 4 kernel."""
+    if "channels" not in config:
+        return []
+    c, h, w = (int(s) for s in config["image_shape"])
+    ins = [c, *(int(k) for k in config["channels"])]
+    return [16 * k * (h >> (i + 1)) * (w >> (i + 1)) for i, k in enumerate(ins[:-1])]

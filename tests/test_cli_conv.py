@@ -222,6 +222,29 @@ def test_malformed_values_are_refused_by_the_parser(capsys, argv):
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_a_conv_model_too_large_for_memory_is_refused_before_it_is_built(capsys, tmp_path,
+                                                                       monkeypatch):
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the model was built before its size was checked")
+
+    monkeypatch.setattr("npvae.models.build", must_not_build)
+    code, _, err = run_cli(capsys, "train", "--model", "conv-vae", "--channels", "100000,100000",
+                           "--limit", "64", "--out", str(tmp_path / "r"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "choose smaller --channels" in err
+
+
+def test_param_count_knows_the_conv_models():
+    from npvae.checkpoint import param_count
+    from npvae.models import build
+
+    for cfg in (dict(kind="conv-vae", channels=[2, 4], latent=3, image_shape=[1, 8, 8]),
+                dict(kind="conv-vqvae", channels=[3], image_shape=[1, 12, 12], num_codes=8),
+                dict(kind="conv-vae"), dict(kind="conv-vqvae")):
+        model = build(cfg)
+        assert param_count(model.config) == model.num_params(), cfg
+
+
 def test_a_model_named_twice_or_not_at_all(capsys):
     code, _, err = run_cli(capsys, "gradcheck", "conv-vae", "--model", "vqvae")
     assert code == 2 and "two models named" in err
