@@ -1,30 +1,27 @@
-"""Optimizers that update a parameter dict in place from a gradient dict with the same keys.
+"""Adam and SGD: each step is one fused pass over a model's flat parameter buffer.
 
-With g the gradient plus the L2 term (g <- g + wd * p, the gradient of wd/2 ||p||^2):
-
+With g the gradient plus the L2 term (g <- g + wd * p, the gradient of wd/2 ||p||^2),
 SGD with momentum mu (Sutskever et al. 2013, in the form PyTorch uses):
 
     b <- mu b + g                                                            (SGD.1)
     p <- p - lr * (g + mu b)   if nesterov,   p <- p - lr * b   otherwise     (SGD.2)
 
-(with mu = 0, b = g and both read p <- p - lr g).
-
-Adam (Kingma & Ba 2015, Algorithm 1), at step t = 1, 2, ...:
+(with mu = 0, b = g and both read p <- p - lr g); Adam (Kingma & Ba 2015, Algorithm 1),
+at step t = 1, 2, ...:
 
     m <- beta1 m + (1 - beta1) g                                             (ADAM.1)
     v <- beta2 v + (1 - beta2) g^2                                           (ADAM.2)
     m^ = m / (1 - beta1^t),   v^ = v / (1 - beta2^t)                         (ADAM.3)
     p <- p - lr m^ / (sqrt(v^) + eps)                                        (ADAM.4)
 
-When ``params`` and ``grads`` are both :class:`~npvae.params.FlatDict` with the same
-layout, a step is one fused pass over ``params.flat``; otherwise it loops over the keys
-with the same arithmetic, so both routes give the same numbers. Parameters are always
-updated in place, so views into ``params.flat`` stay valid.
-
-``state_dict()`` returns only NumPy arrays under string keys (``np.savez`` with
-``allow_pickle=False`` can store it); ``load_state_dict`` restores it exactly, so a run
-resumed from a checkpoint continues bit for bit as if it had never stopped.
-docs/derivations.md, sections SGD and ADAM.
+``params`` is a :class:`~npvae.params.FlatDict` (a model's ``params`` is one; wrap arrays
+of your own with ``FlatDict.from_arrays``), updated in place, so its views stay valid.
+The buffers (m, v, the momentum b) are FlatDicts of the same layout. ``grads`` has the
+keys and shapes of ``params``: a FlatDict in the same layout (what ``loss_and_grads``
+returns) is used as it is; any other such dict, plain arrays included, is copied once
+into that layout. ``state_dict()`` holds only arrays under string keys (``m.enc.0.W``),
+so ``np.savez(allow_pickle=False)`` stores it, and ``load_state_dict`` restores it
+exactly: a resumed run continues bit for bit. docs/derivations.md, sections SGD, ADAM.
 """
 from __future__ import annotations
 
@@ -33,7 +30,7 @@ from typing import Mapping
 
 import numpy as np
 
-from . import _validate as v
+from . import _validate
 from .backend import dispatch, numba_kernel
 from .params import FlatDict
 
@@ -79,9 +76,8 @@ def clip_grad_norm(grads, max_norm) -> float:
 
 
 # ----------------------------------------------------------------------------------
-# Kernel pair: one Adam step over 1-D arrays, in place (the NumPy twin also takes any
-# shape). Every scalar arrives in the parameter dtype, so float32 parameters are
-# updated in float32 arithmetic.
+# The update kernels, over 1-D arrays in place. Every scalar arrives in the parameter
+# dtype, so float32 parameters are updated in float32 arithmetic.
 
 
 def _flush_numpy(a, tiny):
@@ -142,31 +138,28 @@ adam_kernel = dispatch(_adam_numpy, _adam_numba)
 
 
 def _sgd_update(p, g, buf, lr, momentum, weight_decay, nesterov):
-    """One SGD step in place on arrays of any shape; buf may be None when momentum is 0.
+    """One SGD step in place over 1-D arrays; buf is None when momentum is 0.
 
     Returns the number of non-finite entries of g.
     """
     bad = int(g.size - np.count_nonzero(np.isfinite(g)))
     if weight_decay != 0:
         g = g + weight_decay * p  # L2 term
-    if buf is None:
-        p -= lr * g  # (SGD.2) with mu = 0
-        return bad
-    buf *= momentum
-    buf += g  # (SGD.1)
-    _flush_numpy(buf, np.finfo(buf.dtype).tiny)  # (FTZ.1)
-    if nesterov:
-        p -= lr * (g + momentum * buf)  # (SGD.2)
-    else:
-        p -= lr * buf  # (SGD.2)
+    move = g  # (SGD.2) with mu = 0
+    if buf is not None:
+        buf *= momentum
+        buf += g  # (SGD.1)
+        _flush_numpy(buf, np.finfo(buf.dtype).tiny)  # (FTZ.1)
+        move = g + momentum * buf if nesterov else buf  # (SGD.2)
+    p -= lr * move
     return bad
 
 
 # ----------------------------------------------------------------------------------
-# Shared machinery: checks, the fused/per-key choice, state save and restore
+# The optimizers: checks, one step, state save and restore
 
 
-def _check_number(name, value, lo, hi, lo_open=False, hi_open=False) -> float:
+def _check_number(name, value, lo, hi, lo_open=False, hi_open=True) -> float:
     x = float(value)
     ok = math.isfinite(x) and (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
     if not ok:
@@ -175,152 +168,127 @@ def _check_number(name, value, lo, hi, lo_open=False, hi_open=False) -> float:
     return x
 
 
-class Optimizer:
-    """Base class: holds ``params``, the step count and the per-parameter buffers.
+def _check_params(params) -> FlatDict:
+    if not isinstance(params, FlatDict):
+        raise ValueError(
+            f"params must be a npvae.params.FlatDict (a model's .params is one), got "
+            f"{type(params).__name__}; to optimize arrays of your own, wrap them with "
+            "params = FlatDict.from_arrays({'w': w}) and read params['w'] from then on")
+    if not params:
+        raise ValueError("params must hold at least one array")
+    _validate.array("params.flat", params.flat)
+    return params
 
-    Subclasses set ``kind``, ``_hyper`` (names of float hyperparameters saved in the
-    state) and ``_buffers`` (name -> dict of arrays, one per parameter key), and
-    implement ``_step_flat`` and ``_step_key``.
+
+def _check_grads(params: FlatDict, grads) -> None:
+    """ValueError unless grads is a dict of float arrays with the keys and shapes of params."""
+    if not isinstance(grads, Mapping):
+        raise ValueError(f"grads must be a dict of arrays, got {type(grads).__name__}")
+    if grads.keys() != params.keys():
+        missing = [k for k in params if k not in grads]
+        extra = [k for k in grads if k not in params]
+        raise ValueError(f"grads must have exactly the keys of params; "
+                         f"missing: {missing}, extra: {extra}")
+    for key, p in params.items():
+        g = grads[key]
+        if not isinstance(g, np.ndarray) or g.dtype.kind != "f":
+            raise ValueError(f"grads[{key!r}] must be a floating-point numpy array")
+        if g.shape != p.shape:
+            raise ValueError(f"grads[{key!r}] must have the shape of params[{key!r}], "
+                             f"{p.shape}, got {g.shape}")
+
+
+class Optimizer:
+    """Base class: ``params``, the step count and ``buffers`` (name -> FlatDict like params).
+
+    Subclasses set ``kind`` and ``_hyper`` (the hyperparameters saved in the state) and
+    define ``_checked`` (the hyperparameters validated), ``_buffer_names`` and ``_update``.
     """
 
     kind = ""
     _hyper: tuple = ()
 
-    def __init__(self, params):
-        if not isinstance(params, Mapping) or not params:
-            raise ValueError("params must be a non-empty dict of numpy arrays")
-        for key, p in params.items():
-            if not isinstance(key, str):
-                raise ValueError(f"params keys must be strings, got {key!r}")
-            v.array(f"params[{key!r}]", p)
-        self.params = params
+    def __init__(self, params, **hyper):
+        self.params = _check_params(params)
         self.step_count = 0
-        self._buffers: dict[str, dict] = {}
+        self.buffers: dict[str, FlatDict] = {}
+        self._set_hyper(hyper)
 
-    def _new_buffer(self):
-        """Zeros shaped like params: a FlatDict when params is one (so it can be fused)."""
-        if isinstance(self.params, FlatDict):
-            return self.params.zeros_like()
-        return {k: np.zeros(p.shape, dtype=p.dtype) for k, p in self.params.items()}
+    def _set_hyper(self, hyper: dict) -> None:
+        """Validate and set the hyperparameters; make or drop the buffers they call for."""
+        checked = self._checked(hyper)
+        self.__dict__.update(checked)
+        old = self.buffers
+        self.buffers = {name: old[name] if name in old else self.params.zeros_like()
+                        for name in self._buffer_names(checked)}
 
-    def _check_grads(self, grads) -> bool:
-        """Validate keys and shapes; True when one fused pass over ``.flat`` is possible."""
-        if not isinstance(grads, Mapping):
-            raise ValueError(f"grads must be a dict of arrays, got {type(grads).__name__}")
-        if grads.keys() != self.params.keys():
-            missing = [k for k in self.params if k not in grads]
-            extra = [k for k in grads if k not in self.params]
-            raise ValueError(
-                f"grads must have exactly the keys of params; missing: {missing}, extra: {extra}"
-            )
-        for key, p in self.params.items():
-            g = grads[key]
-            if not isinstance(g, np.ndarray) or g.dtype.kind != "f":
-                raise ValueError(f"grads[{key!r}] must be a floating-point numpy array")
-            if g.shape != p.shape:
-                raise ValueError(
-                    f"grads[{key!r}] must have the shape of params[{key!r}], "
-                    f"{p.shape}, got {g.shape}"
-                )
-        return (
-            isinstance(self.params, FlatDict)
-            and isinstance(grads, FlatDict)
-            and list(grads.shapes.items()) == list(self.params.shapes.items())
-        )
+    def _hyper_values(self) -> dict:
+        return {name: getattr(self, name) for name in self._hyper}
+
+    def _flat_grads(self, grads) -> np.ndarray:
+        """``grads`` as one contiguous array in the layout and dtype of ``params.flat``."""
+        _check_grads(self.params, grads)
+        if isinstance(grads, FlatDict) and list(grads) == list(self.params):  # same layout
+            return grads.flat.astype(self.params.flat.dtype, copy=False)
+        packed = self.params.empty_like()
+        for key, view in packed.items():
+            view[...] = grads[key]
+        return packed.flat
 
     def step(self, grads) -> int:
-        """Update ``params`` in place from ``grads`` (same keys and shapes).
+        """Update ``params`` in place from ``grads`` (the keys and shapes of params).
 
         Returns the number of non-finite gradient entries (NaN or +-inf), found in the
         same pass as the update: 0 on a healthy step. When it is not 0 the update has
         been made, so the parameters hold non-finite values and should be discarded.
         """
-        fused = self._check_grads(grads)
-        self._check_hyper()
+        g = self._flat_grads(grads)
+        self._set_hyper(self._hyper_values())  # a schedule may have set a new lr
         self.step_count += 1
-        if fused:
-            p = self.params.flat
-            return int(self._step_flat(p, grads.flat.astype(p.dtype, copy=False)))
-        return sum(int(self._step_key(key, p, np.asarray(grads[key], dtype=p.dtype)))
-                   for key, p in self.params.items())
-
-    # ---- state -----------------------------------------------------------------
-
-    def _hyper_values(self) -> dict:
-        return {name: getattr(self, name) for name in self._hyper}
+        return int(self._update(self.params.flat, g))
 
     def state_dict(self) -> dict:
         """Everything needed to resume: plain arrays under string keys (npz-safe)."""
         state = {"kind": np.array(self.kind), "step": np.array(self.step_count, dtype=np.int64)}
-        for name, value in self._hyper_values().items():
-            state[name] = np.array(value)
-        for bname, buf in self._buffers.items():
-            for key, arr in buf.items():
-                state[f"{bname}.{key}"] = arr.copy()
+        state.update({name: np.array(value) for name, value in self._hyper_values().items()})
+        for name, buf in self.buffers.items():
+            state.update({f"{name}.{key}": arr.copy() for key, arr in buf.items()})
         return state
 
     def load_state_dict(self, state) -> None:
-        """Restore a state from :meth:`state_dict` (or from ``np.load`` of an npz of it)."""
-        state = {k: state[k] for k in state.keys()}
-        if "kind" not in state or str(np.asarray(state["kind"])) != self.kind:
-            got = str(np.asarray(state["kind"])) if "kind" in state else None
-            raise ValueError(f"state must be a {self.kind!r} optimizer state, got kind {got!r}")
-        scalars = ("kind", "step") + tuple(self._hyper)
-        missing = [k for k in scalars if k not in state]
-        if missing:
-            raise ValueError(f"state is missing the entries {missing}")
-        for name in scalars[1:]:
-            if np.ndim(state[name]) != 0:
-                raise ValueError(f"state[{name!r}] must be a scalar (0-d array)")
-        step = int(state["step"])
-        if step < 0:
-            raise ValueError(f"state['step'] must be >= 0, got {step}")
-        hyper = {name: np.asarray(state[name]).item() for name in self._hyper}
-        old = self._hyper_values()
-        try:  # validate the new hyperparameters with the same checks as the constructor
-            for name, value in hyper.items():
-                setattr(self, name, value)
-            self._check_hyper()
-        except ValueError:
-            for name, value in old.items():
-                setattr(self, name, value)
-            raise
-        self._sync_buffers()
-        expected = {f"{b}.{k}" for b, buf in self._buffers.items() for k in buf}
-        missing = sorted(expected - state.keys())
-        extra = sorted(state.keys() - expected - set(scalars))
+        """Restore a :meth:`state_dict` (or ``np.load`` of an npz of one) exactly.
+
+        All of it is checked before anything changes: a bad state leaves the optimizer as it was.
+        """
+        state = {key: np.asarray(state[key]) for key in state.keys()}
+        kind = str(state["kind"]) if "kind" in state else None
+        if kind != self.kind:
+            raise ValueError(f"state must be a {self.kind!r} optimizer state, got kind {kind!r}")
+        scalars = ("step",) + self._hyper
+        if any(name not in state or state[name].ndim != 0 for name in scalars):
+            raise ValueError(f"state must hold the scalars (0-d arrays) {list(scalars)}")
+        if int(state["step"]) < 0:
+            raise ValueError(f"state['step'] must be >= 0, got {int(state['step'])}")
+        hyper = self._checked({name: state[name].item() for name in self._hyper})
+        self._check_saved_buffers(state, self._buffer_names(hyper))
+        self._set_hyper(hyper)
+        for name, buf in self.buffers.items():
+            for key, arr in buf.items():
+                arr[...] = state[f"{name}.{key}"]
+        self.step_count = int(state["step"])
+
+    def _check_saved_buffers(self, state: dict, names) -> None:
+        """The state must hold one array per buffer and parameter, of the parameter's kind."""
+        expected = {f"{name}.{key}": p for name in names for key, p in self.params.items()}
+        missing = sorted(expected.keys() - state.keys())
+        extra = sorted(state.keys() - expected.keys() - {"kind", "step", *self._hyper})
         if missing or extra:
-            raise ValueError(
-                f"state does not match these params; missing: {missing}, extra: {extra}"
-            )
-        for bname, buf in self._buffers.items():
-            for key, arr in buf.items():
-                saved = np.asarray(state[f"{bname}.{key}"])
-                if saved.shape != arr.shape or saved.dtype != arr.dtype:
-                    raise ValueError(
-                        f"state[{bname + '.' + key!r}] must be {arr.dtype} {arr.shape}, "
-                        f"got {saved.dtype} {saved.shape}"
-                    )
-        for bname, buf in self._buffers.items():
-            for key, arr in buf.items():
-                arr[...] = state[f"{bname}.{key}"]
-        self.step_count = step
-
-    # ---- for subclasses --------------------------------------------------------
-
-    def _check_hyper(self) -> None:
-        raise NotImplementedError
-
-    def _sync_buffers(self) -> None:
-        """Allocate or drop buffers to match the hyperparameters (after loading a state)."""
-
-    def _step_flat(self, p, g) -> int:
-        """Update the flat buffer; return the number of non-finite entries of g."""
-        raise NotImplementedError
-
-    def _step_key(self, key, p, g) -> int:
-        """Update one parameter; return the number of non-finite entries of g."""
-        raise NotImplementedError
+            raise ValueError(f"state does not match these params; "
+                             f"missing: {missing}, extra: {extra}")
+        for key, p in expected.items():
+            if state[key].shape != p.shape or state[key].dtype != p.dtype:
+                raise ValueError(f"state[{key!r}] must be {p.dtype} {p.shape}, "
+                                 f"got {state[key].dtype} {state[key].shape}")
 
 
 class SGD(Optimizer):
@@ -330,39 +298,27 @@ class SGD(Optimizer):
     _hyper = ("lr", "momentum", "nesterov", "weight_decay")
 
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
-        super().__init__(params)
-        self.lr, self.momentum, self.nesterov = lr, momentum, bool(nesterov)
-        self.weight_decay = weight_decay
-        self._check_hyper()
-        self._sync_buffers()
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov,
+                         weight_decay=weight_decay)
 
-    def _check_hyper(self):
-        self.lr = v.positive("lr", self.lr)
-        self.momentum = _check_number("momentum", self.momentum, 0.0, 1.0, hi_open=True)
-        self.weight_decay = _check_number("weight_decay", self.weight_decay, 0.0, math.inf,
-                                          hi_open=True)
-        self.nesterov = bool(self.nesterov)
-        if self.nesterov and self.momentum == 0.0:
+    @staticmethod
+    def _checked(hyper: dict) -> dict:
+        out = {"lr": _validate.positive("lr", hyper["lr"]),
+               "momentum": _check_number("momentum", hyper["momentum"], 0.0, 1.0),
+               "weight_decay": _check_number("weight_decay", hyper["weight_decay"], 0.0, math.inf),
+               "nesterov": bool(hyper["nesterov"])}
+        if out["nesterov"] and out["momentum"] == 0.0:
             raise ValueError("nesterov=True needs momentum > 0")
+        return out
 
-    def _sync_buffers(self):
-        if self.momentum > 0.0 and "buf" not in self._buffers:
-            self._buffers["buf"] = self._new_buffer()
-        elif self.momentum == 0.0:
-            self._buffers.pop("buf", None)
+    @staticmethod
+    def _buffer_names(hyper: dict) -> tuple:
+        return ("buf",) if hyper["momentum"] > 0.0 else ()  # b of (SGD.1)
 
-    def _update(self, p, g, buf):
-        t = p.dtype.type
-        return _sgd_update(p, g, buf, t(self.lr), t(self.momentum), t(self.weight_decay),
-                           self.nesterov)
-
-    def _step_flat(self, p, g):
-        buf = self._buffers.get("buf")
-        return self._update(p, g, None if buf is None else buf.flat)
-
-    def _step_key(self, key, p, g):
-        buf = self._buffers.get("buf")
-        return self._update(p, g, None if buf is None else buf[key])
+    def _update(self, p, g) -> int:
+        c, buf = p.dtype.type, self.buffers.get("buf")
+        return _sgd_update(p, g, None if buf is None else buf.flat, c(self.lr),
+                           c(self.momentum), c(self.weight_decay), self.nesterov)
 
 
 class Adam(Optimizer):
@@ -372,47 +328,26 @@ class Adam(Optimizer):
     _hyper = ("lr", "beta1", "beta2", "eps", "weight_decay")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        super().__init__(params)
         if len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas}")
-        self.lr, (self.beta1, self.beta2) = lr, betas
-        self.eps, self.weight_decay = eps, weight_decay
-        self._check_hyper()
-        self._buffers["m"] = self._new_buffer()  # first moment
-        self._buffers["v"] = self._new_buffer()  # second moment
+        super().__init__(params, lr=lr, beta1=betas[0], beta2=betas[1], eps=eps,
+                         weight_decay=weight_decay)
 
-    @property
-    def betas(self):
-        return (self.beta1, self.beta2)
+    @staticmethod
+    def _checked(hyper: dict) -> dict:
+        return {"lr": _validate.positive("lr", hyper["lr"]),
+                "beta1": _check_number("betas[0]", hyper["beta1"], 0.0, 1.0),
+                "beta2": _check_number("betas[1]", hyper["beta2"], 0.0, 1.0),
+                "eps": _check_number("eps", hyper["eps"], 0.0, math.inf, lo_open=True),
+                "weight_decay": _check_number("weight_decay", hyper["weight_decay"], 0.0, math.inf)}
 
-    def _check_hyper(self):
-        self.lr = v.positive("lr", self.lr)
-        self.beta1 = _check_number("betas[0]", self.beta1, 0.0, 1.0, hi_open=True)
-        self.beta2 = _check_number("betas[1]", self.beta2, 0.0, 1.0, hi_open=True)
-        self.eps = _check_number("eps", self.eps, 0.0, math.inf, lo_open=True, hi_open=True)
-        self.weight_decay = _check_number("weight_decay", self.weight_decay, 0.0, math.inf,
-                                          hi_open=True)
+    @staticmethod
+    def _buffer_names(hyper: dict) -> tuple:
+        return ("m", "v")  # the moments of (ADAM.1-2)
 
-    def _scalars(self, dtype):
-        """The kernel's scalar arguments in the parameter dtype; t is the current step."""
-        t = self.step_count
-        c = dtype.type
-        return (
-            c(self.lr), c(self.beta1), c(1.0 - self.beta1), c(self.beta2), c(1.0 - self.beta2),
-            c(1.0 - self.beta1**t), c(1.0 - self.beta2**t), c(self.eps), c(self.weight_decay),
-            np.finfo(dtype).tiny,
-        )
-
-    def _step_flat(self, p, g):
-        m, v_ = self._buffers["m"].flat, self._buffers["v"].flat
-        return adam_kernel(p, np.ascontiguousarray(g), m, v_, *self._scalars(p.dtype))
-
-    def _step_key(self, key, p, g):
-        m, v_ = self._buffers["m"][key], self._buffers["v"][key]
-        scalars = self._scalars(p.dtype)
-        if p.flags.c_contiguous and m.flags.c_contiguous and v_.flags.c_contiguous:
-            g = np.ascontiguousarray(g)
-            return adam_kernel(p.reshape(-1), g.reshape(-1), m.reshape(-1), v_.reshape(-1),
-                               *scalars)
-        else:  # a strided view cannot be flattened in place; the NumPy twin takes any shape
-            return _adam_numpy(p, g, m, v_, *scalars)
+    def _update(self, p, g) -> int:
+        t, c = self.step_count, p.dtype.type
+        return adam_kernel(p, g, self.buffers["m"].flat, self.buffers["v"].flat, c(self.lr),
+                           c(self.beta1), c(1.0 - self.beta1), c(self.beta2), c(1.0 - self.beta2),
+                           c(1.0 - self.beta1**t), c(1.0 - self.beta2**t), c(self.eps),
+                           c(self.weight_decay), np.finfo(p.dtype).tiny)  # (ADAM.3): t >= 1

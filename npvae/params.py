@@ -38,6 +38,22 @@ class FlatDict(dict):
             dict.__setitem__(self, name, flat[offset : offset + n].reshape(shp))
             offset += n
 
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], dtype=None) -> "FlatDict":
+        """A new FlatDict holding copies of ``arrays``, in their order.
+
+        For arrays of your own that an optimizer should update:
+        ``params = FlatDict.from_arrays({"w": w})``, then read ``params["w"]``, not ``w``
+        (the copy is what gets updated). dtype: by default the arrays' common dtype.
+        """
+        arrays = {name: np.asarray(a) for name, a in arrays.items()}
+        if dtype is None:
+            dtype = np.result_type(*arrays.values()) if arrays else np.float64
+        new = cls({name: a.shape for name, a in arrays.items()}, dtype)
+        for name, a in arrays.items():
+            new[name] = a
+        return new
+
     @property
     def shapes(self) -> dict:
         return {k: v.shape for k, v in self.items()}

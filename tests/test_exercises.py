@@ -148,6 +148,7 @@ def test_solutions_agree_with_npvae_ops(rng):
     from npvae import ops
     from npvae.evaluate import RunningLogSumExp
     from npvae.optim import Adam
+    from npvae.params import FlatDict
 
     x, W, b = rng.normal(size=(4, 3)), rng.normal(size=(3, 5)), rng.normal(size=5)
     dy = rng.normal(size=(4, 5))
@@ -222,7 +223,7 @@ def test_solutions_agree_with_npvae_ops(rng):
 
     adam = solution("11_adam")
     p = rng.normal(size=(3, 4))
-    ref = {"p": p.copy()}
+    ref = FlatDict.from_arrays({"p": p})
     opt = Adam(ref, lr=0.01, betas=(0.8, 0.99), eps=1e-7)
     m, v = np.zeros_like(p), np.zeros_like(p)
     for t in range(1, 8):

@@ -1,5 +1,5 @@
-"""Optimizers: the maths against independent references, the fused and per-key routes,
-the two Adam twins, gradient clipping, and exact save/restore of the state."""
+"""Optimizers: the maths against independent references, gradients given as FlatDicts or
+as plain dicts, the two Adam twins, gradient clipping, and exact save/restore of the state."""
 import io
 import math
 
@@ -123,7 +123,7 @@ def test_adam_first_step_moves_each_entry_by_lr():
 
 
 # ----------------------------------------------------------------------------------
-# The fused pass over .flat and the per-key loop give the same numbers
+# Parameters are a FlatDict; gradients in another form are packed into its layout
 
 
 def make_optimizer(kind, params):
@@ -139,19 +139,20 @@ KINDS = ["adam", "sgd", "plain-sgd"]
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("kind", KINDS)
-def test_fused_flat_path_equals_per_key_path(kind, dtype):
-    rng = np.random.default_rng(5)
-    fused = random_flat(rng, dtype)
-    per_key = fused.copy()  # a FlatDict, but stepped with plain-dict gradients
-    plain = {k: np.array(v) for k, v in fused.items()}  # a plain dict of separate arrays
-    opts = [make_optimizer(kind, p) for p in (fused, per_key, plain)]
+def test_plain_dict_gradients_give_the_same_numbers(kind, dtype):
+    # the same layout is used as it is; a plain dict, a FlatDict in another key order or
+    # another dtype is copied into the layout and dtype first: bit for bit the same steps
+    start = random_flat(np.random.default_rng(5), dtype)
+    params = [start.copy() for _ in range(4)]
+    opts = [make_optimizer(kind, p) for p in params]
+    reordered = dict(reversed(list(SHAPES.items())))
     for g in gradient_sequence(6, 4, dtype):
-        opts[0].step(g)  # FlatDict + FlatDict: one pass over .flat
-        opts[1].step(dict(g))
-        opts[2].step({k: v.copy() for k, v in g.items()})
-    for key in SHAPES:
-        assert np.array_equal(fused[key], per_key[key])
-        assert np.array_equal(fused[key], plain[key])
+        assert opts[0].step(g) == 0
+        opts[1].step({k: v.copy() for k, v in g.items()})
+        opts[2].step(FlatDict.from_arrays({k: g[k] for k in reordered}))
+        opts[3].step(g.astype(np.float64))  # float32 -> float64 -> float32 is exact
+    for p in params[1:]:
+        assert np.array_equal(p.flat, params[0].flat)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -160,21 +161,36 @@ def test_step_keeps_views_and_leaves_grads_alone(kind):
     views = dict(params)
     g = random_flat(np.random.default_rng(1))
     g_before = g.flat.copy()
-    make_optimizer(kind, params).step(g)
+    plain = {k: v.copy() for k, v in g.items()}
+    opt = make_optimizer(kind, params)
+    opt.step(g)
+    opt.step(plain)
     for key, view in views.items():
         assert view is params[key] and np.shares_memory(view, params.flat)
     np.testing.assert_array_equal(g.flat, g_before)
+    for key in SHAPES:
+        np.testing.assert_array_equal(plain[key], g[key])
 
 
-def test_strided_parameters_are_updated_in_place():
-    base = np.random.default_rng(0).standard_normal((4, 6))
-    params = {"w": base[:, ::2]}  # not contiguous
-    grads = {"w": np.ones((4, 3))}
-    expected = base[:, ::2].copy()
-    ref = {"w": expected}
-    Adam(params, lr=0.1).step(grads)
-    Adam(ref, lr=0.1).step(grads)
-    np.testing.assert_array_equal(base[:, ::2], expected)
+def test_buffers_are_flat_dicts_in_the_layout_of_params():
+    params = random_flat(np.random.default_rng(0))
+    for opt, names in ((Adam(params), ["m", "v"]), (SGD(params, lr=0.1, momentum=0.5), ["buf"]),
+                       (SGD(params, lr=0.1), [])):
+        assert list(opt.buffers) == names
+        for buf in opt.buffers.values():
+            assert isinstance(buf, FlatDict) and buf.shapes == params.shapes
+            assert buf.flat.dtype == params.flat.dtype and not np.shares_memory(buf.flat, params.flat)
+
+
+def test_params_must_be_a_flat_dict():
+    w = np.ones((2, 3))
+    with pytest.raises(ValueError, match=r"FlatDict.*FlatDict\.from_arrays"):
+        Adam({"w": w})
+    params = FlatDict.from_arrays({"w": w, "b": np.zeros(3, np.float32)})
+    assert list(params) == ["w", "b"] and params.flat.dtype == np.float64  # the common dtype
+    Adam(params, lr=0.1).step({"w": np.ones((2, 3)), "b": np.ones(3)})
+    np.testing.assert_allclose(params["w"], 0.9)  # the copy is updated ...
+    np.testing.assert_array_equal(w, 1.0)  # ... and not the array it was made from
 
 
 # ----------------------------------------------------------------------------------
@@ -245,7 +261,7 @@ def test_adam_twins_agree_on_nan_inf_and_subnormal_input(dtype, wd):
 def test_adam_moments_decay_to_zero_not_into_subnormals(dtype):
     # A weight whose gradient stops being non-zero: m decays by beta1 each step. Without
     # the flush it passes through ~2^23 (float32) subnormal values on its way down.
-    params = {"w": np.ones(3, dtype)}
+    params = FlatDict.from_arrays({"w": np.ones(3, dtype)})
     opt = Adam(params, lr=1e-3)
     opt.step({"w": np.array([1e-3, -1e-3, 0.0], dtype)})
     tiny = np.finfo(dtype).tiny
@@ -253,7 +269,7 @@ def test_adam_moments_decay_to_zero_not_into_subnormals(dtype):
     steps_to_zero = None
     for t in range(20000):
         opt.step(zero_grad)
-        m = opt._buffers["m"]["w"]
+        m = opt.buffers["m"]["w"]
         assert not np.any((m != 0) & (np.abs(m) < tiny)), f"subnormal m at step {t}"
         if steps_to_zero is None and not np.any(m):
             steps_to_zero = t
@@ -263,14 +279,14 @@ def test_adam_moments_decay_to_zero_not_into_subnormals(dtype):
 
 
 def test_sgd_momentum_buffer_never_subnormal():
-    params = {"w": np.ones(2, np.float32)}
+    params = FlatDict.from_arrays({"w": np.ones(2, np.float32)})
     opt = SGD(params, lr=0.1, momentum=0.5)
     opt.step({"w": np.array([1.0, -1.0], np.float32)})
     for _ in range(300):
         opt.step({"w": np.zeros(2, np.float32)})
-        buf = opt._buffers["buf"]["w"]
+        buf = opt.buffers["buf"]["w"]
         assert not np.any((buf != 0) & (np.abs(buf) < np.finfo(np.float32).tiny))
-    assert not np.any(opt._buffers["buf"]["w"])  # 0.5^300 is far below tiny: flushed to 0
+    assert not np.any(opt.buffers["buf"]["w"])  # 0.5^300 is far below tiny: flushed to 0
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -419,6 +435,39 @@ def test_load_state_with_bad_hyperparameters_leaves_the_optimizer_unchanged():
     assert opt.lr == 0.01
 
 
+def test_a_bad_state_changes_nothing():
+    opt = SGD(random_flat(np.random.default_rng(0)), lr=0.1, momentum=0.5)
+    opt.step(random_flat(np.random.default_rng(1)))
+    before = opt.state_dict()
+    state = SGD(random_flat(np.random.default_rng(0)), lr=0.2).state_dict()
+    state["step"] = np.array(3)  # momentum 0 and no buffer: good ...
+    state["buf.enc.0.W"] = np.zeros((3, 4))  # ... but for this entry
+    with pytest.raises(ValueError, match=r"extra: \['buf\.enc\.0\.W'\]"):
+        opt.load_state_dict(state)
+    after = opt.state_dict()
+    assert after.keys() == before.keys()
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+
+
+def test_loading_a_state_makes_or_drops_the_momentum_buffer():
+    grads = gradient_sequence(2, 6)
+    straight = random_flat(np.random.default_rng(3))
+    opt = SGD(straight, lr=0.05, momentum=0.9)
+    for g in grads[:3]:
+        opt.step(g)
+    state = opt.state_dict()
+    resumed = straight.copy()
+    for g in grads[3:]:
+        opt.step(g)
+    plain = SGD(resumed, lr=0.05)  # no buffer until the state brings momentum 0.9
+    plain.load_state_dict(state)
+    for g in grads[3:]:
+        plain.step(g)
+    assert np.array_equal(resumed.flat, straight.flat)
+    plain.load_state_dict(SGD(resumed, lr=0.05).state_dict())
+    assert plain.momentum == 0.0 and plain.buffers == {}
+
+
 # ----------------------------------------------------------------------------------
 # Bad input
 
@@ -454,7 +503,9 @@ def test_grads_with_the_wrong_shape():
         (lambda p: SGD(p, lr=0.1, nesterov=True), "nesterov"),
         (lambda p: SGD(p, lr=0.1, weight_decay=-0.1), "weight_decay"),
         (lambda p: SGD({}, lr=0.1), "params"),
-        (lambda p: SGD({"w": np.zeros(2, dtype=np.int64)}, lr=0.1), "params"),
+        (lambda p: SGD({"w": np.zeros(2)}, lr=0.1), "params must be a npvae.params.FlatDict"),
+        (lambda p: SGD(FlatDict({}), lr=0.1), "params must hold"),
+        (lambda p: SGD(FlatDict({"w": (2,)}, np.int64), lr=0.1), "params"),
     ],
 )
 def test_bad_hyperparameters(make, match):
@@ -468,8 +519,6 @@ def test_bad_hyperparameters(make, match):
 @pytest.mark.parametrize("flat", [True, False])
 def test_step_counts_non_finite_gradient_entries(backend, make, flat):
     params = random_flat(np.random.default_rng(0), np.float32)
-    if not flat:
-        params = {k: v.copy() for k, v in params.items()}
     with use_backend(backend):
         opt = make(params)
         grads = (params.zeros_like() if flat else {k: np.zeros_like(v) for k, v in params.items()})

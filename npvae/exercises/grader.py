@@ -318,12 +318,13 @@ def check_vq(m):
 
 def check_adam(m):
     from ..optim import Adam
+    from ..params import FlatDict
 
     rng = np.random.default_rng(9)
     step = function(m, "adam_step")
     p = rng.normal(size=(3, 4))
     m_, v_ = np.zeros_like(p), np.zeros_like(p)
-    ref = {"p": p.copy()}
+    ref = FlatDict.from_arrays({"p": p})  # a copy, updated by npvae's Adam
     opt = Adam(ref, lr=0.01, betas=(0.8, 0.99), eps=1e-8)
     start = p.copy()
     for t in range(1, 6):
@@ -334,7 +335,7 @@ def check_adam(m):
             raise Fail("after the first step the entries did not each move by about lr",
                        "update p, m and v in place (p -= ..., m *= ...); with the bias "
                        "correction (ADAM.3) the first step is lr g / (|g| + eps) (ADAM.4)")
-        for name, got, want in (("m", m_, opt._buffers["m"]["p"]), ("v", v_, opt._buffers["v"]["p"]),
+        for name, got, want in (("m", m_, opt.buffers["m"]["p"]), ("v", v_, opt.buffers["v"]["p"]),
                                 ("p", p, ref["p"])):
             if not np.allclose(got, want, rtol=1e-10, atol=1e-300):
                 hints = {"m": "m <- beta1 m + (1 - beta1) g, in place (ADAM.1)",
