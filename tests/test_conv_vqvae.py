@@ -7,7 +7,7 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from npvae.checkpoint import load_checkpoint, save_checkpoint
-from npvae.codeprior import decode_codes, encode_codes, sample_codes
+from npvae.codeprior import decode_codes, encode_codes, require_vqvae, sample_codes
 from npvae.gradcheck import check_model
 from npvae.models import MODELS, ConvVQVAE, MADEPrior, VQVAE, build
 from npvae.ops.conv import conv2d_forward, conv_transpose2d_forward
@@ -315,6 +315,7 @@ def test_a_made_prior_fits_the_49_codes_and_its_samples_decode_to_images():
     """The learned prior (MADE, raster order over the M = 49 positions) works unchanged."""
     rng = np.random.default_rng(0)
     vq = ConvVQVAE(channels=(2, 4), num_codes=8, code_dim=2, rng=0)
+    require_vqvae(vq, "here")  # a conv VQ-VAE has codes to fit a prior to
     imgs = rng.integers(0, 256, size=(40, 784), dtype=np.uint8)
     codes = encode_codes(vq, imgs, "static", np.random.default_rng(1), batch_size=16)
     assert codes.shape == (40, 49) and codes.dtype == np.int64
