@@ -25,7 +25,7 @@ from .cli_common import (
     _run_dir_of, _say, _set_backend, _test_set, _wrap, load_training_data, prepare_run_dir,
 )
 from .cli_conv import add_channels_option
-from .kinds import is_conv, is_vq
+from .kinds import is_vq
 from .train_settings import (
     _schedule, _warmup, check_model_size, model_config, new_run_settings, parse_warmup,  # noqa: F401
 )
@@ -285,6 +285,7 @@ examples:
   npvae tour ae --batch 2 --seed 3
   npvae tour conv-vae                  the convolutional VAE: 1x8x8 images, each
                                        convolution and transposed convolution a node
+  npvae tour conv-vqvae                its map of codes read as rows and back (CVQ)
   npvae tour vae-gaussian --data-dim 784      MNIST-sized inputs (slower checks)
 
 the tutorial's own models:
@@ -319,14 +320,16 @@ def _add_tour(sub, kinds) -> None:
                    help="seed of the weights, the batch and the noise (default 0)")
     p.add_argument("--batch", type=_positive_int, default=4, help="examples (default 4)")
     p.add_argument("--data-dim", type=_positive_int, default=64,
-                   help="values per example (default 64, an 8x8 image; conv-vae: a square "
-                        "image whose side is divisible by 4)")
+                   help="values per example (default 64, an 8x8 image; the conv kinds take a "
+                        "square image whose side is divisible by 4)")
     p.add_argument("--likelihood", choices=("bernoulli", "gaussian"),
-                   help="decoder distribution for ae, vqvae and conv-vae (default bernoulli)")
+                   help="decoder distribution for ae, vqvae and the conv kinds (default "
+                        "bernoulli)")
     p.add_argument("--sampled", action="store_true",
                    help="ae: add N(0, I) noise to the code, z = code + eps, as eq. 14 does")
     p.add_argument("--metric", choices=("euclidean", "dot"),
-                   help="vqvae: nearest code (euclidean, default) or largest dot product")
+                   help="vqvae, conv-vqvae: nearest code (euclidean, default) or largest dot "
+                        "product")
     _add_backend(p)
     p.set_defaults(func=cmd_tour)
 
@@ -667,9 +670,6 @@ def cmd_tour(ns) -> int:
     _set_backend(ns.backend)
     _announce_compilation()
     ns.kind = _kind_of(ns)
-    if is_vq(ns.kind) and is_conv(ns.kind):
-        raise UsageError(f"npvae tour walks conv-vae, not {ns.kind} yet; its gradients are "
-                         f"checked by npvae gradcheck {ns.kind}")
     options = dict(likelihood=ns.likelihood, sampled=ns.sampled, metric=ns.metric)
     try:
         model, x, eps = tour_model(ns.kind, ns.data_dim, ns.batch, ns.seed, **options)

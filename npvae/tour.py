@@ -57,10 +57,9 @@ from .ops.vq import (
     commitment_loss_forward, quantize_backward, quantize_forward,
 )
 from .tour_chain import (  # noqa: F401  (MATCH_TOL, NODE_TOL and format_tour: the public API)
-    MATCH_TOL, NODE_TOL, Node, Tour, _Chain, _d, _likelihood, _likelihood_texts, _loss_value,
-    _shape, _summary, format_tour,
+    MATCH_TOL, NODE_TOL, Networks, Node, Tour, _Chain, _d, _likelihood, _likelihood_texts,
+    _loss_value, _shape, _summary, format_tour,
 )
-
 
 
 # ----------------------------------------------------------------------------------
@@ -283,7 +282,14 @@ def _tour_ae(c, model, x, eps):
     return float(loss)
 
 
-def _tour_vqvae(c, model, x):
+MLP_NETWORKS = Networks(
+    lambda c, model, x: _mlp_forward(c, model, "enc", x, "x", "z_e"),
+    lambda c, model, dz_e: _mlp_backward(c, model, "enc", dz_e, "x", "z_e", need_dx=False),
+    lambda c, model, z_q, out: _mlp_forward(c, model, "dec", z_q, "z_q", out),
+    lambda c, model, dout, out: _mlp_backward(c, model, "dec", dout, "z_q", out))
+
+
+def _tour_vqvae(c, model, x, nets=MLP_NETWORKS):
     cfg, n = model.config, x.shape[0]
     R, Dz = n * model.M, model.Dz
     codebook = model.params["codebook"]
@@ -297,7 +303,7 @@ def _tour_vqvae(c, model, x):
     loss_name = "loss = mean(-logp) + codebook + commitment"
 
     # ---- forward
-    h = _mlp_forward(c, model, "enc", x, "x", "z_e")  # (N, M Dz)
+    h = nets.enc_forward(c, model, x)  # (N, M Dz)
     rows = h.reshape(R, Dz)  # (R, Dz)  one row per code vector
     rows_q, rows_cm = c.forward(sum_name, ("VQVAE.2",), (fanout_forward, fanout_backward),
                                 {"z_e": rows},
@@ -326,7 +332,7 @@ def _tour_vqvae(c, model, x):
                    formula=f"cm_r = beta ||z_r - sg[e_(k_r)]||^2, beta = {cfg['beta']:g}  (VQ.5)",
                    gradient="dz_r = 2 beta dcm_r (z_r - e_(k_r))  (VQ.5);  dE = 0 (sg)",
                    value=lambda cm: f"cm {_summary(cm)}")
-    out = _mlp_forward(c, model, "dec", z_q.reshape(n, -1), "z_q", out_name)
+    out = nets.dec_forward(c, model, z_q.reshape(n, -1), out_name)
     logp = c.forward(lik_name, lik_tags, lik_op, {out_name: out, "x": x},
                      **_likelihood_texts(cfg))
     recon, kl_term = -float(logp.mean()), model.M * math.log(model.K)
@@ -351,7 +357,7 @@ def _tour_vqvae(c, model, x):
                                  note="the codebook term is left out under EMA (VQ.6)"
                                  if cfg["ema"] else "")
     (dout,) = c.backward(lik_name, dlogp, (("dlogp", dlogp),), (out_name,))
-    dzq = _mlp_backward(c, model, "dec", dout, "z_q", out_name).reshape(R, Dz)  # (R, Dz)
+    dzq = nets.dec_backward(c, model, dout, out_name).reshape(R, Dz)  # (R, Dz)
     (dz_st,) = c.backward(q_name, dzq, (("dz_q", dzq),), ("z_e",), stopped=("codebook",),
                           copied=True)
     numeric = c.nodes[-1].numeric_norm
@@ -377,7 +383,7 @@ def _tour_vqvae(c, model, x):
         c.backward(cb_name, dcb, (("dcodebook_loss", dcb),), ("codebook",), stopped=("z_e",),
                    note="sg[z_e]: the encoder gets no gradient from this term (chosen, VQ.4); "
                         "the derivative dropped is shown under 'stopped'")
-    _mlp_backward(c, model, "enc", dz_e.reshape(n, -1), "x", "z_e", need_dx=False)
+    nets.enc_backward(c, model, dz_e.reshape(n, -1))
     return float(loss)
 
 
@@ -412,9 +418,6 @@ def tour(model, x, eps=None, *, max_entries: int | None = None) -> Tour:
     """
     from .models import VAE, VQVAE, Autoencoder
 
-    if is_conv(model) and isinstance(model, VQVAE):
-        raise ValueError("the tour walks the convolutional VAE (conv-vae); the convolutional "
-                         "VQ-VAE's networks are checked by npvae gradcheck conv-vqvae")
     if model.dtype != np.float64:
         raise ValueError(f"the tour checks every node by finite differences, which needs "
                          f"float64; got a {model.dtype} model (build it with dtype='float64')")
@@ -424,7 +427,10 @@ def tour(model, x, eps=None, *, max_entries: int | None = None) -> Tour:
     if isinstance(model, VQVAE):
         eps = None
         last = model._last  # loss_and_grads below leaves state for after_step: put it back
-        loss = _tour_vqvae(c, model, x)
+        nets = MLP_NETWORKS
+        if is_conv(model):  # convolutional networks: npvae.tour_conv
+            from .tour_conv import CONV_NETWORKS as nets
+        loss = _tour_vqvae(c, model, x, nets)
         model_loss, model_grads, _ = model.loss_and_grads(x)
         model._last = last
     elif isinstance(model, (VAE, Autoencoder)):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import textwrap
 from functools import partial
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -48,6 +48,20 @@ class Node(NamedTuple):
     def passed(self) -> bool:
         """A derived node agrees with central differences; a chosen one is exempt by design."""
         return self.copied or self.error is None or self.error <= NODE_TOL
+
+
+class Networks(NamedTuple):
+    """A VQ-VAE's two networks as tour nodes; z_e and z_q travel as (N, M Dz), M rows each.
+
+    enc_forward(c, model, x) -> z_e;  enc_backward(c, model, dz_e);
+    dec_forward(c, model, z_q, out_name) -> out (N, D);  dec_backward(c, model, dout,
+    out_name) -> dz_q.  npvae.tour has the MLP's, npvae.tour_conv the convolutional ones.
+    """
+
+    enc_forward: Callable
+    enc_backward: Callable
+    dec_forward: Callable
+    dec_backward: Callable
 
 
 class Tour(list):

@@ -1,5 +1,5 @@
-"""npvae tour conv-vae: the convolutional VAE's backward pass node by node, each node
-checked by central differences and the whole against ConvVAE.loss_and_grads."""
+"""npvae tour conv-vae and conv-vqvae: the convolutional models' backward passes node by
+node, each node checked by central differences and the whole against loss_and_grads."""
 import numpy as np
 import pytest
 
@@ -104,7 +104,7 @@ def test_format_tour_reads_the_conv_tour(nodes):
     (["tour", "conv-vae", "--data-dim", "60"], "square images"),
     (["tour", "conv-vae", "--metric", "dot"], "is for"),
     (["tour", "conv-vae", "--sampled"], "is for"),
-    (["tour", "conv-vqvae"], "npvae gradcheck conv-vqvae"),
+    (["tour", "conv-vqvae", "--sampled"], "is for"),
 ])
 def test_cli_refuses_what_the_conv_tour_cannot_do(capsys, argv, words):
     assert cli.main(argv) == 2
@@ -118,3 +118,49 @@ def test_float32_conv_model_is_refused():
     model = ConvVAE(image_shape=(1, 8, 8), channels=(2, 3), latent=2)
     with pytest.raises(ValueError, match="float64"):
         tour(model, np.full((2, 64), 0.5, dtype=np.float32))
+
+
+# ----------------------------------------------------------------------------- conv-vqvae
+
+
+def test_the_conv_vqvae_tour_reads_its_map_as_rows_and_back():
+    nodes = tour(*tour_model("conv-vqvae"))
+    assert nodes.ok and nodes.matches_model
+    names = [n.name for n in nodes]
+    order = ["loss", "likelihood", "dec.convT1", "dec.convT0 relu", "dec.convT0", "dec.in relu",
+             "dec.in convolution", "the rows put back on the map", "quantizer", "commitment",
+             "sum of the two paths into z_e", "codebook loss", "code map read as M rows",
+             "enc.out convolution", "enc.conv1 relu", "enc.conv1", "enc.conv0 relu", "enc.conv0"]
+    assert len(names) == len(order)
+    for name, start in zip(names, order):
+        assert name.startswith(start), (name, start)
+    assert [n.name for n in nodes if n.copied] == ["quantizer z_q = E[k], k the nearest code"]
+    rows = {n.name: n for n in nodes}["code map read as M rows, raster order"]
+    assert rows.tags == ("CVQ.2",) and rows.input_shapes["enc.out.a"] == (4, 2, 2, 2)
+
+
+@pytest.mark.parametrize("options", [dict(metric="dot", likelihood="gaussian"), dict(seed=3)])
+def test_other_conv_vqvae_tours(options):
+    seed = options.pop("seed", 0)
+    model, x, eps = tour_model("conv-vqvae", 64, 3, seed, **options)
+    assert eps is None and tour_conv._kink_margin(model, x, eps) > tour_conv.KINK_MARGIN
+    assert tour(model, x).ok
+
+
+def test_map_to_rows_is_the_models_permutation_and_its_inverse():
+    model, x, _ = tour_model("conv-vqvae")
+    z_map = model.code_map(x)  # (N, Dz, h', w')
+    rows, shape = tour_conv.map_to_rows_forward(z_map)
+    assert np.array_equal(rows.reshape(len(x), model.M, model.Dz), model.encode(x))
+    back, _ = tour_conv.rows_to_map_forward(rows, shape[1:])
+    assert np.array_equal(back, z_map)
+    assert np.array_equal(tour_conv.map_to_rows_backward(rows, shape), z_map)
+
+
+def test_cli_tours_the_conv_vqvae(capsys):
+    assert cli.main(["tour", "--model", "conv-vqvae", "--metric", "dot"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for words in ["8 codes of size 2, 4 per example (a 2x2 map), dot assignment",
+                  "conv 1x1 -> 2x2x2 = z_e", "(CVQ.1)", "(CVQ.2)", "(CONVT.1)",
+                  "copied (straight-through), not derived (VQ.3)"]:
+        assert words in out, words
