@@ -47,7 +47,7 @@ def cases(rng):
         ("bias + tanh (128x400)", activations.bias_act_kernel, (a, b, 2, f32(0.01), out)),
         ("relu gradient (128x400)", activations.act_grad_kernel, (a, h, 0, f32(0.01), out)),
         ("tanh gradient (128x400)", activations.act_grad_kernel, (a, h, 2, f32(0.01), out)),
-        ("VQ assignment (512x64, K=512)", vq.assign_kernel, (z_e, codebook, 0)),
+        ("VQ assignment (512x64, K=512)", vq.assign_kernel, (z_e, codebook, vq.EUCLIDEAN)),
         ("VQ scatter-add (512x64 -> 512)", vq.scatter_rows_kernel, (idx, z_e, 512)),
         ("Adam update (652,824 params)", optim.adam_kernel, (p, g, m, v, *adam)),
     ]

@@ -148,11 +148,11 @@ def test_activation_twins_on_special_values(dtype, name):
 def test_compiled_relu_keeps_nan():
     """The case that hid a NaN in the weights: relu(NaN) is NaN, its gradient is NaN."""
     a = np.array([[np.nan, -1.0, 2.0]])
-    h = activations.bias_act_kernel.numba(a, np.zeros(3), 0, 0.01, np.empty_like(a))
+    h = activations.bias_act_kernel.numba(a, np.zeros(3), activations.RELU, 0.01, np.empty_like(a))
     assert np.isnan(h[0, 0]) and h[0, 1] == 0.0 and h[0, 2] == 2.0
     dh = np.array([[1.0, np.nan, np.inf]])
-    g = activations.act_grad_kernel.numba(dh, np.array([[np.nan, 0.0, -1.0]]), 0, 0.01,
-                                          np.empty_like(dh))
+    g = activations.act_grad_kernel.numba(dh, np.array([[np.nan, 0.0, -1.0]]),
+                                          activations.RELU, 0.01, np.empty_like(dh))
     assert g[0, 0] == 0.0 and np.isnan(g[0, 1]) and np.isnan(g[0, 2])
 
 
@@ -182,7 +182,7 @@ def test_kl_twins_on_special_values(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("metric", [0, 1])
+@pytest.mark.parametrize("metric", [vq.EUCLIDEAN, vq.DOT])
 def test_vq_assign_twins_on_special_values(dtype, metric):
     s = special_values(dtype)
     z_e = np.ascontiguousarray(np.stack([s, np.roll(s, 3)], axis=1))  # (S, 2)

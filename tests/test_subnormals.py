@@ -79,7 +79,8 @@ def tail_logits(dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_exponential_tails_are_zero_not_subnormal(backend, dtype):
     from npvae.backend import use_backend
-    from npvae.ops.activations import bias_act_kernel, stable_sigmoid, stable_softplus
+    from npvae.ops.activations import (SIGMOID, SOFTPLUS, bias_act_kernel, stable_sigmoid,
+                                       stable_softplus)
     from npvae.ops.likelihoods import bernoulli_kernel
 
     l = tail_logits(dtype)
@@ -87,8 +88,10 @@ def test_exponential_tails_are_zero_not_subnormal(backend, dtype):
     zeros_b = np.zeros(a.shape[1], dtype)
     with use_backend(backend):
         outputs = {"sigmoid": stable_sigmoid(l), "softplus": stable_softplus(l),
-                   "hidden sigmoid": bias_act_kernel(a, zeros_b, 3, dtype(0.01), np.empty_like(a)),
-                   "hidden softplus": bias_act_kernel(a, zeros_b, 4, dtype(0.01), np.empty_like(a))}
+                   "hidden sigmoid": bias_act_kernel(a, zeros_b, SIGMOID, dtype(0.01),
+                                                     np.empty_like(a)),
+                   "hidden softplus": bias_act_kernel(a, zeros_b, SOFTPLUS, dtype(0.01),
+                                                      np.empty_like(a))}
         for x_value in (0.0, 1.0):
             logp, g = bernoulli_kernel(a, np.full_like(a, x_value))
             outputs[f"bernoulli logp, x = {x_value}"] = logp

@@ -135,8 +135,8 @@ def test_exact_ties_go_to_the_lowest_index(backend):
     kernel = vq.assign_kernel.numpy if backend == "numpy" else vq.assign_kernel.numba
     codebook = np.array([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     z_e = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
-    np.testing.assert_array_equal(kernel(z_e, codebook, 0), [0, 0, 0])  # euclidean
-    np.testing.assert_array_equal(kernel(z_e, codebook, 1), [0, 0, 0])  # dot
+    np.testing.assert_array_equal(kernel(z_e, codebook, vq.EUCLIDEAN), [0, 0, 0])
+    np.testing.assert_array_equal(kernel(z_e, codebook, vq.DOT), [0, 0, 0])
 
 
 def test_single_code_takes_every_row():

@@ -53,6 +53,7 @@ from ..backend import dispatch, numba_kernel
 
 METRICS = ("euclidean", "dot")
 _METRIC_CODE = {name: i for i, name in enumerate(METRICS)}
+EUCLIDEAN, DOT = range(len(METRICS))  # the codes the assignment kernels take
 
 
 def metric_code(metric: str) -> int:
@@ -66,9 +67,9 @@ def metric_code(metric: str) -> int:
 
 
 def _assign_numpy(z_e, codebook, metric_code):
-    """idx (R,) int64: best code per row by (VQ.1) (code 0) or (VQ.2) (code 1); ties -> lowest k."""
+    """idx (R,) int64: best code per row by (VQ.1) (EUCLIDEAN) or (VQ.2) (DOT); ties -> lowest k."""
     dots = z_e @ codebook.T  # (R, K)  z_r . e_k
-    if metric_code == 0:
+    if metric_code == EUCLIDEAN:
         sq_norms = np.einsum("kd,kd->k", codebook, codebook)  # (K,)  ||e_k||^2
         scores = sq_norms - 2.0 * dots  # (R, K)  (VQ.1) without ||z_r||^2
         return np.argmin(scores, axis=1).astype(np.int64)
@@ -94,7 +95,7 @@ def _assign_numba(z_e, codebook, metric_code):
     data-dependent branch cannot match. Ties go to the lowest k, as in the twin.
     """
     dots = z_e @ codebook.T  # (R, K)  z_r . e_k
-    if metric_code == 0:
+    if metric_code == EUCLIDEAN:
         sq_norms = np.einsum("kd,kd->k", codebook, codebook)  # (K,)  ||e_k||^2
         scores = _scores_loop(dots, sq_norms, dots.dtype.type(-2.0))  # (R, K)  (VQ.1)
     else:
@@ -420,7 +421,7 @@ def kmeans_init(z_e, num_codes: int, rng, iters: int = 10):
 
     # Lloyd iterations
     for _ in range(iters):
-        idx = assign_kernel(z_e, centres, 0)  # (R,)  nearest centre  (VQ.1)
+        idx = assign_kernel(z_e, centres, EUCLIDEAN)  # (R,)  nearest centre  (VQ.1)
         counts = np.bincount(idx, minlength=num_codes)  # (K,)
         sums = scatter_rows_kernel(idx, z_e, num_codes)  # (K, Dz)
         used = counts > 0
