@@ -26,9 +26,7 @@ from .cli_common import (
 )
 from .cli_conv import add_channels_option
 from .kinds import is_vq
-from .train_settings import (
-    _schedule, _warmup, check_model_size, model_config, new_run_settings, parse_warmup,  # noqa: F401
-)
+from .train_settings import _schedule, _warmup, check_model_size, model_config, new_run_settings
 
 _STARTED = time.perf_counter()  # for the "first step ... s after start" report
 
@@ -690,6 +688,7 @@ def main(argv=None) -> int:
     """Run the command line; returns the exit status."""
     from .backend import check_environment
     from .checkpoint import CheckpointError
+    from .memory import keep_freed_memory
     from .data import DataUnavailableError
     from .train import RunInUse, TrainingDiverged, TrainingInterrupted, stop_on_signals
 
@@ -697,6 +696,7 @@ def main(argv=None) -> int:
     ns = parser.parse_args(argv)
     try:
         check_environment()
+        keep_freed_memory()  # each step's large temporaries reuse mapped pages (npvae/memory.py)
         with stop_on_signals():  # SIGTERM and SIGHUP stop like Ctrl-C
             return int(ns.func(ns) or 0)
     except TrainingInterrupted as exc:

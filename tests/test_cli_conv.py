@@ -258,3 +258,23 @@ def test_help_names_the_conv_options(capsys):
     text = capsys.readouterr().out
     for word in ("--channels", "conv-vae", "conv-vqvae", "--no-ema", "--no-kmeans-init"):
         assert word in text, word
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(kind="conv-vqvae", channels=[2, 3], image_shape=[1, 8, 8], num_codes=8, code_dim=2,
+         ema=False, kmeans_init=False),
+    dict(kind="vqvae", data_dim=64, hidden=[16], num_codes=8, code_dim=2, num_vectors=2),
+])
+def test_vq_elbo_is_the_training_steps_statistics_without_its_backward(cfg):
+    from npvae import evaluate
+    from npvae.models import build
+
+    model = build(dict(cfg, dtype="float64"), rng=3)
+    x = np.random.default_rng(4).uniform(size=(7, 64))
+    _, _, stats = model.loss_and_grads(x)
+    model._last = None
+    got = evaluate.elbo(model, x, batch_size=7)
+    assert got["recon"] == stats["recon"] and got["loss"] == stats["loss"]
+    assert model._last is None  # nothing left for after_step
+    halves = evaluate.elbo(model, x, batch_size=4)  # batches weighted by their size
+    assert halves["recon"] == pytest.approx(stats["recon"], rel=1e-12)
