@@ -573,5 +573,5 @@ def tour_model(kind: str, data_dim: int = 64, batch: int = 4, seed: int = 0, *,
         raise ValueError(f"kind must be one of {', '.join(KINDS)} or made, got {kind!r}")
     model = build(cfg, rng=seed)
     x = rng.uniform(0.05, 0.95, size=(int(batch), int(data_dim)))
-    eps = None if kind == "vqvae" else rng.standard_normal((int(batch), 2))
+    eps = None if is_vq(kind) else rng.standard_normal((int(batch), 2))
     return model, x, eps
