@@ -27,6 +27,10 @@ prints the size of the derivative that is dropped.
     nodes = tour(model, x, eps)        # a list of Node, loss first
     print(format_tour(nodes))
 
+The convolutional models' layers are walked by npvae.tour_conv, the learned prior by
+npvae.tour_prior; the machinery every tour shares (Node, Tour, the chain of checked
+nodes, format_tour) is npvae.tour_chain.
+
 Letters: N batch, D data size, H hidden size, Z latent size, R = N M rows of Dz values
 handed to the quantizer, K codes.
 """
