@@ -53,6 +53,9 @@ def worker_npvae(args):
     from npvae.models import ConvVAE
     from npvae.optim import Adam
 
+    from npvae.memory import keep_freed_memory
+
+    keep_freed_memory()  # as npvae's command line does before any work (npvae/memory.py)
     x = data(args.limit)
     model = ConvVAE(rng=args.seed)
     opt = Adam(model.params, lr=1e-3)
