@@ -24,6 +24,11 @@ Options the papers and users expect (documented in docs/derivations.md, section 
   encoder output of the latest batch (VQVAE.3);
 - ``kmeans_init``: fit the codebook to the first batch's encoder outputs by k-means.
 
+The objective, the bookkeeping and encode/assign/decode_indices reach the networks only
+through ``_encoder_forward``, ``_encoder_backward``, ``_decoder_forward`` and
+``_decoder_backward`` (z_e and z_q as (N, M, Dz)); the convolutional VQ-VAE
+(:mod:`npvae.models.conv_vqvae`) overrides those four and inherits the rest.
+
 State that is not a parameter (moving averages, steps since each code was last used) is
 kept in ``self.buffers``, arrays saved with the checkpoint. Letters: N batch, D data size,
 M code vectors per example, Dz code size, K codes, R = N M rows.
