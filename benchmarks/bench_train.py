@@ -114,6 +114,10 @@ def worker_npvae(cfg, args):
     set_flush(args)
     import numpy as np
 
+    from npvae.memory import keep_freed_memory
+
+    keep_freed_memory()  # as npvae's command line does before any work (npvae/memory.py)
+
     from npvae.optim import Adam
     from npvae.threads import blas_threads, blas_threads_for
 
