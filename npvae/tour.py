@@ -161,7 +161,14 @@ def _mlp_backward(c, model, prefix, dout, in_name, out_name, need_dx=True):
 # The three chains, each in the order its model's loss_and_grads runs it.
 
 
-def _tour_vae(c, model, x, eps):
+MLP_VAE_NETWORKS = Networks(  # enc.out (N, 2Z) = [mu, logvar]; z (N, Z)
+    lambda c, model, x: _mlp_forward(c, model, "enc", x, "x", "enc.out"),
+    lambda c, model, denc: _mlp_backward(c, model, "enc", denc, "x", "enc.out", need_dx=False),
+    lambda c, model, z, out: _mlp_forward(c, model, "dec", z, "z", out),
+    lambda c, model, dout, out: _mlp_backward(c, model, "dec", dout, "z", out))
+
+
+def _tour_vae(c, model, x, eps, nets=MLP_VAE_NETWORKS):
     cfg, z_dim = model.config, model.latent
     w = kl_weight(cfg["beta"], cfg["warmup_steps"], None)
     lik_name, lik_tags, lik_op, out_name = _likelihood(cfg)
@@ -170,7 +177,7 @@ def _tour_vae(c, model, x, eps):
                  else "loss = mean(-logp) + w*mean(KL)")
 
     # ---- forward
-    enc = _mlp_forward(c, model, "enc", x, "x", "enc.out")  # (N, 2Z)
+    enc = nets.enc_forward(c, model, x)  # (N, 2Z)
     mu, logvar, mu_kl, logvar_kl = c.forward(
         "sum of the two paths into mu/logvar", ("VAE.1",), (partial(split_forward, z_dim=z_dim),
                                                              split_backward), {"enc.out": enc},
@@ -183,7 +190,7 @@ def _tour_vae(c, model, x, eps):
                   formula="z = mu + eps * exp(logvar/2), eps ~ N(0, I) held fixed  (REP.1)",
                   gradient="dmu = dz  (REP.2);  dlogvar = dz * eps * exp(logvar/2) / 2  "
                            "(REP.3)", value=lambda z: f"z {_summary(z)}")  # (N, Z)
-    out = _mlp_forward(c, model, "dec", z, "z", out_name)  # (N, D)
+    out = nets.dec_forward(c, model, z, out_name)  # (N, D)
     logp = c.forward(lik_name, lik_tags, lik_op, {out_name: out, "x": x},
                      **_likelihood_texts(cfg))  # (N,)
     kl = c.forward("KL(q(z|x) || N(0, I)) per dimension", ("KL.2", "KL.3"),
@@ -212,7 +219,7 @@ def _tour_vae(c, model, x, eps):
     note = f"w = {w:g}; each example's terms enter with a factor 1/N = 1/{x.shape[0]}"
     dlogp, dkl = c.backward(loss_name, 1.0, (("dloss", 1.0),), ("logp", "kl"), note=note)
     (dout,) = c.backward(lik_name, dlogp, (("dlogp", dlogp),), (out_name,))
-    dz = _mlp_backward(c, model, "dec", dout, "z", out_name)
+    dz = nets.dec_backward(c, model, dout, out_name)
     dmu_z, dlogvar_z = c.backward("reparameterization z = mu + eps*exp(logvar/2)", dz,
                                   (("dz", dz),), ("mu", "logvar"),
                                   note="eps is the step's noise, held fixed: no gradient")
@@ -225,7 +232,7 @@ def _tour_vae(c, model, x, eps):
                          ("enc.out",),
                          note="mu and logvar each feed z and the KL: their gradients add, "
                               "then [dmu, dlogvar] is the gradient of the encoder output")
-    _mlp_backward(c, model, "enc", denc, "x", "enc.out", need_dx=False)
+    nets.enc_backward(c, model, denc)
     return float(loss)
 
 
@@ -286,14 +293,14 @@ def _tour_ae(c, model, x, eps):
     return float(loss)
 
 
-MLP_NETWORKS = Networks(
+MLP_VQ_NETWORKS = Networks(
     lambda c, model, x: _mlp_forward(c, model, "enc", x, "x", "z_e"),
     lambda c, model, dz_e: _mlp_backward(c, model, "enc", dz_e, "x", "z_e", need_dx=False),
     lambda c, model, z_q, out: _mlp_forward(c, model, "dec", z_q, "z_q", out),
     lambda c, model, dout, out: _mlp_backward(c, model, "dec", dout, "z_q", out))
 
 
-def _tour_vqvae(c, model, x, nets=MLP_NETWORKS):
+def _tour_vqvae(c, model, x, nets=MLP_VQ_NETWORKS):
     cfg, n = model.config, x.shape[0]
     R, Dz = n * model.M, model.Dz
     codebook = model.params["codebook"]
@@ -431,9 +438,9 @@ def tour(model, x, eps=None, *, max_entries: int | None = None) -> Tour:
     if isinstance(model, VQVAE):
         eps = None
         last = model._last  # loss_and_grads below leaves state for after_step: put it back
-        nets = MLP_NETWORKS
+        nets = MLP_VQ_NETWORKS
         if is_conv(model):  # convolutional networks: npvae.tour_conv
-            from .tour_conv import CONV_NETWORKS as nets
+            from .tour_conv import CONV_VQ_NETWORKS as nets
         loss = _tour_vqvae(c, model, x, nets)
         model_loss, model_grads, _ = model.loss_and_grads(x)
         model._last = last
@@ -444,7 +451,8 @@ def tour(model, x, eps=None, *, max_entries: int | None = None) -> Tour:
         eps = model.check_eps(eps, (n, model.latent)) if needs_eps else None
         walk = _tour_vae if isinstance(model, VAE) else _tour_ae
         if is_conv(model):  # convolutional networks: npvae.tour_conv
-            from .tour_conv import tour_conv_vae as walk
+            from .tour_conv import CONV_VAE_NETWORKS
+            walk = partial(_tour_vae, nets=CONV_VAE_NETWORKS)
         loss = walk(c, model, x, eps)
         model_loss, model_grads, _ = model.loss_and_grads(x, eps=eps)
     elif getattr(model, "kind", None) == "made":  # the learned prior over a VQ-VAE's codes

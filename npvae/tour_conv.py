@@ -1,13 +1,14 @@
 """The tours of the convolutional models (``npvae tour conv-vae``, ``conv-vqvae``), node by node.
 
-The convolutional VAE (:class:`npvae.models.ConvVAE`) is the VAE of :mod:`npvae.tour`
-with other networks: the encoder is stride-2 convolutions (CONV.1), each followed by a
-ReLU (ACT.1), then a dense layer to [mu, logvar]; the decoder is a dense layer and a
-ReLU, then stride-2 transposed convolutions (CONVT.1), a ReLU after each but the last.
-The convolutional VQ-VAE (:class:`npvae.models.ConvVQVAE`) is the VQ-VAE's chain of
-:mod:`npvae.tour` with :data:`CONV_NETWORKS`: a 1 x 1 convolution to a map of code
-vectors, read as rows in raster order (CVQ.1), and from the chosen codes' map a 3 x 3
-convolution and ReLU before the transposed convolutions.
+The convolutional VAE (:class:`npvae.models.ConvVAE`) is the VAE's chain of
+:mod:`npvae.tour` with :data:`CONV_VAE_NETWORKS`: the encoder is stride-2 convolutions
+(CONV.1), each followed by a ReLU (ACT.1), then a dense layer to [mu, logvar]; the
+decoder is a dense layer and a ReLU, then stride-2 transposed convolutions (CONVT.1), a
+ReLU after each but the last. The convolutional VQ-VAE
+(:class:`npvae.models.ConvVQVAE`) is the VQ-VAE's chain of :mod:`npvae.tour` with
+:data:`CONV_VQ_NETWORKS`: a 1 x 1 convolution to a map of code vectors, read as rows
+in raster order (CVQ.1), and from the chosen codes' map a 3 x 3 convolution and ReLU
+before the transposed convolutions.
 
 Each layer is an op pair checked by :class:`npvae.tour_chain._Chain` like every other
 node: the convolution sends back dx (CONV.2), dw (CONV.3) and db (CONV.4), the transposed
@@ -34,18 +35,14 @@ from functools import partial
 import numpy as np
 
 from .kinds import is_vq
-from .models.base import kl_weight
 from .models.conv_vae import KERNEL, PAD, STRIDE
 from .models.conv_vqvae import MIX
 from .ops.activations import activation_backward, activation_forward
 from .ops.conv import (
     conv2d_backward, conv2d_forward, conv_transpose2d_backward, conv_transpose2d_forward,
 )
-from .ops.kl import gaussian_kl_backward, gaussian_kl_forward
 from .ops.linear import linear_backward, linear_forward
-from .ops.objectives import split_backward, split_forward, vae_objective_backward, vae_objective_forward
-from .ops.reparam import reparameterize_backward, reparameterize_forward
-from .tour_chain import Networks, _d, _likelihood, _likelihood_texts, _loss_value, _shape, _summary
+from .tour_chain import Networks, _d, _shape, _summary
 
 CHANNELS, LATENT = (2, 3), 2  # the tour's model, on 1 x 8 x 8 images by default
 RELU = (partial(activation_forward, name="relu"), activation_backward)
@@ -83,7 +80,8 @@ def _conv_node(c, model, layer, h, h_name, first=False):
     w, b = f"{layer}.w", f"{layer}.b"
     shape = f"{k}x{k} kernel, stride {s}, pad {pad}"
     if not transposed:
-        op = (partial(conv2d_forward, stride=s, pad=pad), partial(conv2d_backward, need_dx=not first))
+        op = (partial(conv2d_forward, stride=s, pad=pad),
+              partial(conv2d_backward, need_dx=not first))
         tags = ("CONV.3", "CONV.4") if first else ("CONV.2", "CONV.3", "CONV.4")
         si = "" if s == 1 else str(s)
         window = f"hp[n,c,{si}i+k,{si}j+l]"
@@ -181,7 +179,8 @@ def _encoder_forward(c, model, x):
     h, h_name = _down(c, model, x)
     return c.forward("enc.fc linear enc.out = h W + b", ("LIN.2", "LIN.3", "LIN.4"),
                      (linear_forward, linear_backward),
-                     {h_name: h.reshape(n, -1), "enc.fc.W": p["enc.fc.W"], "enc.fc.b": p["enc.fc.b"]},
+                     {h_name: h.reshape(n, -1), "enc.fc.W": p["enc.fc.W"],
+                      "enc.fc.b": p["enc.fc.b"]},
                      formula="enc.out = h W + b, h the last map read as one row per example  "
                              "(LIN.1)",
                      gradient="dh = dout W^T  (LIN.2);  dW = h^T dout  (LIN.3);  db = sum_n "
@@ -226,6 +225,10 @@ def _decoder_backward(c, model, dout, out_name):
     return dz
 
 
+CONV_VAE_NETWORKS = Networks(_encoder_forward, _encoder_backward, _decoder_forward,
+                             _decoder_backward)
+
+
 # ----------------------------------------------------------------------------------
 # The convolutional VQ-VAE's networks: z_e and z_q travel as (N, M Dz), as in npvae.tour
 
@@ -237,7 +240,7 @@ def map_to_rows_forward(z_map):
 
 
 def map_to_rows_backward(drows, shape):
-    """drows (N, M Dz) -> dz_map (N, Dz, h', w'): each row's gradient back to its position  (CVQ.2)."""
+    """drows (N, M Dz) -> dz_map (N, Dz, h', w'), each row's gradient at its position  (CVQ.2)."""
     n, dz, h, w = shape
     return np.ascontiguousarray(drows.reshape(n, h, w, dz).transpose(0, 3, 1, 2))
 
@@ -297,70 +300,8 @@ def _vq_decoder_backward(c, model, dout, out_name):
     return dz_q
 
 
-CONV_NETWORKS = Networks(_vq_encoder_forward, _vq_encoder_backward, _vq_decoder_forward,
-                         _vq_decoder_backward)
-
-
-# ----------------------------------------------------------------------------------
-# The chain, in the order ConvVAE.loss_and_grads runs it
-
-
-def tour_conv_vae(c, model, x, eps) -> float:
-    """Forward, then every node of the backward pass, for a ConvVAE on x (N, D)."""
-    cfg, z_dim = model.config, model.latent
-    w = kl_weight(cfg["beta"], cfg["warmup_steps"], None)
-    lik_name, lik_tags, lik_op, out_name = _likelihood(cfg)
-    loss_name = "loss = mean(-logp) + w*mean(KL)"
-    split_name = "sum of the two paths into mu/logvar"
-    rep_name = "reparameterization z = mu + eps*exp(logvar/2)"
-    kl_name = "KL(q(z|x) || N(0, I)) per dimension"
-
-    # ---- forward
-    enc = _encoder_forward(c, model, x)  # (N, 2Z)
-    mu, logvar, mu_kl, logvar_kl = c.forward(
-        split_name, ("VAE.1",), (partial(split_forward, z_dim=z_dim), split_backward),
-        {"enc.out": enc},
-        formula="mu = enc.out[:, :Z], logvar = enc.out[:, Z:], each read by z and by the KL  "
-                "(VAE.1)",
-        gradient="denc.out = [dmu from z + dmu from KL, dlogvar from z + dlogvar from KL]")
-    z = c.forward(rep_name, ("REP.2", "REP.3"), (reparameterize_forward, reparameterize_backward),
-                  {"mu": mu, "logvar": logvar, "eps": eps},
-                  formula="z = mu + eps * exp(logvar/2), eps ~ N(0, I) held fixed  (REP.1)",
-                  gradient="dmu = dz  (REP.2);  dlogvar = dz * eps * exp(logvar/2) / 2  (REP.3)",
-                  value=lambda z: f"z {_summary(z)}")  # (N, Z)
-    out = _decoder_forward(c, model, z, out_name)  # (N, D)
-    logp = c.forward(lik_name, lik_tags, lik_op, {out_name: out, "x": x},
-                     **_likelihood_texts(cfg))  # (N,)
-    kl = c.forward(kl_name, ("KL.2", "KL.3"), (gaussian_kl_forward, gaussian_kl_backward),
-                   {"mu": mu_kl, "logvar": logvar_kl},
-                   formula="KL_nj = (mu^2 + exp(logvar) - logvar - 1) / 2  (KL.1)",
-                   gradient="dmu = dKL * mu  (KL.2);  dlogvar = dKL (exp(logvar) - 1) / 2  (KL.3)",
-                   value=lambda kl: (f"KL {_shape(kl.shape)}, mean_n sum_j KL_nj = "
-                                     f"{kl.sum(axis=1).mean():.6g} nats: the KL term"))
-    recon, kl_term = -float(logp.mean()), float(kl.sum(axis=1).mean())
-    c.values = dict(reconstruction=recon, kl=kl_term, elbo=-(recon + kl_term),
-                    bound="a lower bound on log p(x) (T.5), one sample of z")
-    loss = c.forward(loss_name, ("OBJ.1",), (partial(vae_objective_forward, w=w),
-                                             vae_objective_backward), {"logp": logp, "kl": kl},
-                     formula="loss = -mean_n logp_n + w mean_n sum_j KL_nj  (OBJ.1)",
-                     gradient="dlogp = -1/N;  dKL = w/N  (OBJ.1)",
-                     value=_loss_value(recon, kl_term, -(recon + kl_term)))
-
-    # ---- reverse
-    note = f"w = {w:g}; each example's terms enter with a factor 1/N = 1/{x.shape[0]}"
-    dlogp, dkl = c.backward(loss_name, 1.0, (("dloss", 1.0),), ("logp", "kl"), note=note)
-    (dout,) = c.backward(lik_name, dlogp, (("dlogp", dlogp),), (out_name,))
-    dz = _decoder_backward(c, model, dout, out_name)
-    dmu_z, dlogvar_z = c.backward(rep_name, dz, (("dz", dz),), ("mu", "logvar"),
-                                  note="eps is the step's noise, held fixed: no gradient")
-    dmu_kl, dlogvar_kl = c.backward(kl_name, dkl, (("dkl", dkl),), ("mu", "logvar"))
-    (denc,) = c.backward(split_name, (dmu_z, dlogvar_z, dmu_kl, dlogvar_kl),
-                         (("dmu from z", dmu_z), ("dlogvar from z", dlogvar_z),
-                          ("dmu from KL", dmu_kl), ("dlogvar from KL", dlogvar_kl)), ("enc.out",),
-                         note="mu and logvar each feed z and the KL: their gradients add, then "
-                              "[dmu, dlogvar] is the gradient of the encoder output")
-    _encoder_backward(c, model, denc)
-    return float(loss)
+CONV_VQ_NETWORKS = Networks(_vq_encoder_forward, _vq_encoder_backward, _vq_decoder_forward,
+                            _vq_decoder_backward)
 
 
 # ----------------------------------------------------------------------------------
@@ -455,7 +396,8 @@ def conv_title(model, x) -> str:
         side = "x".join(map(str, model.map_side))
         extra = (f", {model.K} codes of size {model.Dz}, {model.M} per example (a {side} map), "
                  f"{cfg['metric']} assignment")
-        encoder = f"encoder {maps[0]} -> {down} -> conv 1x1 -> {z} = z_e, {model.M} rows of {model.Dz}"
+        encoder = (f"encoder {maps[0]} -> {down} -> conv 1x1 -> {z} = z_e, {model.M} rows of "
+                   f"{model.Dz}")
         decoder = f"decoder z_q {z} -> conv {MIX}x{MIX} + relu -> {back[0]} -> {up}"
     else:
         flat = math.prod(shapes[-1])
