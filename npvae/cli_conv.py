@@ -14,10 +14,10 @@ import math
 from .cli_common import UsageError
 from .kinds import is_conv, is_vq
 
-# Defaults of a convolutional run that differ from an MLP run's. An epoch of either conv
-# model with channels 16,32 took 19-46 s on two shared, busy cores (about 25 s typical),
-# so 8 epochs, the test ELBO and the figures fit in 5 minutes; channels 32,64 cost about
-# ten times as much per step.
+# Defaults of a convolutional run that differ from an MLP run's. With channels 16,32 an
+# epoch took 18-46 s on two busy shared cores; the whole default run (8 epochs, the test
+# ELBO, the figures) took 236 s for conv-vae and 204 s of CPU time for conv-vqvae, so it
+# fits in 5 minutes. Channels 32,64 cost about ten times as much per step.
 CONV_DEFAULTS = {"conv-vae": dict(channels="16,32", epochs=8),
                  # the model's own defaults: moving averages, restarts, k-means
                  "conv-vqvae": dict(channels="16,32", epochs=8, ema=True, restart_after=100,
