@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _validate as v
-from .activations import act_grad_kernel, activation_code, bias_act_kernel, LEAKY_SLOPE
+from .activations import LEAKY_SLOPE, bias_activation_backward, bias_activation_forward
 
 
 def mlp_shapes(prefix: str, sizes) -> dict:
@@ -66,11 +66,9 @@ def num_layers(params, prefix: str) -> int:
 
 class MLPCache(NamedTuple):
     prefix: str
-    inputs: list  # h_i, the input of layer i: (N, I_i)
-    outputs: list  # h_{i+1}, the output of layer i: (N, O_i)
-    weights: list  # W_i: (I_i, O_i)
-    codes: list  # activation code of layer i
-    slope: float
+    inputs: list  # h_i, the input of layer i: (N, I_i), kept for dW_i
+    weights: list  # W_i: (I_i, O_i), kept for dh_i
+    acts: list  # BiasActCache of layer i: its output h_{i+1} (N, O_i) and activation
 
 
 def mlp_forward(params, prefix: str, x, activation: str, out_activation: str = "identity",
@@ -78,8 +76,7 @@ def mlp_forward(params, prefix: str, x, activation: str, out_activation: str = "
     """x (N, I_0) -> out (N, O_last), with the cache backward needs."""
     v.array("x", x, 2)
     n_layers = num_layers(params, prefix)
-    hidden, last = activation_code(activation), activation_code(out_activation)
-    inputs, outputs, weights, codes = [], [], [], []
+    inputs, weights, acts = [], [], []
     h = x
     for i in range(n_layers):
         W, b = params[f"{prefix}.{i}.W"], params[f"{prefix}.{i}.b"]
@@ -88,12 +85,12 @@ def mlp_forward(params, prefix: str, x, activation: str, out_activation: str = "
             raise ValueError(f"{name} has {h.shape[1]} features, {prefix}.{i}.W expects {W.shape[0]}")
         if h.dtype != W.dtype:
             raise ValueError(f"x has dtype {h.dtype} but the parameters are {W.dtype}")
-        code = last if i == n_layers - 1 else hidden
-        a = h @ W  # (N, O_i)  (MLP.1)
-        out = bias_act_kernel(a, b, code, W.dtype.type(slope), a)  # (N, O_i) in place  (MLP.1)
-        inputs.append(h), outputs.append(out), weights.append(W), codes.append(code)
+        name = out_activation if i == n_layers - 1 else activation
+        a = h @ W  # (N, O_i)  (LIN.1, the product; the bias is added below)
+        out, act = bias_activation_forward(a, b, name, slope, out=a)  # (N, O_i) in place  (MLP.1)
+        inputs.append(h), weights.append(W), acts.append(act)
         h = out
-    return h, MLPCache(prefix, inputs, outputs, weights, codes, slope)
+    return h, MLPCache(prefix, inputs, weights, acts)
 
 
 def mlp_backward(dout, cache: MLPCache, grads=None, need_dx: bool = True):
@@ -103,16 +100,13 @@ def mlp_backward(dout, cache: MLPCache, grads=None, need_dx: bool = True):
     flat gradient buffer); a new dict is made when it is None. Pass ``need_dx=False``
     when x is data, to skip the first layer's input gradient (a whole matrix product).
     """
-    prefix, inputs, outputs, weights, codes, slope = cache
+    prefix, inputs, weights, acts = cache
     grads = {} if grads is None else grads
     dh = dout
     for i in reversed(range(len(weights))):
-        W = weights[i]
-        da = act_grad_kernel(dh, outputs[i], codes[i], W.dtype.type(slope),
-                             np.empty_like(outputs[i]))  # (N, O_i)  (ACT)
         kw, kb = f"{prefix}.{i}.W", f"{prefix}.{i}.b"
+        da, grads[kb] = bias_activation_backward(dh, acts[i], db=grads.get(kb))  # (N, O_i), (O_i,)  (ACT, LIN.4)
         grads[kw] = np.matmul(inputs[i].T, da, out=grads.get(kw))  # (I_i, O_i)  (LIN.3)
-        grads[kb] = np.sum(da, axis=0, out=grads.get(kb))  # (O_i,)  (LIN.4)
         if i > 0 or need_dx:
-            dh = da @ W.T  # (N, I_i)  (LIN.2)
+            dh = da @ weights[i].T  # (N, I_i)  (LIN.2)
     return (dh if need_dx else None), grads
