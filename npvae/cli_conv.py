@@ -19,7 +19,9 @@ from .kinds import is_conv, is_vq
 # ELBO, the figures) took 236 s for conv-vae and 204 s of CPU time for conv-vqvae, so it
 # fits in 5 minutes. Channels 32,64 cost about ten times as much per step.
 CONV_DEFAULTS = {"conv-vae": dict(channels="16,32", epochs=8),
-                 # the model's own defaults: moving averages, restarts, k-means
+                 # the model's own defaults: moving averages, restarts, k-means; but K = 128
+                 # codes as for vqvae, not the model's 256: a learned prior over 49 positions
+                 # of 256 codes would have 170 million parameters (46 million at 128)
                  "conv-vqvae": dict(channels="16,32", epochs=8, ema=True, restart_after=100,
                                     kmeans_init=True)}
 CONV_FALLBACK = dict(channels="16,32", epochs=8)  # a conv kind not listed above
