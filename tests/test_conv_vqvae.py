@@ -149,6 +149,7 @@ def test_changing_one_code_changes_the_image_near_its_position_only():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(image_shape=(1, 30, 30)), "divisible by 4"),
+    (dict(image_shape=(28, 28)), r"\(C, H, W\)"),
     (dict(image_shape=(1, 28, 28), channels=(8, 8, 8)), "divisible by 8"),
     (dict(channels=()), "positive"),
     (dict(num_vectors=4), "num_vectors 4 does not match .* M = 49"),

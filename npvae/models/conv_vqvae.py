@@ -62,6 +62,8 @@ class ConvVQVAE(VQVAE):
                  activation: str = "relu", hidden=()):
         # data_dim, num_vectors, activation and hidden are in the config so that code written
         # for the MLP VQ-VAE finds them; here the architecture fixes them
+        if len(image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
         c, h, w = (int(s) for s in image_shape)
         channels = tuple(int(k) for k in channels)
         if min(c, h, w) < 1 or not channels or min(channels) < 1:
