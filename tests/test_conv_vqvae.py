@@ -94,6 +94,20 @@ def test_with_beta_zero_each_row_gets_its_decoder_input_gradient_copied():
     np.testing.assert_array_equal(tape["dz_straight_through"], tape["dz_q"])
 
 
+def test_float32_agrees_with_float64():
+    m64 = tiny(likelihood="gaussian", rng=2)
+    m32 = tiny(likelihood="gaussian", dtype=np.float32, rng=2)
+    m32.params.flat[...] = m64.params.flat
+    x = images(4, np.random.default_rng(2))
+    assert np.array_equal(m32.assign(x.astype(np.float32)), m64.assign(x))
+    l64, g64, _ = m64.loss_and_grads(x)
+    l32, g32, _ = m32.loss_and_grads(x.astype(np.float32))
+    assert g32.flat.dtype == np.float32
+    assert l32 == pytest.approx(l64, rel=1e-5)
+    scale = np.abs(g64.flat).max()
+    assert np.abs(g32.flat - g64.flat).max() / scale < 1e-4
+
+
 # ----------------------------------------------------------------------------------
 # Geometry and checks
 
