@@ -141,3 +141,24 @@ def test_two_gaussian_kl_is_never_nan_at_extreme_log_variances():
         lv2 = rng.uniform(-3 * top, 3 * top, size=(50, 4)).astype(dtype)
         kl, _ = gaussian_kl2_forward(m1, lv1, m2, lv2)
         assert not np.isnan(kl).any() and (kl >= 0).all()
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_a_well_predicted_pixel_keeps_its_small_loglik_and_gradient_precise(backend):
+    """x = 1 with l >> 0 (or x = 0 with l << 0): log p = -log1p(exp(-|l|)) and the gradient
+    +-sigmoid(-|l|) are tiny, and must come out to full relative precision, not as the
+    difference of two numbers near l or near 1 (a finite-difference check of the loss
+    would otherwise see rounding of 1e-15 divided by its step)."""
+    from npvae.backend import use_backend
+    from npvae.ops import bernoulli_loglik_backward
+
+    l = np.array([[3.0, 13.6, 30.0, -3.0, -13.6, -30.0]])
+    x = np.array([[1.0, 1.0, 1.0, 0.0, 0.0, 0.0]])
+    want_logp = -np.log1p(np.exp(-np.abs(l)))  # each pixel's log p, in closed form
+    want_g = np.where(l > 0, 1.0, -1.0) * np.exp(-np.abs(l)) / (1 + np.exp(-np.abs(l)))
+    with use_backend(backend):
+        for j in range(l.shape[1]):
+            logp, cache = bernoulli_loglik_forward(l[:, j:j + 1], x[:, j:j + 1])
+            np.testing.assert_allclose(logp, want_logp[:, j], rtol=1e-14)
+            g = bernoulli_loglik_backward(np.ones(1), cache)
+            np.testing.assert_allclose(g, want_g[:, j:j + 1], rtol=1e-14)

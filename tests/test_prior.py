@@ -69,8 +69,20 @@ def test_softmax_xent_value_matches_the_naive_formula(n, k, seed):
     target = rng.integers(k, size=n)
     loss, cache = softmax_xent_forward(logits, target)
     p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)  # naive: fine at this scale
-    np.testing.assert_allclose(loss, -np.log(p[np.arange(n), target]), rtol=1e-12)
+    # -log(p) of a p near 1 is only as good as p's rounding, about 1e-16 absolute
+    np.testing.assert_allclose(loss, -np.log(p[np.arange(n), target]), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(cache.probs, p, rtol=1e-12)
+
+
+@given(st.floats(-40.0, 40.0), st.floats(-5.0, 5.0))
+def test_softmax_xent_of_two_classes_is_a_softplus(d, base):
+    """With two classes the loss of class 0 is softplus(l_1 - l_0) = log1p(exp(d)): to full
+    relative precision even when it is tiny (a confident, correct prediction)."""
+    logits = np.array([[base, base + d]])
+    loss, _ = softmax_xent_forward(logits, np.array([0]))
+    want = np.log1p(np.exp(d)) if d < 0 else d + np.log1p(np.exp(-d))
+    # d itself is rounded when base + d is formed: up to 1e-16 (|base| + |d|) of it
+    np.testing.assert_allclose(loss[0], want, rtol=1e-13 + 4e-16 * (abs(base) + abs(d)))
 
 
 def test_softmax_xent_is_stable_for_huge_logits():

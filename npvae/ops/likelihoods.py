@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import _validate as v
 from ..backend import dispatch, numba_kernel
-from .activations import EXP_CUT, _neg_clamp_numba, stable_sigmoid, stable_softplus
+from .activations import EXP_CUT, _neg_clamp_numba, exp_neg_abs
 
 # ----------------------------------------------------------------------------------
 # Gaussian log-density per example and its local gradient: NumPy alone (a compiled twin
@@ -45,16 +45,26 @@ def _gaussian(mean, x, inv_s2, const):
 
 
 def _bernoulli_numpy(logits, x):
-    """logp (N,) = sum x l - softplus(l);  g (N, D) = x - sigmoid(l)."""
-    logp = np.sum(x * logits - stable_softplus(logits), axis=1)  # (N,)  (LIK.3)
-    g = x - stable_sigmoid(logits)  # (N, D)  (LIK.4)
-    return logp.astype(logits.dtype, copy=False), g
+    """logp (N,) = sum x l - softplus(l);  g (N, D) = x - sigmoid(l).
+
+    Both are written so that a well-predicted pixel (x = 1 with l >> 0, or x = 0 with
+    l << 0) gives its small value to full relative precision: for l > 0,
+    x l - softplus(l) = (x - 1) l - log1p(exp(-l)) and x - sigmoid(l) = (x - 1) +
+    exp(-l) / (1 + exp(-l)), so no two numbers near l or near 1 are subtracted.
+    """
+    e = exp_neg_abs(logits)  # (N, D)  exp(-|l|), 0 in the far tail (FTZ.2)
+    pos = logits > 0
+    lin = np.where(pos, (x - 1) * logits, x * logits)  # (N, D)  x l - max(l, 0)
+    logp = np.sum(lin - np.log1p(e), axis=1)  # (N,)  (LIK.3)
+    g = np.where(pos, (x - 1) + e / (1 + e), x - e / (1 + e))  # (N, D)  x - sigmoid(l)  (LIK.4)
+    return logp.astype(logits.dtype, copy=False), g.astype(logits.dtype, copy=False)
 
 
 @numba_kernel
 def _bernoulli_loop(logits, x, e, terms, g, cut):
     """Given e = exp(max(-|l|, cut)) and terms = log1p(e): terms <- x l - softplus(l),
-    g <- x - sigmoid(l), with exp(-|l|) taken as 0 where -|l| < cut (FTZ.2).
+    g <- x - sigmoid(l), with exp(-|l|) taken as 0 where -|l| < cut (FTZ.2), in the
+    arrangement of :func:`_bernoulli_numpy` that keeps small values precise.
 
     Constants have the arrays' dtype: float32 stays float32, as in the twin.
     """
@@ -66,8 +76,13 @@ def _bernoulli_loop(logits, x, e, terms, g, cut):
             tail = -abs(l) < cut  # exp(-|l|) would be subnormal: it is 0  (FTZ.2)
             eij = zero if tail else e[i, j]
             sp = zero if tail else terms[i, j]  # log1p(exp(-|l|))
-            terms[i, j] = x[i, j] * l - (max(l, zero) + sp)  # (LIK.3)
-            g[i, j] = x[i, j] - (one if l >= 0 else eij) / (one + eij)  # (LIK.4)
+            s = eij / (one + eij)  # sigmoid(-|l|)
+            if l > zero:  # x l - softplus(l) = (x - 1) l - log1p(exp(-l)): nothing near l cancels
+                terms[i, j] = (x[i, j] - one) * l - sp  # (LIK.3)
+                g[i, j] = (x[i, j] - one) + s  # x - sigmoid(l) = (x - 1) + sigmoid(-l)  (LIK.4)
+            else:
+                terms[i, j] = x[i, j] * l - sp  # (LIK.3)
+                g[i, j] = x[i, j] - s  # (LIK.4)
     return terms, g
 
 

@@ -7,7 +7,8 @@ With logits l (..., K) over K classes and the target class t at each position,
 
 Subtracting the maximum c changes nothing mathematically (it cancels) but keeps every
 exp(l_j - c) in (0, 1]: no overflow for large logits, and the largest term is exactly 1,
-so the log never sees 0. The gradient is the softmax minus the one-hot target,
+so the log never sees 0, and it is taken as log1p of the other terms, which keeps the small
+loss of a confident prediction to full relative precision. The gradient is the softmax minus the one-hot target,
 
     dl_k = dloss (p_k - [k = t]),   p = softmax(l) = exp(l - lse(l))                    (XENT.2)
 
@@ -25,10 +26,18 @@ from .. import _validate as v
 
 
 def log_softmax(logits):
-    """log softmax over the last axis, stable (XENT.1).  (..., K) -> (..., K)."""
+    """log softmax over the last axis, stable (XENT.1).  (..., K) -> (..., K).
+
+    The largest term of the sum is exactly 1, so log(1 + the others) is taken with log1p:
+    when the others are tiny (a confident prediction), log of the rounded sum would keep
+    only about 1e-16 / (the others) of their value, and the loss of the predicted class,
+    which is that log, would be computed to few digits.
+    """
     c = logits.max(axis=-1, keepdims=True)  # (..., 1)  the largest logit
     shifted = logits - c  # (..., K)  <= 0, the largest exactly 0
-    lse = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # (..., 1)  lse(l) - c  (XENT.1)
+    e = np.exp(shifted)  # (..., K)  in (0, 1], the largest exactly 1
+    np.put_along_axis(e, logits.argmax(axis=-1)[..., None], 0.0, axis=-1)  # drop that 1
+    lse = np.log1p(e.sum(axis=-1, keepdims=True))  # (..., 1)  lse(l) - c  (XENT.1)
     return shifted - lse  # (..., K)  l - lse(l)  (XENT.1)
 
 
@@ -66,8 +75,10 @@ def softmax_xent_backward(dloss, cache: SoftmaxXentCache):
     probs, target = cache
     v.array("dloss", dloss)
     v.shape("dloss", dloss, target.shape)
+    t = target[..., None]  # (..., 1)
     dlogits = probs.copy()  # (..., K)  p
-    np.put_along_axis(dlogits, target[..., None],
-                      np.take_along_axis(probs, target[..., None], axis=-1) - 1.0, axis=-1)  # p - onehot
-    dlogits *= dloss[..., None]  # (..., K)  (XENT.2)
+    np.put_along_axis(dlogits, t, 0.0, axis=-1)  # (..., K)  the other classes' p
+    rest = dlogits.sum(axis=-1, keepdims=True)  # (..., 1)  1 - p_t, from the small terms
+    np.put_along_axis(dlogits, t, -rest, axis=-1)  # p_t - 1 without rounding p_t near 1
+    dlogits *= dloss[..., None]  # (..., K)  p - onehot(t), times dloss  (XENT.2)
     return dlogits, None
