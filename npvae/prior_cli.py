@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 # Settings of `npvae train-prior` when an option is not given: about a minute of training
-# on two cores for the default VQ-VAE (M = 4, K = 128).
-DEFAULTS = dict(hidden="512", epochs=10, batch_size=128, lr=1e-3, seed=0)
+# on two cores for the default VQ-VAE (M = 4, K = 128). direct "auto" gives the output layer
+# MADE's direct connection from the codes unless it would dwarf the hidden path
+# (npvae.models.prior.direct_by_default): kept for M = 4, K = 128, left out for a 7x7 map.
+DEFAULTS = dict(hidden="512", epochs=10, batch_size=128, lr=1e-3, seed=0, direct="auto")
 RESUME_OK = {"run", "resume", "epochs", "lr", "progress", "backend", "data_dir"}
 FIGURE = "samples.png"  # RUN/prior/samples.png: uniform-prior samples beside learned-prior ones
 
@@ -32,6 +34,8 @@ examples:
   npvae eval runs/vq                          adds prior_nats and the two bounds
   npvae train-prior runs/vq --resume --epochs 20
   npvae train-prior runs/vq --overwrite --hidden 1024,1024
+  npvae train-prior runs/conv --no-direct     a conv-vqvae run's 49 codes: without the
+      direct connection (the default there anyway: it would hold (49 K)^2 weights)
 
 The training images are encoded once by the VQ-VAE (binarized as its evaluation
 binarizes them) and the prior learns the distribution of their code tuples. The
@@ -55,6 +59,15 @@ def add_train_prior_command(sub) -> None:
     p.add_argument("run", metavar="RUN", help="a VQ-VAE run directory (or its checkpoint.npz)")
     p.add_argument("--hidden", type=cli._hidden, metavar="SIZES",
                    help=f"hidden layer sizes of the masked MLP (default {DEFAULTS['hidden']})")
+    direct = p.add_mutually_exclusive_group()
+    direct.add_argument("--direct", dest="direct", action="store_const", const="yes",
+                        help="give the output layer MADE's direct connection from the codes, "
+                             "(M K)^2 weights. Default: only when that is at most 4 times the "
+                             "parameters of the hidden path, so yes for the MLP VQ-VAE "
+                             "(M = 4, K = 128) and no for a conv-vqvae's 7x7 map of codes")
+    direct.add_argument("--no-direct", dest="direct", action="store_const", const="no",
+                        help="leave the direct connection out: the logits read the last hidden "
+                             "layer alone")
     p.add_argument("--epochs", type=cli._positive_int, metavar="N",
                    help=f"passes over the training codes (default {DEFAULTS['epochs']})")
     p.add_argument("--batch-size", type=cli._positive_int, metavar="N",
@@ -122,6 +135,7 @@ def _train_prior(ns, run_dir: Path) -> int:
     from .checkpoint import FILENAME
     from .codeprior import encode_codes, evaluate_prior, prior_dir, vqvae_identity
     from .models import MADEPrior
+    from .models.prior import direct_by_default
     from .train import (
         METRICS_FILE, TrainingDiverged, TrainingInterrupted, binarize_for_eval, check_writable,
         side_rng, train,
@@ -146,6 +160,14 @@ def _train_prior(ns, run_dir: Path) -> int:
                                  f"--resume, or replace it with --overwrite")
         s = dict(DEFAULTS)
         s.update({k: getattr(ns, k) for k in DEFAULTS if getattr(ns, k) is not None})
+        hidden = cli._hidden_list(s["hidden"])
+        if s["direct"] == "auto":
+            direct = direct_by_default(vq.M, vq.K, hidden)
+        else:
+            direct = s["direct"] == "yes"
+        if not direct and not hidden:
+            raise cli.UsageError("--no-direct needs hidden layers: without them the direct "
+                                 "connection is the whole prior")
         pdir.mkdir(exist_ok=True)
         cli.prepare_run_dir(pdir, overwrite=True)  # deletes a former prior's files, nothing else
     check_writable(pdir)
@@ -163,17 +185,18 @@ def _train_prior(ns, run_dir: Path) -> int:
              f"images to {vq.M} codes each in {time.perf_counter() - t0:.1f} s")
 
     if ck is None:
-        hidden = cli._hidden_list(s["hidden"])
-        prior = MADEPrior(num_codes=vq.K, num_vectors=vq.M, hidden=hidden, dtype=vq.dtype,
-                          rng=s["seed"])
+        prior = MADEPrior(num_codes=vq.K, num_vectors=vq.M, hidden=hidden, direct=direct,
+                          dtype=vq.dtype, rng=s["seed"])
     else:
         prior = ck.model
     x1_train, x1_val = prior.one_hot(codes_train), prior.one_hot(codes_val)  # (N, M K)
-    stored = dict(hidden=s["hidden"], vqvae=vqvae_identity(vq_ck), vqvae_run=str(run_dir),
+    stored = dict(hidden=s["hidden"], direct=s["direct"], vqvae=vqvae_identity(vq_ck),
+                  vqvae_run=str(run_dir),
                   dataset=vs["dataset"], vq_binarize=binarize)
     what = "continuing" if ck is not None else "fitting"
     cli._say(f"npvae: {what} a prior over M = {vq.M} codes of K = {vq.K} "
-             f"({prior.num_params():,} parameters, hidden {s['hidden']}) for {s['epochs']} "
+             f"({prior.num_params():,} parameters, hidden {s['hidden']}, "
+             f"{'with' if prior.direct else 'without'} the direct connection) for {s['epochs']} "
              f"epochs; uniform prior: M log K = {vq.M * math.log(vq.K):.2f} nats; run directory {pdir}")
     try:
         history = train(prior, x1_train, x1_val, epochs=s["epochs"], batch_size=s["batch_size"],

@@ -182,3 +182,36 @@ def test_overwriting_a_vqvae_run_removes_its_prior_but_never_foreign_files(run, 
     assert code == 2 and "prior" in err
     assert (prior_dir(run) / "notes.txt").read_text() == "mine"
     assert (prior_dir(run) / "checkpoint.npz").is_file() and (run / "checkpoint.npz").is_file()
+
+
+def test_the_direct_connection_is_chosen_by_the_rule_or_by_the_flag(run, capsys):
+    """M K = 24 against 16 hidden units: the default keeps MADE's direct connection
+    (576 weights against 808 on the hidden path); --no-direct leaves it out, is saved in the
+    prior's checkpoint, cannot change on resume, and eval and sample use the saved prior."""
+    code, _, err = main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")
+    assert code == 0 and "with the direct connection" in err
+    assert load_checkpoint(prior_dir(run)).model.direct
+
+    code, _, err = main(capsys, "train-prior", run, *PRIOR, "--epochs", "1", "--overwrite",
+                        "--no-direct")
+    assert code == 0 and "without the direct connection" in err
+    ck = load_checkpoint(prior_dir(run))
+    assert ck.model.config["direct"] is False and ck.model.params["out.W"].shape == (16, M * K)
+    assert ck.args["direct"] == "no"
+    code, _, err = main(capsys, "train-prior", run, "--resume", "--epochs", "2", "--direct")
+    assert code == 2 and "--direct cannot be changed" in err
+    assert main(capsys, "train-prior", run, "--resume", "--epochs", "2", "--no-progress")[0] == 0
+    assert not load_checkpoint(prior_dir(run)).model.direct
+    assert main(capsys, "eval", run, "--k", "0")[0] == 0
+    assert json.loads((run / "eval.json").read_text())["prior"] == "learned"
+    assert main(capsys, "sample", run, "--n", "4")[0] == 0
+
+
+def test_no_direct_without_hidden_layers_is_refused_and_writes_nothing(run, capsys):
+    code, _, err = main(capsys, "train-prior", run, "--hidden", "none", "--no-direct",
+                        "--no-progress")
+    assert code == 2 and "--no-direct needs hidden layers" in err
+    assert not prior_dir(run).exists()
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train-prior", str(run), "--direct", "--no-direct"])
+    assert info.value.code == 2

@@ -15,7 +15,7 @@ from hypothesis import given, strategies as st
 from npvae import evaluate
 from npvae.gradcheck import check_model, check_op
 from npvae.models import MADEPrior, build
-from npvae.models.prior import made_masks
+from npvae.models.prior import direct_by_default, hidden_path_params, made_masks
 from npvae.ops.masked import masked_linear_backward, masked_linear_forward
 from npvae.ops.softmax import softmax_xent_backward, softmax_xent_forward
 
@@ -110,11 +110,11 @@ def test_softmax_xent_refuses_bad_targets():
 # ----------------------------------------------------------------------------- the model
 
 
-def small_prior(K=3, M=4, hidden=(7, 6), activation="tanh", seed=0):
+def small_prior(K=3, M=4, hidden=(7, 6), activation="tanh", seed=0, direct=True):
     """A float64 prior with every unmasked weight and bias drawn at random."""
     rng = np.random.default_rng(seed)
     model = MADEPrior(num_codes=K, num_vectors=M, hidden=hidden, activation=activation,
-                      dtype=np.float64, rng=seed)
+                      direct=direct, dtype=np.float64, rng=seed)
     model.params.flat[...] = rng.normal(size=model.params.flat.size) * 0.5
     names = [f"hid.{i}.W" for i in range(len(hidden))] + ["out.W"]
     for name, mask in zip(names, model.masks):
@@ -131,11 +131,50 @@ def test_prior_gradients(K, M, hidden, seed, n):
         assert row.rel_error <= TOL, row
 
 
-@pytest.mark.parametrize("M, hidden", [(4, (7, 6)), (1, (3,)), (49, (60,)), (5, ())])
-def test_masks_are_autoregressive(M, hidden):
-    """Changing code m leaves the logits of positions <= m unchanged, and changes later ones."""
+@given(K=st.integers(2, 4), M=st.integers(1, 5),
+       hidden=st.lists(st.integers(1, 6), min_size=1, max_size=2), seed=seeds, n=st.integers(1, 5),
+       activation=st.sampled_from(["tanh", "relu"]))
+def test_prior_gradients_without_the_direct_connection(K, M, hidden, seed, n, activation):
+    """The output layer reads h_L alone; float64 central differences against the backward pass
+    for every parameter, with a random upstream gradient (check_model)."""
+    model = small_prior(K, M, tuple(hidden), activation, seed, direct=False)
+    assert model.params["out.W"].shape == (hidden[-1], M * K)
+    idx = np.random.default_rng(seed + 1).integers(K, size=(n, M))
+    rows = check_model(model, model.one_hot(idx))
+    assert {row.name for row in rows} >= {"out.W", "out.b", "hid.0.W"}, rows
+    for row in rows:
+        assert row.rel_error <= TOL, row
+
+
+@given(K=st.integers(2, 4), M=st.integers(1, 5),
+       hidden=st.lists(st.integers(1, 6), min_size=1, max_size=2), seed=seeds, n=st.integers(1, 4),
+       direct=st.booleans())
+def test_network_gradients_against_a_random_upstream_gradient(K, M, hidden, seed, n, direct):
+    """The backward pass from the logits, fed a random upstream gradient G (N, M, K), against
+    central differences of sum(G * logits) for every entry of every parameter."""
+    from npvae.gradcheck import numerical_gradient, rel_error
+
+    model = small_prior(K, M, tuple(hidden), "tanh", seed, direct=direct)
+    rng = np.random.default_rng(seed + 2)
+    x = model.one_hot(rng.integers(K, size=(n, M)))
+    G = rng.normal(size=(n, M, K))
+    logits, layers, out = model._forward(x)
+    grads = model.new_grads()
+    model._backward(G, layers, out, grads)
+    for name, p in model.params.items():
+        numeric = numerical_gradient(lambda: float(np.sum(G * model._forward(x)[0])), p)
+        assert rel_error(grads[name], numeric) <= TOL, name
+
+
+@pytest.mark.parametrize("M, hidden, direct", [
+    (4, (7, 6), True), (1, (3,), True), (49, (60,), True), (5, (), True),
+    (4, (7, 6), False), (1, (3,), False), (49, (60,), False), (49, (50, 40), False),
+    (5, (9,), False)])
+def test_masks_are_autoregressive(M, hidden, direct):
+    """Changing code m leaves the logits of positions <= m unchanged, and changes later ones,
+    with and without the direct connection (raster order of a 7x7 map: M = 49)."""
     K = 3
-    model = small_prior(K, M, hidden, "tanh", seed=M)
+    model = small_prior(K, M, hidden, "tanh", seed=M, direct=direct)
     rng = np.random.default_rng(0)
     idx = rng.integers(K, size=(6, M))
     base = model.conditional_logits(idx)
@@ -146,6 +185,58 @@ def test_masks_are_autoregressive(M, hidden):
         assert np.all(diff[: m + 1] == 0.0), (m, diff)  # exactly: masked weights are zeros
         if m + 1 < M and M <= 5:
             assert np.all(diff[m + 1:] > 0), (m, diff)  # later positions do see code m
+
+
+def test_without_the_direct_connection_the_output_reads_the_hidden_units_only():
+    """direct=False: out.W has H_L rows, the output mask is MADE.3 over h_L's degrees, and
+    the parameters are those of the hidden path."""
+    K, M, hidden = 3, 4, (7, 6)
+    with_direct = MADEPrior(num_codes=K, num_vectors=M, hidden=hidden, rng=0)
+    without = MADEPrior(num_codes=K, num_vectors=M, hidden=hidden, direct=False, rng=0)
+    assert with_direct.config["direct"] is True and without.config["direct"] is False
+    assert with_direct.params["out.W"].shape == (6 + M * K, M * K)
+    assert without.params["out.W"].shape == (6, M * K)
+    np.testing.assert_array_equal(without.masks[-1], with_direct.masks[-1][:6])
+    assert without.num_params() == hidden_path_params(M, K, hidden)
+    assert with_direct.num_params() == hidden_path_params(M, K, hidden) + (M * K) ** 2
+    with pytest.raises(ValueError, match="at least one hidden layer"):
+        MADEPrior(num_codes=K, num_vectors=M, hidden=(), direct=False)
+    with pytest.raises(ValueError, match="direct must be True or False"):
+        MADEPrior(num_codes=K, num_vectors=M, hidden=(4,), direct="no")
+
+
+def test_a_config_without_the_flag_builds_the_direct_connection(tmp_path):
+    """Priors saved before the flag existed have no "direct" in their config: they load with
+    the connection they were trained with, and give the same log p(c)."""
+    from npvae.checkpoint import load_checkpoint, save_checkpoint
+
+    model = small_prior(4, 3, (5,), "relu", seed=4)
+    del model.config["direct"]  # as an older checkpoint wrote it
+    path = tmp_path / "checkpoint.npz"
+    save_checkpoint(path, model, None, np.random.default_rng(0), 1, 1, [], {})
+    loaded = load_checkpoint(path).model
+    assert loaded.direct and loaded.config["direct"] is True
+    idx = np.random.default_rng(1).integers(4, size=(7, 3))
+    np.testing.assert_array_equal(loaded.log_prob(idx), model.log_prob(idx))
+
+    without = small_prior(4, 3, (5,), "relu", seed=4, direct=False)
+    save_checkpoint(path, without, None, np.random.default_rng(0), 1, 1, [], {})
+    loaded = load_checkpoint(path).model
+    assert not loaded.direct
+    np.testing.assert_array_equal(loaded.log_prob(idx), without.log_prob(idx))
+
+
+@pytest.mark.parametrize("M, K, hidden, direct", [
+    (4, 128, (512,), True),  # the MLP VQ-VAE's default prior: 0.26 M against 0.53 M
+    (49, 128, (512,), False),  # a 7x7 map: 39 M against 6.4 M
+    (49, 256, (512,), False),  # 157 M against 12.9 M
+    (49, 32, (512,), True),  # 2.5 M against 1.6 M
+    (3, 8, (), True),  # without hidden layers it is the whole model
+])
+def test_the_default_rule_for_the_direct_connection(M, K, hidden, direct):
+    assert direct_by_default(M, K, hidden) is direct
+    ratio = (M * K) ** 2 / hidden_path_params(M, K, hidden) if hidden else 0
+    assert (ratio <= 4) is direct
 
 
 def test_masks_by_degree():

@@ -10,19 +10,26 @@ the training set, one position at a time (the chain rule, exact for any order):
 The input is the one-hot codes x (N, M K), position m in columns m K .. m K + K - 1. Every
 layer is a masked linear layer (MADE.4); each unit carries a degree, and the masks (MADE.2-3)
 let the logits of position m see the codes of positions < m only, whatever M is (a 7x7 code
-map is M = 49 positions in raster order). The output layer also reads x directly (the
-"direct connections" of the MADE paper), a linear path that learns pairwise statistics fast.
+map is M = 49 positions in raster order). By default the output layer also reads x
+directly (the "direct connections" of the MADE paper), a linear path that learns pairwise
+statistics fast; ``direct=False`` leaves it out, and the output layer reads h_L alone.
 
     h_0 = x;   h_{l+1} = act(h_l (W_l * A_l) + b_l)               l = 0 .. L-1   (MADE.4)
     logits = [h_L, x] (W_out * A_out) + b_out,   (N, M K) -> (N, M, K)            (MADE.4)
+    logits = h_L (W_out * A_out) + b_out          without the direct connection   (MADE.4)
+
+The direct connection costs (M K)^2 weights, the hidden path about 2 M K H: for the MLP
+VQ-VAE's 4 codes of 128 that is 0.26 million against 0.5 million, but for a 7x7 map of
+256 codes 157 million against 13 million. :func:`direct_by_default` is the rule
+``npvae train-prior`` uses to choose.
     loss = (1/N) sum_n sum_m xent(logits_nm, c_nm) = mean_n -log p(c_n)   (MADE.1) (XENT.1)
 
 In a VQ-VAE with this prior, KL(q(c|x) || p(c)) = -log p(c(x)) for the point mass q on the
 chosen codes, so the ELBO gains exactly what the prior learns over M log K
 (docs/derivations.md, section 10.1).
 
-Parameters: ``hid.{l}.W`` (I_l, H_l), ``hid.{l}.b`` (H_l,), ``out.W`` (H_L + M K, M K),
-``out.b`` (M K,). Letters: N batch, M positions, K codes, H hidden width.
+Parameters: ``hid.{l}.W`` (I_l, H_l), ``hid.{l}.b`` (H_l,), ``out.W`` (H_L + M K, M K)
+with the direct connection or (H_L, M K) without, ``out.b`` (M K,). Letters: N batch, M positions, K codes, H hidden width.
 docs/derivations.md, section MADE.
 """
 from __future__ import annotations
@@ -50,11 +57,41 @@ def hidden_degrees(width: int, num_vectors: int) -> np.ndarray:
     return 1 + np.arange(width) % max(num_vectors - 1, 1)
 
 
-def made_masks(num_vectors: int, num_codes: int, hidden) -> list:
+# The direct connection is left out by default when it would hold more than this many
+# times the weights and biases of the hidden path (see direct_by_default).
+DIRECT_MAX_RATIO = 4
+
+
+def hidden_path_params(num_vectors: int, num_codes: int, hidden) -> int:
+    """Weights and biases of the masked layers from x through h_L to the logits, without the
+    direct connection: sum over the layers of (I + 1) O, from M K to H_1 .. H_L to M K."""
+    sizes = [num_vectors * num_codes, *hidden, num_vectors * num_codes]
+    return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def direct_by_default(num_vectors: int, num_codes: int, hidden) -> bool:
+    """Whether ``npvae train-prior`` gives the output layer the direct connection from x.
+
+    Yes unless its (M K)^2 weights would be more than DIRECT_MAX_RATIO = 4 times the hidden
+    path's parameters (:func:`hidden_path_params`), and always without hidden layers (then
+    it is the whole model). With one hidden layer of H units this keeps it while M K is at
+    most about 8 H: the MLP VQ-VAE's M = 4, K = 128 under the default H = 512 (0.26 million
+    against 0.53 million) keeps it; a 7x7 map of K = 128 codes (39 million against 6.4
+    million) or 256 codes (157 million against 12.9 million) leaves it out.
+    """
+    hidden = [int(h) for h in hidden]
+    if not hidden:
+        return True
+    width = int(num_vectors) * int(num_codes)
+    return width * width <= DIRECT_MAX_RATIO * hidden_path_params(num_vectors, num_codes, hidden)
+
+
+def made_masks(num_vectors: int, num_codes: int, hidden, direct: bool = True) -> list:
     """The masks of every layer, float 0/1, input layer first, the output layer last.
 
     Hidden layer l: A[i, j] = [deg_l(j) >= deg_{l-1}(i)]                          (MADE.2)
     Output layer:   A[i, j] = [deg_out(j) > deg_in(i)], its inputs [h_L, x]       (MADE.3)
+    (its inputs h_L alone when ``direct`` is False, x alone without hidden layers)
 
     Position m (counted from 0) has degree m + 1. By induction over the layers, a hidden
     unit of degree d depends only on inputs of degree <= d, the positions 0 .. d - 1. The
@@ -68,8 +105,11 @@ def made_masks(num_vectors: int, num_codes: int, hidden) -> list:
         deg = hidden_degrees(width, num_vectors)
         masks.append((deg[None, :] >= prev[:, None]).astype(np.float64))  # (I, H)  (MADE.2)
         prev = deg
-    into_out = np.concatenate([prev, d_in]) if hidden else d_in  # [h_L, x]
-    masks.append((d_in[None, :] > into_out[:, None]).astype(np.float64))  # (H_L + M K, M K)  (MADE.3)
+    if not hidden:
+        into_out = d_in  # x: the direct connection is the whole model
+    else:
+        into_out = np.concatenate([prev, d_in]) if direct else prev  # [h_L, x] or h_L
+    masks.append((d_in[None, :] > into_out[:, None]).astype(np.float64))  # (H_L [+ M K], M K)  (MADE.3)
     return masks
 
 
@@ -86,12 +126,18 @@ class MADEPrior(Model):
     ``x`` for :meth:`loss_and_grads` is the one-hot codes (N, M K) of the model's dtype
     (:meth:`one_hot` makes it), so the training loop trains it like any other model.
     Weights start at :func:`npvae.ops.mlp.init_scale` over the unmasked inputs, biases at 0.
+
+    ``direct`` (default True) gives the output layer the direct connection from x; it is
+    saved in the config, and a config without it (checkpoints written before it existed)
+    builds the model with the connection, as those priors had it. Without hidden layers the
+    direct connection is the only path, so ``direct=False`` needs at least one.
     """
 
     kind = "made"
 
     def __init__(self, num_codes: int = 128, num_vectors: int = 4, hidden=(512,),
-                 activation: str = "relu", data_dim: int | None = None, dtype=np.float32, rng=0):
+                 activation: str = "relu", data_dim: int | None = None, direct: bool = True,
+                 dtype=np.float32, rng=0):
         K, M = int(num_codes), int(num_vectors)
         if K < 2 or M < 1:
             raise ValueError(f"need num_codes >= 2 and num_vectors >= 1, got {num_codes} and {num_vectors}")
@@ -101,17 +147,23 @@ class MADEPrior(Model):
         activation_code(activation)
         if data_dim is not None and int(data_dim) != M * K:
             raise ValueError(f"data_dim must be num_vectors * num_codes = {M * K}, got {data_dim}")
-        self.K, self.M, self.hidden = K, M, hidden
+        if not isinstance(direct, (bool, np.bool_)):
+            raise ValueError(f"direct must be True or False, got {direct!r}")
+        direct = bool(direct)
+        if not direct and not hidden:
+            raise ValueError("without hidden layers the direct connection is the whole model: "
+                             "direct=False needs at least one hidden layer")
+        self.K, self.M, self.hidden, self.direct = K, M, hidden, direct
         sizes = (M * K, *hidden)
         shapes = {}
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             shapes[f"hid.{i}.W"], shapes[f"hid.{i}.b"] = (n_in, n_out), (n_out,)
-        width = (hidden[-1] if hidden else 0) + M * K
+        width = (hidden[-1] if hidden else 0) + (M * K if direct or not hidden else 0)
         shapes["out.W"], shapes["out.b"] = (width, M * K), (M * K,)
         config = dict(num_codes=K, num_vectors=M, hidden=list(hidden), activation=activation,
-                      data_dim=M * K)
+                      data_dim=M * K, direct=direct)
         super().__init__(shapes, dtype, config)
-        self.masks = [m.astype(self.dtype) for m in made_masks(M, K, hidden)]  # rebuilt, never saved
+        self.masks = [m.astype(self.dtype) for m in made_masks(M, K, hidden, direct)]  # rebuilt, never saved
         rng = as_rng(rng)
         weights = [f"hid.{i}.W" for i in range(len(hidden))] + ["out.W"]
         for name, mask in zip(weights, self.masks):
@@ -158,9 +210,26 @@ class MADEPrior(Model):
             a, lin = masked_linear_forward(h, p[f"hid.{i}.W"], mask, p[f"hid.{i}.b"])  # (N, H)  (MADE.4)
             h, act_cache = activation_forward(a, act)  # (N, H)
             layers.append((lin, act_cache))
-        h_out = np.concatenate([h, x], axis=1) if layers else x  # (N, H_L + M K)  [h_L, x]
+        if not layers:
+            h_out = x  # (N, M K)  the direct connection alone
+        elif self.direct:
+            h_out = np.concatenate([h, x], axis=1)  # (N, H_L + M K)  [h_L, x]
+        else:
+            h_out = h  # (N, H_L)
         logits, out = masked_linear_forward(h_out, p["out.W"], self.masks[-1], p["out.b"])  # (MADE.4)
         return logits.reshape(x.shape[0], self.M, self.K), layers, out
+
+    def _backward(self, dlogits, layers, out_cache, grads) -> None:
+        """dlogits (N, M, K) -> the parameter gradients, written into ``grads`` (MADE.5, ACT)."""
+        n = dlogits.shape[0]
+        dh_out, _, _, _ = masked_linear_backward(
+            dlogits.reshape(n, -1), out_cache, dW=grads["out.W"], db=grads["out.b"])  # (MADE.5)
+        dh = dh_out[:, :self.hidden[-1]] if layers else None  # (N, H_L)  an x part is data: dropped
+        for i in reversed(range(len(layers))):
+            lin, act_cache = layers[i]
+            da = activation_backward(dh, act_cache)  # (N, H_i)  (ACT)
+            dh, _, _, _ = masked_linear_backward(
+                da, lin, dW=grads[f"hid.{i}.W"], db=grads[f"hid.{i}.b"])  # (MADE.5)
 
     def loss_and_grads(self, x, *, rng=None, eps=None, step=None, out=None, tape=None):
         """Mean over the batch of -log p(c) (MADE.1), in nats per example; no noise: rng, eps, step unused."""
@@ -177,14 +246,7 @@ class MADEPrior(Model):
             grads = self.new_grads(out)
             dxent = np.full((n, self.M), 1.0 / n, dtype=self.dtype)  # (N, M)  d loss / d xent_nm
             dlogits, _ = softmax_xent_backward(dxent, xent_cache)  # (N, M, K)  (XENT.2)
-            dh_out, _, _, _ = masked_linear_backward(
-                dlogits.reshape(n, -1), out_cache, dW=grads["out.W"], db=grads["out.b"])  # (MADE.5)
-            dh = dh_out[:, :dh_out.shape[1] - self.M * self.K]  # (N, H_L)  the x part: data, dropped
-            for i in reversed(range(len(layers))):
-                lin, act_cache = layers[i]
-                da = activation_backward(dh, act_cache)  # (N, H_i)  (ACT)
-                dh, _, _, _ = masked_linear_backward(
-                    da, lin, dW=grads[f"hid.{i}.W"], db=grads[f"hid.{i}.b"])  # (MADE.5)
+            self._backward(dlogits, layers, out_cache, grads)
             if tape is not None:
                 tape.update(dlogits=dlogits)
         stats = dict(loss=loss, nats=loss, bits_per_code=loss / (self.M * math.log(2.0)))
