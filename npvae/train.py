@@ -159,7 +159,8 @@ def _static_sample(x, dtype, rng, rows: int = 4096) -> np.ndarray:
     return out
 
 
-def _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip, binarize):
+def _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip, binarize,
+                  schedule):
     for name, x in (("x_train", x_train), ("x_val", x_val)):
         if not isinstance(x, np.ndarray) or x.ndim != 2:
             raise ValueError(f"{name} must be a 2-D numpy array (N, D), got {type(x).__name__}"
@@ -179,6 +180,7 @@ def _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip
         raise ValueError(f"clip must be > 0 or None, got {clip}")
     if binarize not in BINARIZE:
         raise ValueError(f"binarize must be one of {BINARIZE}, got {binarize!r}")
+    schedules.parse(schedule)  # a clear error for an unknown schedule, before any work
 
 
 def _restore(model, opt, ck: Checkpoint, settings: dict) -> None:
@@ -308,7 +310,13 @@ def _open_run(run_dir: Path) -> tuple:
 
 
 def _resume(resume_from, model, opt, rng, settings, n_batches, lr, clip):
-    """Restore a checkpoint into this run: (start epoch, step, history, position, changes)."""
+    """Restore a checkpoint into this run, if there is one to resume from: (start epoch,
+    step, history, position inside an epoch or None, changes for the first epoch's row).
+
+    The changes are None, or {"lr": [before, now], ..., "step": where the resume happened}.
+    """
+    if resume_from is None:
+        return 0, 0, [], None, None
     ck = resume_from if isinstance(resume_from, Checkpoint) else load_checkpoint(resume_from)
     _restore(model, opt, ck, settings)
     rng.bit_generator.state = rng_state(ck.rng)
@@ -320,7 +328,9 @@ def _resume(resume_from, model, opt, rng, settings, n_batches, lr, clip):
                                   f"lies beyond the {n_batches} batches of an epoch")
         resume = Position(ck.epoch, p["batch"], p["epoch_rng"], p["sums"], p["seen"],
                           p["seconds"], rng_state(ck.rng))
-    return ck.epoch, ck.step, list(ck.history), resume, _setting_changes(opt, ck, lr, clip)
+    changes = _setting_changes(opt, ck, lr, clip)
+    changed = dict(changes, step=ck.step) if changes else None
+    return ck.epoch, ck.step, list(ck.history), resume, changed
 
 
 def _as_unit(x, dtype) -> np.ndarray:
@@ -339,6 +349,41 @@ def _start_epoch(rng, n, epoch, resume) -> tuple:
     return order, here
 
 
+def _between_epochs(epochs_done, rng) -> Position:
+    """The position after ``epochs_done`` whole epochs, with the run's stream as it is now."""
+    return Position(epochs_done, None, None, None, 0, 0.0, rng_state(rng))
+
+
+def _progress_bar(n_batches, done, epoch, epochs, progress):
+    """A tqdm bar over an epoch's batches on stderr, from batch ``done`` (off when not on a
+    terminal, or when ``progress`` is false)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=n_batches, initial=done, desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
+                disable=None if progress else True, leave=False, dynamic_ncols=True,
+                file=sys.stderr)
+
+
+def _forward_backward(model, xb, rng, step, out, clip, measure) -> tuple:
+    """One batch through the model and back: (loss, grads written into ``out``, stats,
+    gradient norm before clipping to ``clip``).
+
+    The norm is a pass over every gradient, so it is measured only when ``measure`` (steps
+    that clip or log), else 0.0; Adam counts non-finite gradients in its own pass.
+    """
+    model.on_batch_start(xb, rng)
+    loss, grads, stats = model.loss_and_grads(xb, rng=rng, step=step, out=out)
+    grad_norm = clip_grad_norm(grads, clip) if measure else 0.0
+    return loss, grads, stats, grad_norm
+
+
+def _show_loss(bar, sums, seen, log: bool) -> None:
+    """One step done on the bar; on steps that ``log``, the epoch's mean loss so far."""
+    bar.update(1)
+    if log:
+        bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", refresh=False)
+
+
 def _add_stats(sums: dict, stats: dict, m: int, grad_norm) -> int:
     """Add a step's stats, weighted by its ``m`` examples, to the epoch's ``sums``; returns m."""
     for k, v in stats.items():
@@ -349,8 +394,11 @@ def _add_stats(sums: dict, stats: dict, m: int, grad_norm) -> int:
     return m
 
 
-def _epoch_row(epoch, step, opt, clip, changed, sums, seen) -> dict:
-    """An epoch's line of metrics.jsonl before validation: means of the training stats."""
+def _epoch_row(epoch, step, opt, clip, sums, seen, changed=None) -> dict:
+    """An epoch's line of metrics.jsonl before validation: means of the training stats.
+
+    ``changed``: the settings a resume in this epoch changed (lr, clip), recorded in the row.
+    """
     row = {"epoch": epoch + 1, "step": step, "lr": float(opt.lr), "clip": clip}
     if changed:  # {"lr": [before, now], ..., "step": where the resume happened}
         row["changed"] = changed
@@ -371,13 +419,13 @@ def _validated(row, model, x_val, seed, train_seconds) -> dict:
     return row
 
 
-def _stopped(signum, saved, where, epochs_done, step) -> TrainingInterrupted:
-    """What a stop by a signal raises: where the state was saved, if anywhere."""
-    name = signal_name(signum)
-    msg = (f"stopped by {name}; the state {where} is saved in {saved}" if saved
-           else f"stopped by {name} before anything could be saved")
-    return TrainingInterrupted(msg, checkpoint=saved, epoch=epochs_done, step=step,
-                               signum=signum)
+def _report(row, metrics_path, epochs, verbose, on_epoch_end) -> None:
+    """Tell of a finished epoch: a line of metrics.jsonl, a summary, the caller's callback."""
+    _append_metrics(metrics_path, row)
+    if verbose:
+        print(_summary(row, epochs), flush=True)
+    if on_epoch_end is not None:
+        on_epoch_end(row)
 
 
 def _check_state(model, opt, step, epoch, ckpt_path) -> None:
@@ -420,6 +468,21 @@ def _save_position(here, ckpt_path, model, opt, rng, epochs_done, step, history,
     return saved, where
 
 
+def _save_on_stop(exc, stop, here, ckpt_path, model, opt, rng, start_epoch, step, history,
+                  settings, n_batches) -> TrainingInterrupted:
+    """Ctrl-C, SIGTERM or SIGHUP stopped the loop at ``here``: save that state, and return
+    what :func:`train` raises, saying where the state was saved, if anywhere."""
+    signum = getattr(exc, "signum", None) or stop.signum or signal.SIGINT
+    epochs_done = history[-1]["epoch"] if history else start_epoch
+    saved, where = _save_position(here, ckpt_path, model, opt, rng, epochs_done, step, history,
+                                  settings, n_batches)
+    name = signal_name(signum)
+    msg = (f"stopped by {name}; the state {where} is saved in {saved}" if saved
+           else f"stopped by {name} before anything could be saved")
+    return TrainingInterrupted(msg, checkpoint=saved, epoch=epochs_done, step=step,
+                               signum=signum)
+
+
 @_holding_run_lock
 def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
           optimizer: str = "adam", clip: float | None = None, seed: int = 0,
@@ -442,28 +505,23 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
     args: extra JSON-friendly settings stored in checkpoints. schedule: the learning-rate
         schedule (:mod:`npvae.schedule`): "constant", "burda" or "burda:P" (SCHED.1).
     """
-    from tqdm.auto import tqdm
-
-    _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip, binarize)
-    schedules.parse(schedule)  # a clear error for an unknown schedule, before any work
+    _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip, binarize, schedule)
     ckpt_path, metrics_path = _open_run(Path(run_dir))  # locked by _holding_run_lock
     settings = dict(args or {}, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
                     optimizer=optimizer, clip=clip, seed=int(seed), binarize=binarize,
                     data=fingerprint(x_train), schedule=schedule)
     batches = _Batches(x_train, model.dtype, batch_size, binarize, seed)
     x_val = binarize_for_eval(_as_unit(x_val, model.dtype), binarize, seed, "val")
-    n, n_batches = batches.n, batches.per_epoch
+    n_batches = batches.per_epoch
 
     # ---- state: fresh, or as a checkpoint left it
     rng = np.random.default_rng(seed)
     opt = make_optimizer(optimizer, model.params, lr, eps=schedules.adam_eps(schedule))
-    start_epoch, step, history, resume, changes = 0, 0, [], None, {}
-    if resume_from is not None:
-        start_epoch, step, history, resume, changes = _resume(
-            resume_from, model, opt, rng, settings, n_batches, lr, clip)
+    start_epoch, step, history, resume, changed = _resume(
+        resume_from, model, opt, rng, settings, n_batches, lr, clip)
     _write_metrics(metrics_path, history)  # forget epochs the checkpoint does not hold
     # What a checkpoint written now would hold (None while the parameters change)
-    here = Position(start_epoch, None, None, None, 0, 0.0, rng_state(rng)) if resume is None else None
+    here = _between_epochs(start_epoch, rng) if resume is None else None
     step_at_start, stop = step, _DeferredInterrupt()
     try:
         grad_buf = model.params.empty_like()  # backward writes here on every step
@@ -471,24 +529,19 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
             for epoch in range(start_epoch, epochs):
                 opt.lr = schedules.lr_at(schedule, lr, epoch)  # (SCHED.1)
                 # -- the epoch's order, drawn from the run's stream, or where a checkpoint stopped
-                order, here, resume = *_start_epoch(rng, n, epoch, resume), None
+                order, here, resume = *_start_epoch(rng, batches.n, epoch, resume), None
                 epoch_rng, sums, seen = here.epoch_rng, dict(here.sums), here.seen
                 t0 = time.perf_counter() - here.seconds
 
-                with tqdm(total=n_batches, initial=here.batch, desc=f"epoch {epoch + 1}/{epochs}",
-                          unit="batch", disable=None if progress else True, leave=False,
-                          dynamic_ncols=True, file=sys.stderr) as bar:
+                with _progress_bar(n_batches, here.batch, epoch, epochs, progress) as bar:
                     for b in range(here.batch, n_batches):
                         if stop.requested:
                             raise KeyboardInterrupt
                         # -- forward and backward on one batch
                         xb = batches.fill(order[b * batch_size:(b + 1) * batch_size], rng)
-                        model.on_batch_start(xb, rng)
-                        loss, grads, stats = model.loss_and_grads(xb, rng=rng, step=step, out=grad_buf)
-                        # the gradient norm: on steps that clip or log (a pass over every
-                        # gradient); Adam counts non-finite gradients in its own pass
                         measure = clip is not None or step % log_every == 0 or b + 1 == n_batches
-                        grad_norm = clip_grad_norm(grads, clip) if measure else 0.0  # before clipping
+                        loss, grads, stats, grad_norm = _forward_backward(
+                            model, xb, rng, step, grad_buf, clip, measure)
                         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                             raise _diverged(loss, grad_norm, step, epoch, b, n_batches, ckpt_path)
                         # -- update (no consistent state to save until the step is counted)
@@ -498,39 +551,28 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                                             applied=True)
                         model.after_step(rng)
                         step += 1
-                        if on_first_step is not None:
+                        if step == step_at_start + 1 and on_first_step is not None:
                             on_first_step()
-                            on_first_step = None
                         seen += _add_stats(sums, stats, len(xb), grad_norm if measure else None)
                         here = Position(epoch, b + 1, epoch_rng, dict(sums), seen,
                                         time.perf_counter() - t0, rng_state(rng))
-                        bar.update(1)
-                        if step % log_every == 0 or b + 1 == n_batches:
-                            bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", refresh=False)
+                        _show_loss(bar, sums, seen, step % log_every == 0 or b + 1 == n_batches)
 
-                # -- end of epoch: validation, metrics, checkpoint (a resume in this
-                # epoch may have changed lr or clip: the row records it)
+                # -- end of epoch: validation, metrics, checkpoint
                 train_seconds = time.perf_counter() - t0
-                changed = dict(changes, step=step_at_start) if changes else None
-                row, changes = _epoch_row(epoch, step, opt, clip, changed, sums, seen), {}
+                row = _epoch_row(epoch, step, opt, clip, sums, seen,  # with a resume's changes
+                                 changed=changed if epoch == start_epoch else None)
                 _check_state(model, opt, step, epoch, ckpt_path)
                 history.append(_validated(row, model, x_val, seed, train_seconds))
                 if checkpoint_every_epoch or epoch + 1 == epochs:
                     _save(ckpt_path, model, opt, rng, epoch + 1, step, history, settings)
-                here = Position(epoch + 1, None, None, None, seen, 0.0, rng_state(rng))
-                _append_metrics(metrics_path, row)
-                if verbose:
-                    print(_summary(row, epochs), flush=True)
-                if on_epoch_end is not None:
-                    on_epoch_end(row)
+                here = _between_epochs(epoch + 1, rng)
+                _report(row, metrics_path, epochs, verbose, on_epoch_end)
                 if stop.requested and epoch + 1 < epochs:
                     raise KeyboardInterrupt
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: save the last consistent state
-        signum = getattr(exc, "signum", None) or stop.signum or signal.SIGINT
-        epochs_done = history[-1]["epoch"] if history else start_epoch
-        saved, where = _save_position(here, ckpt_path, model, opt, rng, epochs_done, step,
-                                      history, settings, n_batches)
-        raise _stopped(signum, saved, where, epochs_done, step) from None
+        raise _save_on_stop(exc, stop, here, ckpt_path, model, opt, rng, start_epoch, step,
+                            history, settings, n_batches) from None
     return history
 
 
