@@ -66,7 +66,7 @@ def test_conv_defaults_differ_from_the_mlp_ones_only_where_they_must():
     assert s["channels"] == "16,32" and s["epochs"] == 8 and s["beta"] == 1.0
     assert s["likelihood"] == "bernoulli" and s["binarize"] == "dynamic"
     q = new_run_settings({"model": "conv-vqvae"})
-    assert q["epochs"] == 8 and q["beta"] == 0.25
+    assert q["epochs"] == 6 and q["codes"] == 256 and q["beta"] == 0.25
     assert q["ema"] and q["kmeans_init"] and q["restart_after"] == 100
     assert new_run_settings({"model": "conv-vqvae", "ema": False})["ema"] is False
     assert new_run_settings({})["epochs"] == 30  # the MLP default is untouched
