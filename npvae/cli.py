@@ -9,22 +9,19 @@ training and exit with 128 + the signal's number: 130, 143 and 129.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import signal
 import sys
-import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
-
-from .cli_common import (
-    DEFAULTS, UsageError, _add_backend, _announce_compilation, _formatter, _hidden, _hidden_list,
-    _load_run, _non_negative_float, _non_negative_int, _positive_float, _positive_int,
-    _run_dir_of, _say, _set_backend, _test_set, _wrap, load_training_data, prepare_run_dir,
+from .cli_common import (  # noqa: F401  (_hidden_list: importable from here, as it was)
+    DEFAULTS, EVAL_BATCH, UsageError, _add_backend, _announce_compilation, _formatter, _hidden,
+    _hidden_list, _load_run, _non_negative_float, _non_negative_int, _positive_float,
+    _positive_int, _run_dir_of, _say, _set_backend, _test_set, _wrap, add_command,
+    load_training_data, prepare_run_dir,
 )
 from .cli_conv import add_channels_option
+from .cli_results import add_result_commands
 from .kinds import is_vq
 from .train_settings import _schedule, _warmup, check_model_size, model_config, new_run_settings
 
@@ -33,8 +30,6 @@ _STARTED = time.perf_counter()  # for the "first step ... s after start" report
 # What may be given together with --resume: everything else comes from the checkpoint.
 # A smaller --lr or a --clip is what a diverged run needs; the change goes into metrics.jsonl.
 RESUME_OK = {"resume", "epochs", "progress", "backend", "data_dir", "lr", "clip"}
-MAX_SAMPLES = 400  # npvae sample: a 20 x 20 grid is the most one readable image holds
-EVAL_BATCH = 1000
 
 
 # ----------------------------------------------------------------------------- parser
@@ -54,6 +49,11 @@ A run directory (RUN) holds checkpoint.npz, metrics.jsonl and the figures.
 Set NPVAE_DATA to choose where datasets are cached; NPVAE_BACKEND=numpy runs
 the NumPy twins of the compiled kernels.
 """
+
+_TRAIN_DESCRIPTION = """
+Train a VAE, autoencoder or VQ-VAE on MNIST or Fashion-MNIST. With no options: a Bernoulli
+VAE on MNIST that finishes in a few minutes on two cores. Afterwards it prints the test
+ELBO and where the metrics, the checkpoint and the figures are."""
 
 _TRAIN_EPILOG = """\
 examples:
@@ -89,14 +89,18 @@ sample or plot of the same run refuses at once.
 
 
 def _add_train(sub, kinds) -> None:
-    p = sub.add_parser(
-        "train", help="train a model and write a run directory",
-        description=_wrap("Train a VAE, autoencoder or VQ-VAE on MNIST or Fashion-MNIST. With no "
-                    "options: a Bernoulli VAE on MNIST that finishes in a few minutes on two "
-                    "cores. Afterwards it prints the test ELBO and where the metrics, the "
-                    "checkpoint and the figures are."),
-        epilog=_TRAIN_EPILOG, formatter_class=_formatter, argument_default=argparse.SUPPRESS)
-    m = p.add_argument_group("model")
+    p = add_command(sub, "train", "train a model and write a run directory", _TRAIN_DESCRIPTION,
+                    epilog=_TRAIN_EPILOG, argument_default=argparse.SUPPRESS)
+    _add_model_options(p.add_argument_group("model"), kinds)
+    _add_objective_options(p.add_argument_group("objective"))
+    _add_vq_options(p.add_argument_group("VQ-VAE"))
+    _add_training_options(p.add_argument_group("training"))
+    _add_data_options(p.add_argument_group("data and output"))
+    p.set_defaults(func=cmd_train)
+
+
+def _add_model_options(m, kinds) -> None:
+    """npvae train: which model, its networks and its decoder."""
     m.add_argument("--model", choices=kinds,
                    help="vae-gaussian, vae-bernoulli (default), ae (autoencoder as a VAE with "
                         "fixed encoder variance), vqvae, or a convolutional conv-vae or "
@@ -117,7 +121,10 @@ def _add_train(sub, kinds) -> None:
     m.add_argument("--sampled", action="store_true",
                    help="ae: add N(0, I) noise to the code, as the derivation does (default off)")
     m.add_argument("--dtype", choices=("float32", "float64"), help="default float32")
-    o = p.add_argument_group("objective")
+
+
+def _add_objective_options(o) -> None:
+    """npvae train: the terms of the loss and their weights."""
     o.add_argument("--beta", type=_non_negative_float,
                    help="VAE/AE: weight of the KL term (default 1, the ELBO); "
                         "VQ-VAE: commitment cost (default 0.25)")
@@ -131,7 +138,10 @@ def _add_train(sub, kinds) -> None:
                         "et al. (2015) with --k samples per example")
     o.add_argument("--k", type=_positive_int, metavar="K",
                    help="--objective iwae: importance samples per example (default 5)")
-    q = p.add_argument_group("VQ-VAE")
+
+
+def _add_vq_options(q) -> None:
+    """npvae train: the codebook of a VQ-VAE and how it learns."""
     q.add_argument("--codes", type=_positive_int, metavar="K", help="codebook size (default 128)")
     q.add_argument("--code-dim", type=_positive_int, metavar="DZ",
                    help="size of each code vector (default 16)")
@@ -149,7 +159,10 @@ def _add_train(sub, kinds) -> None:
     q.add_argument("--kmeans-init", action=argparse.BooleanOptionalAction,
                    help="start the codebook from k-means on the first batch (default off; on "
                         "for conv-vqvae)")
-    t = p.add_argument_group("training")
+
+
+def _add_training_options(t) -> None:
+    """npvae train: the optimizer, its steps and the run's randomness."""
     t.add_argument("--epochs", type=_positive_int, metavar="N",
                    help="passes over the training set (default 30; 8 for conv-vae and "
                         "conv-vqvae)")
@@ -170,7 +183,10 @@ def _add_train(sub, kinds) -> None:
     _add_backend(t)
     t.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (one line per epoch is still printed)")
-    d = p.add_argument_group("data and output")
+
+
+def _add_data_options(d) -> None:
+    """npvae train: the images, and the run directory the results go to."""
     d.add_argument("--dataset", choices=("mnist", "fashion-mnist"), help="default mnist")
     d.add_argument("--data-dir", metavar="DIR",
                    help="where datasets are cached (default $NPVAE_DATA or ~/.cache/npvae)")
@@ -193,80 +209,16 @@ def _add_train(sub, kinds) -> None:
                    help="continue the run in RUN from its checkpoint, with its saved settings "
                         "(only --epochs, --lr, --clip, --backend, --data-dir and --no-progress "
                         "may be given; a new --lr or --clip is recorded in metrics.jsonl)")
-    p.set_defaults(func=cmd_train)
-
-
-def _add_eval(sub) -> None:
-    p = sub.add_parser(
-        "eval", help="evaluate a trained run on the test set",
-        description=_wrap("Evaluate a run's checkpoint on the test set: the ELBO and its terms, the "
-                    "importance-weighted log-likelihood estimate log p(x) with K samples, the "
-                    "KL of each latent dimension, the number of active latent units and, for a "
-                    "VQ-VAE, codebook statistics. "
-                    "Prints a table and writes RUN/eval.json (refused while another npvae "
-                    "process writes into RUN)."),
-        epilog="examples:\n  npvae eval runs/vae-bernoulli-20250101-120000\n"
-               "  npvae eval RUN --k 0            ELBO only (fast)\n"
-               "  npvae eval RUN --k 5000 --limit 1000\n",
-        formatter_class=_formatter)
-    p.add_argument("run", metavar="RUN", help="a run directory or checkpoint.npz file, or "
-                   "pretrained:NAME for a shipped model (vae-bernoulli, vae-k1, iwae-k5), "
-                   "printed only")
-    p.add_argument("--k", type=_non_negative_int, default=100,
-                   help="importance samples per image for log p(x) (default 100; 0 skips it; "
-                        "more is tighter but slower)")
-    p.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N test images")
-    p.add_argument("--seed", type=_non_negative_int, default=None,
-                   help="seed of the evaluation noise (default: the run's seed)")
-    p.add_argument("--data-dir", metavar="DIR", help="where datasets are cached")
-    _add_backend(p)
-    p.set_defaults(func=cmd_eval)
-
-
-def _add_sample(sub) -> None:
-    p = sub.add_parser(
-        "sample", help="draw samples from a trained model into a PNG",
-        description=_wrap("Decode draws from the prior of a trained model and save them as a grid."),
-        epilog="examples:\n  npvae sample runs/vae-bernoulli-20250101-120000\n"
-               "  npvae sample RUN --n 100 --seed 3 --out digits.png\n",
-        formatter_class=_formatter)
-    p.add_argument("run", metavar="RUN", help="a run directory or checkpoint.npz file, or "
-                   "pretrained:NAME for a shipped model (vae-bernoulli, vae-k1, iwae-k5)")
-    p.add_argument("--n", type=_positive_int, default=64,
-                   help=f"number of samples (default 64, at most {MAX_SAMPLES}: a 20 x 20 grid)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="default 0")
-    p.add_argument("--out", metavar="PNG", help="output file (default RUN/samples-seed<SEED>.png)")
-    p.add_argument("--temperature", type=_positive_float, metavar="T",
-                   help="VQ-VAE with a learned prior (npvae train-prior): divide its logits by T "
-                        "> 0 (default 1; below 1 sharper, above 1 more varied)")
-    _add_backend(p)
-    p.set_defaults(func=cmd_sample)
-
-
-def _add_plot(sub) -> None:
-    p = sub.add_parser(
-        "plot", help="remake a run's figures from its checkpoint and metrics",
-        description=_wrap("Redraw every figure of a run (reconstructions, samples, loss curves, latent "
-                    "scatter, interpolation, manifold for a 2-D latent space, codebook usage "
-                    "and perplexity for a VQ-VAE) from its checkpoint and the test set."),
-        epilog="example:\n  npvae plot runs/vae-bernoulli-20250101-120000\n",
-        formatter_class=_formatter)
-    p.add_argument("run", metavar="RUN", help="a run directory or checkpoint.npz file")
-    p.add_argument("--data-dir", metavar="DIR", help="where datasets are cached")
-    _add_backend(p)
-    p.set_defaults(func=cmd_plot)
 
 
 def _add_gradcheck(sub, kinds) -> None:
-    p = sub.add_parser(
-        "gradcheck", help="compare a model's gradients with finite differences",
-        description=_wrap("Build a small float64 model of the given kind, a random batch and fixed "
-                    "noise, and compare every parameter's hand-written gradient with central "
-                    "differences. Prints one row per parameter; exits with 1 if any relative "
-                    "error exceeds the tolerance."),
+    p = add_command(
+        sub, "gradcheck", "compare a model's gradients with finite differences",
+        "Build a small float64 model of the given kind, a random batch and fixed noise, and "
+        "compare every parameter's hand-written gradient with central differences. Prints one "
+        "row per parameter; exits with 1 if any relative error exceeds the tolerance.",
         epilog="examples:\n  npvae gradcheck vae-bernoulli\n"
-               "  npvae gradcheck vqvae --seed 3\n  NPVAE_BACKEND=numpy npvae gradcheck ae\n",
-        formatter_class=_formatter)
+               "  npvae gradcheck vqvae --seed 3\n  NPVAE_BACKEND=numpy npvae gradcheck ae\n")
     _add_model_argument(p, kinds)
     p.add_argument("--seed", type=_non_negative_int, default=0, help="default 0")
     p.add_argument("--batch", type=_positive_int, default=5, help="batch size (default 5)")
@@ -299,20 +251,18 @@ tag shown in parentheses.
 
 
 def _add_tour(sub, kinds) -> None:
-    p = sub.add_parser(
-        "tour", help="follow one backward pass node by node, each node checked",
-        description=_wrap(
-            "Run one training step of a small float64 model on a tiny random batch and print "
-            "its backward pass in the order it runs, from the loss back to the first layer. "
-            "Each node shows its local equations, forward and backward, with their tags in "
-            "docs/derivations.md, the value its forward pass computed (the reconstruction "
-            "term, the KL and the ELBO where they appear), the shapes of its inputs and "
-            "gradients, the gradients' 2-norms, and a finite-difference check of that node "
-            "alone with the "
-            "gradient that really reached it. The tour's parameter gradients are then "
-            "compared with the model's own. Exits with 1 if any derived node's relative error "
-            "exceeds 1e-6 or the gradients differ."),
-        epilog=_TOUR_EPILOG, formatter_class=_formatter)
+    p = add_command(
+        sub, "tour", "follow one backward pass node by node, each node checked",
+        "Run one training step of a small float64 model on a tiny random batch and print its "
+        "backward pass in the order it runs, from the loss back to the first layer. Each node "
+        "shows its local equations, forward and backward, with their tags in "
+        "docs/derivations.md, the value its forward pass computed (the reconstruction term, "
+        "the KL and the ELBO where they appear), the shapes of its inputs and gradients, the "
+        "gradients' 2-norms, and a finite-difference check of that node alone with the "
+        "gradient that really reached it. The tour's parameter gradients are then compared "
+        "with the model's own. Exits with 1 if any derived node's relative error exceeds 1e-6 "
+        "or the gradients differ.",
+        epilog=_TOUR_EPILOG)
     _add_model_argument(p, kinds)
     p.add_argument("--seed", type=_non_negative_int, default=0,
                    help="seed of the weights, the batch and the noise (default 0)")
@@ -362,9 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(sub, KINDS)
-    _add_eval(sub)
-    _add_sample(sub)
-    _add_plot(sub)
+    add_result_commands(sub)  # eval, sample, plot
     _add_gradcheck(sub, KINDS)
     _add_tour(sub, (*KINDS, "made"))  # made: the learned prior of a VQ-VAE (npvae train-prior)
     from .prior_cli import add_train_prior_command  # `npvae train-prior`: a VQ-VAE's learned prior
@@ -383,11 +331,6 @@ def _default_run_dir(kind: str) -> Path:
     while run.exists():
         run, i = base.with_name(f"{base.name}-{i}"), i + 1
     return run
-
-
-def _is_pretrained(run) -> bool:
-    """RUN names a model shipped with npvae: pretrained:NAME (npvae.pretrained)."""
-    return str(run).startswith("pretrained:")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -490,150 +433,24 @@ def _train_run(given: dict, run_dir: Path) -> int:
     return 0
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
-    return str(value)
-
-
-def _jsonable(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _kl_per_dim_lines(kl) -> str:
-    """The KL of each latent dimension (EVAL.2), in nats per image: in order, then sorted."""
-    def row(label, values):
-        return textwrap.fill(" ".join(f"{v:.2f}" for v in values), width=92,
-                             initial_indent=f"  {label:<15}", subsequent_indent=" " * 17)
-
-    collapsed = sum(v < 0.01 for v in kl)
-    return "\n".join([
-        f"KL per latent dimension, nats per image (EVAL.2; they sum to kl; {collapsed} of "
-        f"{len(kl)} below 0.01):",
-        row("dimension 0..", kl), row("largest first", sorted(kl, reverse=True))])
-
-
-def cmd_eval(ns) -> int:
-    from .train import run_lock
-
-    _set_backend(ns.backend)
-    _announce_compilation()
-    if _is_pretrained(ns.run):  # nothing is written: the package's folder is only read
-        return _eval_run(ns)
-    with run_lock(_run_dir_of(ns.run), create=False):  # eval.json is written into the run
-        return _eval_run(ns)
-
-
-def _eval_run(ns) -> int:
-    from . import evaluate
-    from .atomic import write_text_atomic
-    from .train import side_rng
-
-    ck = _load_run(ns.run)
-    s = ck.args
-    _, _, x_test = _test_set(s, ns.data_dir)
-    if ns.limit:
-        x_test = x_test[: ns.limit]
-    seed = s["seed"] if ns.seed is None else ns.seed
-    t0 = time.perf_counter()
-    res = evaluate.evaluate_all(ck.model, x_test, side_rng(seed, "test-noise"), k=ns.k,
-                                batch_size=EVAL_BATCH)
-    if is_vq(ck.model):  # the learned prior's numbers, or the uniform one's
-        from .prior_cli import prior_eval
-        res.update(prior_eval(ck, x_test, res["recon"], seed))
-    if evaluate.family(ck.model) in ("vae", "ae", "ae-sampled"):  # a Gaussian q(z|x)
-        res["kl_per_dim"] = evaluate.kl_per_dimension(ck.model, x_test,
-                                                      batch_size=EVAL_BATCH)  # (Z,)  (EVAL.2)
-    res = _jsonable(res)
-    report = {"run": str(ck.path.parent), "checkpoint": str(ck.path), "epochs": ck.epoch,
-              "model": ck.model.config["kind"], "test_images": len(x_test), "k": ns.k,
-              "seconds": time.perf_counter() - t0, **res}
-    out = None if _is_pretrained(ns.run) else write_text_atomic(
-        ck.path.parent / "eval.json", json.dumps(report, indent=2) + "\n")
-    width = max(len(k) for k in report)
-    print(f"{'metric':<{width}}  value")
-    for key, value in report.items():
-        if isinstance(value, (list, dict)):
-            continue  # e.g. per-code counts: in eval.json
-        print(f"{key:<{width}}  {_fmt(value)}")
-    if "kl_per_dim" in report:
-        print(_kl_per_dim_lines(report["kl_per_dim"]))
-    if out is not None:
-        print(f"written to {out}")
-    return 0
-
-
-def cmd_sample(ns) -> int:
-    from .train import run_lock
-
-    if ns.n > MAX_SAMPLES:
-        raise UsageError(f"--n {ns.n} is more samples than one readable image holds (at most "
-                         f"{MAX_SAMPLES}, a 20 x 20 grid); for more, run npvae sample again with "
-                         f"other --seed values")
-    if ns.out and Path(ns.out).suffix.lower() != ".png":
-        raise UsageError(f"--out must name a .png file, got {ns.out}")
-    _set_backend(ns.backend)
-    _announce_compilation()
-    if ns.out or _is_pretrained(ns.run):  # written elsewhere: the run is only read
-        return _sample_run(ns)
-    with run_lock(_run_dir_of(ns.run), create=False):  # the PNG goes into the run
-        return _sample_run(ns)
-
-
-def _sample_run(ns) -> int:
-    from . import plots
-    from .checkpoint import load_checkpoint
-
-    ck = _load_run(ns.run) if _is_pretrained(ns.run) else load_checkpoint(ns.run)
-    prior = "the prior"
-    if is_vq(ck.model):  # a learned prior if the run has one (npvae train-prior)
-        from .prior_cli import sample_images
-        images, prior = sample_images(ck, ns.n, np.random.default_rng(ns.seed), ns.temperature)
-    elif ns.temperature is not None:
-        raise UsageError("--temperature is for a VQ-VAE with a learned prior (npvae train-prior)")
-    else:
-        images = ck.model.sample(ns.n, np.random.default_rng(ns.seed))
-    out = Path(ns.out) if ns.out else ck.path.parent / f"samples-seed{ns.seed}.png"
-    if _is_pretrained(ns.run) and not ns.out:  # into the current folder, not the package
-        out = Path(f"samples-{ck.path.stem}-seed{ns.seed}.png")
-    plots.save_samples(out, np.clip(images, 0.0, 1.0), ncols=math.ceil(math.sqrt(ns.n)),
-                       title=f"{ns.n} samples from {prior} (seed {ns.seed})")
-    print(f"wrote {out}")
-    return 0
-
-
-def cmd_plot(ns) -> int:
-    from .figures import make_figures
-    from .train import run_lock, side_rng
-
-    _set_backend(ns.backend)
-    _announce_compilation()
-    with run_lock(_run_dir_of(ns.run), create=False):  # the figures are written into the run
-        ck = _load_run(ns.run)
-        x_grey, y_test, _ = _test_set(ck.args, ns.data_dir)
-        figures = make_figures(ck.model, ck.path.parent, x_grey, y_test, ck.history,
-                               side_rng(ck.args["seed"], "figures"))
-    for path in figures.values():
-        print(f"wrote {path}")
-    return 0
-
-
-def cmd_gradcheck(ns) -> int:
-    from .gradcheck import H, check_model
+def _small_model(ns, **options) -> tuple:
+    """npvae gradcheck and tour: (model, x, eps), the small float64 model of the MODEL named,
+    on the backend asked for (:func:`npvae.tour.tour_model`)."""
     from .tour import tour_model
 
     _set_backend(ns.backend)
     _announce_compilation()
     ns.kind = _kind_of(ns)
-    model, x, eps = tour_model(ns.kind, batch=ns.batch, seed=ns.seed)
+    try:
+        return tour_model(ns.kind, batch=ns.batch, seed=ns.seed, **options)
+    except ValueError as exc:  # an option the model does not take, e.g. --sampled on a VAE
+        raise UsageError(str(exc)) from None
+
+
+def cmd_gradcheck(ns) -> int:
+    from .gradcheck import H, check_model
+
+    model, x, eps = _small_model(ns)
     if is_vq(model):
         # The VQ loss is piecewise constant in the encoder output: check_model takes finite
         # differences of the straight-through objective, valid while no code can change.
@@ -663,16 +480,10 @@ def cmd_gradcheck(ns) -> int:
 
 
 def cmd_tour(ns) -> int:
-    from .tour import format_tour, tour, tour_model
+    from .tour import format_tour, tour
 
-    _set_backend(ns.backend)
-    _announce_compilation()
-    ns.kind = _kind_of(ns)
-    options = dict(likelihood=ns.likelihood, sampled=ns.sampled, metric=ns.metric)
-    try:
-        model, x, eps = tour_model(ns.kind, ns.data_dim, ns.batch, ns.seed, **options)
-    except ValueError as exc:  # an option the model does not take, e.g. --sampled on a VAE
-        raise UsageError(str(exc)) from None
+    model, x, eps = _small_model(ns, data_dim=ns.data_dim, likelihood=ns.likelihood,
+                                 sampled=ns.sampled, metric=ns.metric)
     nodes = tour(model, x, eps)
     given = ((f" --likelihood {ns.likelihood}" if ns.likelihood else "")
              + (" --sampled" if ns.sampled else "") + (f" --metric {ns.metric}" if ns.metric else ""))

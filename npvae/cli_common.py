@@ -23,6 +23,7 @@ DEFAULTS = dict(
 )
 
 BACKENDS = ("numba", "numpy")
+EVAL_BATCH = 1000  # test images evaluated at a time: npvae train's test ELBO, npvae eval
 
 
 
@@ -43,13 +44,19 @@ def _hidden(text: str) -> str:
         raise argparse.ArgumentTypeError(
             "expected layer sizes like 400 or 512,256, got an empty value; "
             "for no hidden layer at all, write --hidden none")
+    return _int_list(text, "layer sizes like 400 or 512,256", "layer sizes")
+
+
+
+def _int_list(text, example: str, what: str) -> str:
+    """'512,256' -> '512,256': positive integers separated by commas, or an argparse error
+    that gives ``example`` of what is expected and says what the numbers are (``what``)."""
     try:
-        sizes = [int(part) for part in text.split(",")]
+        sizes = [int(part) for part in str(text).split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected layer sizes like 400 or 512,256, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {example}, got {text!r}") from None
     if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"layer sizes must be positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{what} must be positive integers, got {text!r}")
     return ",".join(map(str, sizes))
 
 
@@ -89,6 +96,14 @@ def _formatter(prog):
 def _wrap(text: str) -> str:
     """A description as a paragraph of at most 79 columns (the epilogs keep their layout)."""
     return textwrap.fill(" ".join(text.split()), width=79)
+
+
+
+def add_command(sub, name: str, help: str, description: str, **kwargs):
+    """The parser of subcommand ``name``: its ``description`` one wrapped paragraph, its
+    epilog (in ``kwargs``) kept as written."""
+    return sub.add_parser(name, help=help, description=_wrap(description),
+                          formatter_class=_formatter, **kwargs)
 
 
 

@@ -8,10 +8,9 @@ kinds. Which kinds are convolutional is asked of the model class (:func:`npvae.k
 """
 from __future__ import annotations
 
-import argparse
 import math
 
-from .cli_common import UsageError
+from .cli_common import UsageError, _int_list
 from .kinds import is_conv, is_vq
 
 # Defaults of a convolutional run that differ from an MLP run's. With channels 16,32 an
@@ -33,14 +32,7 @@ CONV_FALLBACK = dict(channels="16,32", epochs=8)  # a conv kind not listed above
 
 def _channels(text: str) -> str:
     """--channels: '16,32' -> '16,32' (positive integers, one per stride-2 layer)."""
-    try:
-        sizes = [int(part) for part in str(text).split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected channel counts like 16,32 (one per layer), got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"channel counts must be positive integers, got {text!r}")
-    return ",".join(map(str, sizes))
+    return _int_list(text, "channel counts like 16,32 (one per layer)", "channel counts")
 
 
 def add_channels_option(group) -> None:

@@ -8,24 +8,22 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import textwrap
 from pathlib import Path
+
+from ..cli_common import add_command
 
 
 def add_exercises_command(sub) -> None:
     """Register ``npvae exercises`` on the subparsers of the main command."""
-    p = sub.add_parser(
-        "exercises", help="fill-in-the-backward exercises and bug hunts, with an autograder",
-        description=textwrap.fill(
-            "Exercises: write the backward pass of each op, and find the one planted bug in "
-            "each of six small models. `new` writes them into a folder, `check` grades them "
-            "with gradient checks in float64 (and value checks where a gradient check cannot "
-            "see the mistake), `solutions` writes the solved files.", width=79),
+    p = add_command(
+        sub, "exercises", "fill-in-the-backward exercises and bug hunts, with an autograder",
+        "Exercises: write the backward pass of each op, and find the one planted bug in each "
+        "of six small models. `new` writes them into a folder, `check` grades them with "
+        "gradient checks in float64 (and value checks where a gradient check cannot see the "
+        "mistake), `solutions` writes the solved files.",
         epilog="example:\n  npvae exercises new hw\n  (edit hw/fill/01_linear.py)\n"
-               "  npvae exercises check hw 01",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  npvae exercises check hw 01")
     ex = p.add_subparsers(dest="exercises_command", metavar="ACTION", required=True)
     new = ex.add_parser("new", help="write the exercises into a new folder")
     new.add_argument("dir", metavar="DIR", type=Path, help="a folder that does not exist yet, or is empty")
