@@ -35,7 +35,7 @@ from functools import partial
 import numpy as np
 
 from .kinds import is_vq
-from .models.conv_vae import KERNEL, PAD, STRIDE
+from .models.conv_nets import KERNEL, PAD, STRIDE
 from .models.conv_vqvae import MIX
 from .ops.activations import activation_backward, activation_forward
 from .ops.conv import (

@@ -12,6 +12,7 @@ default channels (32, 64):
 Each stride-2 layer halves (or doubles) the side: padding 1 with a 4 x 4 kernel maps
 28 -> 14 -> 7 exactly, so the image side must be divisible by 4. Data arrive flat, (N, D)
 with D = C H W, as for every npvae model, and are reshaped here.
+The two convolutional stacks are :mod:`npvae.models.conv_nets`, shared with the conv VQ-VAE.
 
 Parameters: ``enc.conv{i}.w/b``, ``enc.fc.W/b``, ``dec.fc.W/b``, ``dec.convT{i}.w/b``.
 docs/derivations.md, sections CONV and VAE.
@@ -26,14 +27,12 @@ from ..ops import (
     activation_backward, activation_forward, gaussian_kl_backward, gaussian_kl_forward,
     linear_backward, linear_forward, reparameterize_backward, reparameterize_forward,
 )
-from ..ops.conv import (
-    conv2d_backward, conv2d_forward, conv_transpose2d_backward, conv_transpose2d_forward,
-)
 from .base import ContinuousLatentModel, as_rng, check_likelihood, kl_weight, likelihood_backward, \
     likelihood_forward, trusted
+from .conv_nets import (
+    STRIDE, down_backward, down_forward, down_shapes, fan_in, up_backward, up_forward, up_shapes,
+)
 from .vae import VAE
-
-KERNEL, STRIDE, PAD = 4, 2, 1  # each layer halves or doubles the side
 
 
 class ConvVAE(VAE):
@@ -72,14 +71,10 @@ class ConvVAE(VAE):
         self.image_shape = (c, h, w)
         self.map_shape = (channels[-1], h // side_factor, w // side_factor)  # (K, h', w')
         flat = int(np.prod(self.map_shape))
-        shapes = {}
-        for i, (k_in, k_out) in enumerate(zip((c,) + channels[:-1], channels)):
-            shapes[f"enc.conv{i}.w"], shapes[f"enc.conv{i}.b"] = (k_out, k_in, KERNEL, KERNEL), (k_out,)
+        shapes = down_shapes(c, channels)
         shapes["enc.fc.W"], shapes["enc.fc.b"] = (flat, 2 * self.latent), (2 * self.latent,)
         shapes["dec.fc.W"], shapes["dec.fc.b"] = (self.latent, flat), (flat,)
-        up = channels[::-1] + (c,)
-        for i, (k_in, k_out) in enumerate(zip(up[:-1], up[1:])):
-            shapes[f"dec.convT{i}.w"], shapes[f"dec.convT{i}.b"] = (k_in, k_out, KERNEL, KERNEL), (k_out,)
+        shapes.update(up_shapes(channels, c))
         config = dict(data_dim=c * h * w, image_shape=[c, h, w], channels=list(channels),
                       latent=self.latent, likelihood=likelihood, sigma2=sigma2, beta=float(beta),
                       warmup_steps=int(warmup_steps), free_bits=0.0, activation="relu",
@@ -95,37 +90,23 @@ class ConvVAE(VAE):
             if name.endswith(".b"):
                 p[...] = 0.0
                 continue
-            if name.endswith(".w") and ".convT" in name:
-                fan_in = p.shape[0] * p.shape[2] * p.shape[3] / (STRIDE * STRIDE)
-            elif name.endswith(".w"):
-                fan_in = p.shape[1] * p.shape[2] * p.shape[3]
-            else:
-                fan_in = p.shape[0]
             head = name in ("enc.fc.W", f"dec.convT{self.n_conv - 1}.w")  # no ReLU follows
-            std = math.sqrt((1.0 if head else 2.0) / fan_in)
+            std = math.sqrt((1.0 if head else 2.0) / fan_in(name, p.shape))
             p[...] = rng.standard_normal(p.shape) * std
 
     # -- the two networks: forward, and backward from the caches ---------------------
     def _encoder_forward(self, x):
         """x (N, D) -> enc (N, 2Z), caches."""
-        p, caches = self.params, []
+        p = self.params
         h = x.reshape((x.shape[0],) + self.image_shape)  # (N, C, H, W)
-        for i in range(self.n_conv):
-            a, conv_cache = conv2d_forward(h, p[f"enc.conv{i}.w"], p[f"enc.conv{i}.b"], STRIDE, PAD)
-            h, act_cache = activation_forward(a, "relu")  # (N, K_i, H_i, W_i)  (CONV.1, ACT.1)
-            caches.append((conv_cache, act_cache))
+        h, caches = down_forward(p, h, self.n_conv)  # (N, K, h', w')  (CONV.1)
         enc, fc_cache = linear_forward(h.reshape(h.shape[0], -1), p["enc.fc.W"], p["enc.fc.b"])
         return enc, (caches, fc_cache, h.shape)  # (N, 2Z)  (LIN.1)
 
     def _encoder_backward(self, denc, cache, grads):
         caches, fc_cache, map_shape = cache
         dflat, grads["enc.fc.W"][...], grads["enc.fc.b"][...] = linear_backward(denc, fc_cache)
-        dh = dflat.reshape(map_shape)  # (N, K, h', w')  (LIN.2-4)
-        for i in reversed(range(self.n_conv)):
-            conv_cache, act_cache = caches[i]
-            da = activation_backward(dh, act_cache)  # (ACT.1)
-            dh, grads[f"enc.conv{i}.w"][...], grads[f"enc.conv{i}.b"][...] = \
-                conv2d_backward(da, conv_cache, need_dx=i > 0)  # x is data: no dx  (CONV.2-4)
+        down_backward(dflat.reshape(map_shape), caches, grads)  # (N, K, h', w')  (LIN.2-4)
 
     def _decoder_forward(self, z):
         """z (N, Z) -> the decoder's raw output (N, D), caches."""
@@ -133,26 +114,12 @@ class ConvVAE(VAE):
         a, fc_cache = linear_forward(z, p["dec.fc.W"], p["dec.fc.b"])  # (N, K h' w')  (LIN.1)
         h, fc_act = activation_forward(a, "relu")
         h = h.reshape((z.shape[0],) + self.map_shape)  # (N, K, h', w')
-        caches = []
-        for i in range(self.n_conv):
-            a, conv_cache = conv_transpose2d_forward(h, p[f"dec.convT{i}.w"], p[f"dec.convT{i}.b"],
-                                                     STRIDE, PAD)  # (CONVT.1)
-            act_cache = None
-            if i < self.n_conv - 1:
-                a, act_cache = activation_forward(a, "relu")
-            caches.append((conv_cache, act_cache))
-            h = a
+        h, caches = up_forward(p, h, self.n_conv)  # (N, C, H, W)  (CONVT.1)
         return h.reshape(z.shape[0], -1), (fc_cache, fc_act, caches)  # (N, D)
 
     def _decoder_backward(self, dout, cache, grads):
         fc_cache, fc_act, caches = cache
-        dh = dout.reshape((dout.shape[0],) + self.image_shape)
-        for i in reversed(range(self.n_conv)):
-            conv_cache, act_cache = caches[i]
-            if act_cache is not None:
-                dh = activation_backward(dh, act_cache)  # (ACT.1)
-            dh, grads[f"dec.convT{i}.w"][...], grads[f"dec.convT{i}.b"][...] = \
-                conv_transpose2d_backward(dh, conv_cache)  # (CONVT.2)
+        dh = up_backward(dout.reshape((dout.shape[0],) + self.image_shape), caches, grads)
         da = activation_backward(dh.reshape(dh.shape[0], -1), fc_act)  # (ACT.1)
         dz, grads["dec.fc.W"][...], grads["dec.fc.b"][...] = linear_backward(da, fc_cache)
         return dz  # (N, Z)  (LIN.2)

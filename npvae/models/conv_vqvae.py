@@ -32,13 +32,13 @@ import math
 import numpy as np
 
 from ..ops import activation_backward, activation_forward
-from ..ops.conv import (
-    conv2d_backward, conv2d_forward, conv_transpose2d_backward, conv_transpose2d_forward,
-)
+from ..ops.conv import conv2d_backward, conv2d_forward
 from .base import Model, as_rng
+from .conv_nets import (
+    STRIDE, down_backward, down_forward, down_shapes, fan_in, up_backward, up_forward, up_shapes,
+)
 from .vqvae import VQVAE, quantizer_settings
 
-KERNEL, STRIDE, PAD = 4, 2, 1  # each stride-2 layer halves or doubles the side
 MIX = 3  # the decoder's first convolution: 3 x 3, padding 1, the map's size kept
 
 
@@ -92,14 +92,10 @@ class ConvVQVAE(VQVAE):
         self.image_shape = (c, h, w)
         self.map_side = (map_h, map_w)  # (h', w')
         self.n_conv = len(channels)
-        shapes = {}
-        for i, (k_in, k_out) in enumerate(zip((c,) + channels[:-1], channels)):
-            shapes[f"enc.conv{i}.w"], shapes[f"enc.conv{i}.b"] = (k_out, k_in, KERNEL, KERNEL), (k_out,)
+        shapes = down_shapes(c, channels)
         shapes["enc.out.w"], shapes["enc.out.b"] = (self.Dz, channels[-1], 1, 1), (self.Dz,)
         shapes["dec.in.w"], shapes["dec.in.b"] = (channels[-1], self.Dz, MIX, MIX), (channels[-1],)
-        up = channels[::-1] + (c,)
-        for i, (k_in, k_out) in enumerate(zip(up[:-1], up[1:])):
-            shapes[f"dec.convT{i}.w"], shapes[f"dec.convT{i}.b"] = (k_in, k_out, KERNEL, KERNEL), (k_out,)
+        shapes.update(up_shapes(channels, c))
         shapes["codebook"] = (self.K, self.Dz)
         config = dict(data_dim=c * h * w, image_shape=[c, h, w], channels=list(channels),
                       num_codes=q.pop("num_codes"), code_dim=q.pop("code_dim"),
@@ -120,12 +116,8 @@ class ConvVQVAE(VQVAE):
             if name.endswith(".b"):
                 p[...] = 0.0
                 continue
-            if ".convT" in name:
-                fan_in = p.shape[0] * p.shape[2] * p.shape[3] / (STRIDE * STRIDE)
-            else:
-                fan_in = p.shape[1] * p.shape[2] * p.shape[3]
             gain = 1.0 if name in ("enc.out.w", last) else 2.0  # no ReLU follows the heads
-            p[...] = rng.standard_normal(p.shape) * math.sqrt(gain / fan_in)
+            p[...] = rng.standard_normal(p.shape) * math.sqrt(gain / fan_in(name, p.shape))
 
     # -- the code map and its rows (CVQ.1) ---------------------------------------------
     def _map_to_rows(self, z_map):
@@ -141,12 +133,9 @@ class ConvVQVAE(VQVAE):
     # -- the two networks: forward, and backward from the caches ---------------------
     def _encoder_forward(self, x):
         """x (N, D) -> z_e (N, M, Dz), the rows of the code map, and the caches."""
-        p, caches = self.params, []
+        p = self.params
         h = x.reshape((x.shape[0],) + self.image_shape)  # (N, C, H, W)
-        for i in range(self.n_conv):
-            a, conv_cache = conv2d_forward(h, p[f"enc.conv{i}.w"], p[f"enc.conv{i}.b"], STRIDE, PAD)
-            h, act_cache = activation_forward(a, "relu")  # (N, K_i, H_i, W_i)  (CONV.1, ACT.1)
-            caches.append((conv_cache, act_cache))
+        h, caches = down_forward(p, h, self.n_conv)  # (N, K_last, h', w')  (CONV.1)
         z_map, out_cache = conv2d_forward(h, p["enc.out.w"], p["enc.out.b"], 1, 0)  # (N, Dz, h', w')
         return self._map_to_rows(z_map), (caches, out_cache)  # (N, M, Dz)  (CVQ.1)
 
@@ -155,11 +144,7 @@ class ConvVQVAE(VQVAE):
         caches, out_cache = cache
         dz_map = self._rows_to_map(dz_e)  # (N, Dz, h', w')  each row back to its position  (CVQ.2)
         dh, grads["enc.out.w"][...], grads["enc.out.b"][...] = conv2d_backward(dz_map, out_cache)
-        for i in reversed(range(self.n_conv)):
-            conv_cache, act_cache = caches[i]
-            da = activation_backward(dh, act_cache)  # (ACT.1)
-            dh, grads[f"enc.conv{i}.w"][...], grads[f"enc.conv{i}.b"][...] = \
-                conv2d_backward(da, conv_cache, need_dx=i > 0)  # x is data: no dx  (CONV.2-4)
+        down_backward(dh, caches, grads)  # (CONV.2-4)
 
     def _decoder_forward(self, z_q):
         """z_q (N, M, Dz) -> the decoder's raw output (N, D), and the caches."""
@@ -167,27 +152,14 @@ class ConvVQVAE(VQVAE):
         z_map = self._rows_to_map(z_q)  # (N, Dz, h', w')  (CVQ.1)
         a, in_cache = conv2d_forward(z_map, p["dec.in.w"], p["dec.in.b"], 1, MIX // 2)
         h, in_act = activation_forward(a, "relu")  # (N, K_last, h', w')  (CONV.1, ACT.1)
-        caches = []
-        for i in range(self.n_conv):
-            a, conv_cache = conv_transpose2d_forward(h, p[f"dec.convT{i}.w"], p[f"dec.convT{i}.b"],
-                                                     STRIDE, PAD)  # (CONVT.1)
-            act_cache = None
-            if i < self.n_conv - 1:
-                a, act_cache = activation_forward(a, "relu")
-            caches.append((conv_cache, act_cache))
-            h = a
+        h, caches = up_forward(p, h, self.n_conv)  # (N, C, H, W)  (CONVT.1)
         return h.reshape(n, -1), (in_cache, in_act, caches)  # (N, D)
 
     def _decoder_backward(self, dout, cache, grads):
         """dout (N, D) -> dz_q (N, M, Dz); the decoder's parameter gradients go into ``grads``."""
         in_cache, in_act, caches = cache
         dh = dout.reshape((dout.shape[0],) + self.image_shape)  # (N, C, H, W)
-        for i in reversed(range(self.n_conv)):
-            conv_cache, act_cache = caches[i]
-            if act_cache is not None:
-                dh = activation_backward(dh, act_cache)  # (ACT.1)
-            dh, grads[f"dec.convT{i}.w"][...], grads[f"dec.convT{i}.b"][...] = \
-                conv_transpose2d_backward(dh, conv_cache)  # (CONVT.2)
+        dh = up_backward(dh, caches, grads)  # (N, K_last, h', w')  (CONVT.2)
         da = activation_backward(dh, in_act)  # (ACT.1)
         dz_map, grads["dec.in.w"][...], grads["dec.in.b"][...] = conv2d_backward(da, in_cache)
         return self._map_to_rows(dz_map)  # (N, M, Dz)  (CVQ.2)
