@@ -346,21 +346,7 @@ def _tour_vqvae(c, model, x, nets=MLP_VQ_NETWORKS):
     out = nets.dec_forward(c, model, z_q.reshape(n, -1), out_name)
     logp = c.forward(lik_name, lik_tags, lik_op, {out_name: out, "x": x},
                      **_likelihood_texts(cfg))
-    recon, kl_term = -float(logp.mean()), model.M * math.log(model.K)
-    c.values = dict(reconstruction=recon, kl=kl_term, elbo=-(recon + kl_term),
-                    bound="a lower bound on log p(x) under the uniform prior over codes, whose "
-                          "KL is the constant M log K  (VQVAE.1)")
-    loss = c.forward(loss_name, ("VQVAE.2",), (partial(vq_objective_forward, ema=cfg["ema"]),
-                                               vq_objective_backward),
-                     {"logp": logp, "codebook_loss": cb, "commitment_loss": cm},
-                     formula="loss = -mean_n logp_n + sum_r cb_r / N + sum_r cm_r / N  (VQVAE.2)"
-                     + ("; under EMA without the cb term (VQ.6)" if cfg["ema"] else ""),
-                     gradient="dlogp = -1/N;  dcb = " + ("0" if cfg["ema"] else "1/N")
-                     + ";  dcm = 1/N  (VQVAE.2)",
-                     value=lambda loss: (f"loss {float(loss):.6g} (not -ELBO: it adds the "
-                                         f"codebook and commitment terms);  ELBO "
-                                         f"{-(recon + kl_term):.6g} = -(reconstruction "
-                                         f"{recon:.6g} + KL M log K = {kl_term:.6g})"))
+    loss = _vq_loss(c, model, loss_name, logp, cb, cm)
 
     # ---- reverse
     dlogp, dcb, dcm = c.backward(loss_name, 1.0, (("dloss", 1.0),),
@@ -381,7 +367,36 @@ def _tour_vqvae(c, model, x, nets=MLP_VQ_NETWORKS):
                                                     ("dz_e from commitment", dz_cm)), ("z_e",),
                          note=f"z_e feeds the quantizer and the commitment loss: gradients add; "
                               f"reshaped ({R}, {Dz}) -> ({n}, {model.M * Dz}) for the encoder")
-    if cfg["ema"]:
+    _codebook_backward(c, cfg["ema"], cb_name, dcb, codebook)
+    nets.enc_backward(c, model, dz_e.reshape(n, -1))
+    return float(loss)
+
+
+def _vq_loss(c, model, loss_name, logp, cb, cm):
+    """The VQ-VAE's loss node (VQVAE.2), forward; the ELBO under the uniform prior over
+    codes (VQVAE.1) goes into the tour's values."""
+    ema = model.config["ema"]
+    recon, kl_term = -float(logp.mean()), model.M * math.log(model.K)
+    c.values = dict(reconstruction=recon, kl=kl_term, elbo=-(recon + kl_term),
+                    bound="a lower bound on log p(x) under the uniform prior over codes, whose "
+                          "KL is the constant M log K  (VQVAE.1)")
+    return c.forward(loss_name, ("VQVAE.2",), (partial(vq_objective_forward, ema=ema),
+                                               vq_objective_backward),
+                     {"logp": logp, "codebook_loss": cb, "commitment_loss": cm},
+                     formula="loss = -mean_n logp_n + sum_r cb_r / N + sum_r cm_r / N  (VQVAE.2)"
+                     + ("; under EMA without the cb term (VQ.6)" if ema else ""),
+                     gradient="dlogp = -1/N;  dcb = " + ("0" if ema else "1/N")
+                     + ";  dcm = 1/N  (VQVAE.2)",
+                     value=lambda loss: (f"loss {float(loss):.6g} (not -ELBO: it adds the "
+                                         f"codebook and commitment terms);  ELBO "
+                                         f"{-(recon + kl_term):.6g} = -(reconstruction "
+                                         f"{recon:.6g} + KL M log K = {kl_term:.6g})"))
+
+
+def _codebook_backward(c, ema, cb_name, dcb, codebook) -> None:
+    """The codebook's gradient: from the codebook loss (VQ.4), or zero under moving
+    averages (VQ.6), where a node says so."""
+    if ema:
         c.grads["codebook"] = np.zeros_like(codebook)
         c.nodes.append(Node(cb_name, ("VQ.6",), (), {"codebook": codebook.shape},
                             {_d("codebook"): codebook.shape}, {_d("codebook"): 0.0}, None, None,
@@ -394,8 +409,6 @@ def _tour_vqvae(c, model, x, nets=MLP_VQ_NETWORKS):
         c.backward(cb_name, dcb, (("dcodebook_loss", dcb),), ("codebook",), stopped=("z_e",),
                    note="sg[z_e]: the encoder gets no gradient from this term (chosen, VQ.4); "
                         "the derivative dropped is shown under 'stopped'")
-    nets.enc_backward(c, model, dz_e.reshape(n, -1))
-    return float(loss)
 
 
 def _straight_through_note(model, x, dzq, dz_st, numeric):
