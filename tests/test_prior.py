@@ -272,6 +272,31 @@ def test_ancestral_samples_follow_the_prior():
     assert chi2 < 24.3, chi2  # 99.9% point of chi-square with 7 degrees of freedom
 
 
+def naive_sample(model, n, rng, temperature=1.0):
+    """Ancestral sampling with the whole network run for every position (MADE.6)."""
+    idx = np.zeros((n, model.M), dtype=np.int64)
+    for m in range(model.M):
+        logits = model.conditional_logits(idx)[:, m].astype(np.float64)
+        p = np.exp(logits / temperature - np.logaddexp.reduce(logits / temperature, axis=1,
+                                                               keepdims=True))
+        u = rng.random((n, 1))
+        idx[:, m] = np.minimum((np.cumsum(p, axis=1) < u).sum(axis=1), model.K - 1)
+    return idx
+
+
+@pytest.mark.parametrize("hidden, direct, activation", [
+    ((5,), True, "tanh"), ((5,), False, "relu"), ((6, 4), True, "relu"), ((6, 4), False, "tanh"),
+    ((), True, "tanh")])
+def test_incremental_sampling_draws_what_the_whole_network_draws(hidden, direct, activation):
+    """sample() updates the first layer by one row per drawn code and evaluates one output
+    block: with the same uniforms it draws the same codes as running the network in full."""
+    model = small_prior(4, 6, hidden, activation, seed=7, direct=direct)
+    for t in (1.0, 0.7):
+        fast = model.sample(300, np.random.default_rng(1), temperature=t)
+        slow = naive_sample(model, 300, np.random.default_rng(1), temperature=t)
+        np.testing.assert_array_equal(fast, slow)
+
+
 def test_temperature_sharpens_and_flattens():
     model = small_prior(4, 2, (5,), "tanh", seed=3)
     rng = np.random.default_rng(0)

@@ -274,14 +274,41 @@ class MADEPrior(Model):
 
         c_m ~ softmax(logits_m / T) given the c_<m already drawn; ``temperature`` T > 0
         (T = 1 samples p(c); T < 1 sharpens it, T > 1 flattens it).
+
+        Each step computes only what changed. The first layer is linear in the one-hot x,
+        and drawing c_m sets one column of x, so its pre-activation gains one row of
+        W_0 * A_0 (MADE.4) instead of being recomputed; and only position m's K columns of
+        the output layer are evaluated. The draws are those of computing every
+        conditional_logits(idx)[:, m] in full, up to the rounding of the sums.
         """
         temperature = v.positive("temperature", temperature)
         rng = as_rng(rng)
-        n = int(n)
+        n, K, act = int(n), self.K, self.config["activation"]
+        p = self.params
         idx = np.zeros((n, self.M), dtype=np.int64)
+        x = np.zeros((n, self.M * K), dtype=self.dtype)  # (n, M K)  the codes drawn so far
+        rows = np.arange(n)
+        layers = len(self.hidden)
+        if layers:
+            W0 = p["hid.0.W"] * self.masks[0]  # (M K, H_1)
+            a0 = np.repeat(p["hid.0.b"][None, :], n, axis=0)  # (n, H_1)  x = 0 so far
+            hidden_W = [p[f"hid.{i}.W"] * self.masks[i] for i in range(1, layers)]
+        W_out = p["out.W"] * self.masks[-1]  # (H_L [+ M K], M K)
         for m in range(self.M):  # position m reads only c_<m, drawn already (MADE.3)
-            logits = self.conditional_logits(idx)[:, m].astype(np.float64)  # (n, K)
-            p = np.exp(log_softmax(logits / temperature))  # (n, K)  (MADE.6)
+            if layers:
+                h, _ = activation_forward(a0, act)  # (n, H_1)
+                for i, W in enumerate(hidden_W, start=1):
+                    h, _ = activation_forward(h @ W + p[f"hid.{i}.b"], act)  # (n, H_i)
+                inputs = np.concatenate([h, x], axis=1) if self.direct else h
+            else:
+                inputs = x
+            block = slice(m * K, (m + 1) * K)
+            logits = inputs @ W_out[:, block] + p["out.b"][block]  # (n, K)  (MADE.4)
+            probs = np.exp(log_softmax(logits.astype(np.float64) / temperature))  # (n, K)  (MADE.6)
             u = rng.random((n, 1))  # (n, 1)  one uniform per draw: inverse CDF
-            idx[:, m] = np.minimum((np.cumsum(p, axis=1) < u).sum(axis=1), self.K - 1)
+            c = np.minimum((np.cumsum(probs, axis=1) < u).sum(axis=1), K - 1)  # (n,)
+            idx[:, m] = c
+            x[rows, m * K + c] = 1.0
+            if layers:
+                a0 += W0[m * K + c]  # (n, H_1)  x gained column m K + c_m
         return idx
