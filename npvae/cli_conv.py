@@ -21,10 +21,10 @@ CONV_DEFAULTS = {"conv-vae": dict(channels="16,32", epochs=8),
                  # the model's own defaults: moving averages, restarts, k-means, and K = 256
                  # codes. With 49 codes per image 256 reach the test MSE of 0.01 where
                  # 128 do not (0.0104 after 8 epochs): 0.0105, 0.0096 and 0.0087 after 5, 6 and
-                 # 7 epochs, every code used. 6 epochs keep the whole run near 4 minutes on two
-                 # busy cores (22-41 s an epoch). npvae train-prior leaves MADE's direct
-                 # connection out for these 49 x 256 one-hot inputs (it would hold 157 million
-                 # weights): 12.9 million parameters with 512 hidden units.
+                 # 7 epochs, every code used. The default 6-epoch run took 199 s from start to
+                 # finish on two busy cores (22-41 s an epoch). npvae train-prior leaves
+                 # MADE's direct connection out for these 49 x 256 one-hot inputs (it would
+                 # hold 157 million weights): 12.9 million parameters with 512 hidden units.
                  "conv-vqvae": dict(channels="16,32", epochs=6, codes=256, ema=True,
                                     restart_after=100, kmeans_init=True)}
 CONV_FALLBACK = dict(channels="16,32", epochs=8)  # a conv kind not listed above
