@@ -142,7 +142,8 @@ def _add_objective_options(o) -> None:
 
 def _add_vq_options(q) -> None:
     """npvae train: the codebook of a VQ-VAE and how it learns."""
-    q.add_argument("--codes", type=_positive_int, metavar="K", help="codebook size (default 128)")
+    q.add_argument("--codes", type=_positive_int, metavar="K",
+                   help="codebook size (default 128; 256 for conv-vqvae)")
     q.add_argument("--code-dim", type=_positive_int, metavar="DZ",
                    help="size of each code vector (default 16)")
     q.add_argument("--code-vectors", type=_positive_int, metavar="M",
