@@ -83,11 +83,20 @@ def one_line_error(code, err, status=2):
     assert len(err.strip().splitlines()) == 1, err
 
 
+def _default_signals():
+    """In the child before it starts: Ctrl-C and hang-up at their default actions, whatever
+    this test process inherited (under nohup, or in a background job, they arrive ignored,
+    and npvae rightly leaves an ignored signal ignored)."""
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def start_child(*argv):
     """`npvae ARGV` in a child process (see CHILD); returns it once its first step is done."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     child = subprocess.Popen([sys.executable, "-c", CHILD, *argv], env=env, cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_default_signals)
     lines = []
     for line in child.stderr:  # blocks until the child speaks; it ends in "first step done"
         lines.append(line)
