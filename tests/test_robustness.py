@@ -553,3 +553,18 @@ def test_a_read_only_run_folder_fails_before_training(tmp_path):
             train(build(SMALL, rng=0), *small_data(), epochs=1, run_dir=run, **LOOP)
     finally:
         run.chmod(0o755)
+
+
+def test_an_ignored_hang_up_stays_ignored_as_under_nohup():
+    from npvae.runs import stop_on_signals
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup leaves
+    try:
+        with stop_on_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with stop_on_signals():  # at its default action, it becomes a clean stop
+            assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # restored on exit
+    finally:
+        signal.signal(signal.SIGHUP, before)
