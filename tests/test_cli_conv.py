@@ -11,7 +11,7 @@ from npvae.kinds import is_conv, is_vq
 from npvae.models import KINDS
 from npvae.train_settings import new_run_settings
 
-from test_cli import fake_load
+from test_cli import fake_load, run_cli
 
 # channels 2,4 on 28x28 images: 28 -> 14 -> 7, a 7x7 map (M = 49 codes for the VQ-VAE)
 TINY = ["--channels", "2,4", "--batch-size", "32", "--limit", "64", "--no-progress"]
@@ -23,12 +23,6 @@ FIGURES = {"reconstructions.png", "samples.png", "loss_curves.png", "latent_scat
 @pytest.fixture(autouse=True)
 def fake_data(monkeypatch):
     monkeypatch.setattr(data, "load", fake_load)
-
-
-def run_cli(capsys, *argv):
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def train_once(tmp_path_factory, name, *extra):

@@ -16,6 +16,7 @@ from npvae.optim import Adam
 from npvae.train import train
 
 from strategies import seeds
+from test_vq_bookkeeping import ema_by_hand
 
 TOL = 1e-6
 MARGIN = 1e-3  # distance kept from ReLU kinks and code ties: a step of 1e-4 in one
@@ -227,7 +228,7 @@ def test_kmeans_init_fits_the_first_batch_rows():
 
 
 def test_ema_after_step_averages_the_map_rows():
-    """(VQ.6) on the R = N M rows of the map, written out here by hand."""
+    """(VQ.6) on the R = N M rows of the map, against the update written out with loops."""
     decay = 0.8
     model = tiny(num_codes=4, ema=True, ema_decay=decay)
     x = images(5, np.random.default_rng(2))
@@ -237,19 +238,10 @@ def test_ema_after_step_averages_the_map_rows():
     rows = model.encode(x).reshape(-1, 2)  # (20, 2)
     idx = model.assign(x).reshape(-1)  # (20,)
     model.after_step(np.random.default_rng(0))
-    counts = np.zeros(4)
-    sums = np.zeros((4, 2))
-    for r, k in enumerate(idx):
-        counts[k] += 1
-        sums[k] += rows[r]
-    size = decay * size0 + (1 - decay) * counts
-    embed_sum = decay * sum0 + (1 - decay) * sums
-    total = size.sum()
-    smoothed = (size + 1e-5) / (total + 4 * 1e-5) * total
+    codebook, size, embed_sum = ema_by_hand(size0, sum0, rows, idx, decay, 1e-5, 4)
     np.testing.assert_allclose(model.buffers["ema_cluster_size"], size, rtol=1e-12)
     np.testing.assert_allclose(model.buffers["ema_embed_sum"], embed_sum, rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(model.params["codebook"], embed_sum / smoothed[:, None],
-                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(model.params["codebook"], codebook, rtol=1e-9, atol=1e-12)
 
 
 def test_a_dead_code_is_restarted_onto_a_map_row():

@@ -56,7 +56,8 @@ def _bernoulli_numpy(logits, x):
     pos = logits > 0
     lin = np.where(pos, (x - 1) * logits, x * logits)  # (N, D)  x l - max(l, 0)
     logp = np.sum(lin - np.log1p(e), axis=1)  # (N,)  (LIK.3)
-    g = np.where(pos, (x - 1) + e / (1 + e), x - e / (1 + e))  # (N, D)  x - sigmoid(l)  (LIK.4)
+    s = e / (1 + e)  # (N, D)  sigmoid(-|l|)
+    g = np.where(pos, (x - 1) + s, x - s)  # (N, D)  x - sigmoid(l)  (LIK.4)
     return logp.astype(logits.dtype, copy=False), g.astype(logits.dtype, copy=False)
 
 

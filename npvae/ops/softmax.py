@@ -33,10 +33,11 @@ def log_softmax(logits):
     only about 1e-16 / (the others) of their value, and the loss of the predicted class,
     which is that log, would be computed to few digits.
     """
-    c = logits.max(axis=-1, keepdims=True)  # (..., 1)  the largest logit
+    top = logits.argmax(axis=-1)[..., None]  # (..., 1)  where the largest logit is
+    c = np.take_along_axis(logits, top, axis=-1)  # (..., 1)  the largest logit
     shifted = logits - c  # (..., K)  <= 0, the largest exactly 0
     e = np.exp(shifted)  # (..., K)  in (0, 1], the largest exactly 1
-    np.put_along_axis(e, logits.argmax(axis=-1)[..., None], 0.0, axis=-1)  # drop that 1
+    np.put_along_axis(e, top, 0.0, axis=-1)  # drop that 1
     lse = np.log1p(e.sum(axis=-1, keepdims=True))  # (..., 1)  lse(l) - c  (XENT.1)
     return shifted - lse  # (..., K)  l - lse(l)  (XENT.1)
 
