@@ -123,79 +123,85 @@ def conv2d_backward_reference(dy, x, w, stride: int = 1, pad: int = 0):
 
 
 def _windows(xp, kh, kw, stride):
-    """A read-only view (N, OH, OW, C, KH, KW) of every window of the padded input."""
+    """A read-only view (N, OH, OW, KH, KW, C) of every window of the padded input."""
     win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))  # (N, C, H', W', KH, KW)
     win = win[:, :, ::stride, ::stride]  # (N, C, OH, OW, KH, KW)
-    return win.transpose(0, 2, 3, 1, 4, 5)
+    return win.transpose(0, 2, 3, 4, 5, 1)
 
 
 def _im2col_numpy(x, kh, kw, stride, pad, oh, ow):
-    """x (N, C, H, W) -> cols (N*OH*OW, C*KH*KW): row (n, i, j) holds the window of the
-    padded input under output position (i, j), in (c, k, l) order (CONV.1)."""
+    """x (N, C, H, W) -> cols (N*OH*OW, KH*KW*C): row (n, i, j) holds the window of the
+    padded input under output position (i, j), in (k, l, c) order, channels fastest, so
+    that one row of a window over all channels is KW*C consecutive entries (CONV.1)."""
     n, c = x.shape[:2]
-    win = _windows(_pad(x, pad), kh, kw, stride)[:, :oh, :ow]  # (N, OH, OW, C, KH, KW) view
-    return win.reshape(n * oh * ow, c * kh * kw)  # the copy of im2col
+    win = _windows(_pad(x, pad), kh, kw, stride)[:, :oh, :ow]  # (N, OH, OW, KH, KW, C) view
+    return win.reshape(n * oh * ow, kh * kw * c)  # the copy of im2col
 
 
 @numba_kernel
 def _im2col_numba(x, kh, kw, stride, pad, oh, ow):
-    """The same as :func:`_im2col_numpy`, one element at a time. The padding is never
-    built: a tap that falls on it stays zero."""
+    """The same as :func:`_im2col_numpy` as loops. Each example is first copied, channels
+    last, into a buffer with a zero border; the KW*C entries a window reads from one row
+    of that buffer are then consecutive, and are copied in one piece."""
     n, c, h, w = x.shape
-    cols = np.zeros((n * oh * ow, c * kh * kw), dtype=x.dtype)
+    run = kw * c  # the entries of one window row
+    cols = np.empty((n * oh * ow, kh * run), dtype=x.dtype)
+    xp = np.zeros((h + 2 * pad, (w + 2 * pad) * c), dtype=x.dtype)  # (H', W' C), border 0
     for b in range(n):
+        for r in range(h):
+            for q in range(w):
+                for ch in range(c):
+                    xp[pad + r, (pad + q) * c + ch] = x[b, ch, r, q]
         for i in range(oh):
             for j in range(ow):
                 row = (b * oh + i) * ow + j
-                for ch in range(c):
-                    for k in range(kh):
-                        r = i * stride + k - pad  # the input row under tap k
-                        if r < 0 or r >= h:
-                            continue
-                        at = (ch * kh + k) * kw
-                        for l in range(kw):
-                            q = j * stride + l - pad  # the input column under tap l
-                            if 0 <= q < w:
-                                cols[row, at + l] = x[b, ch, r, q]
+                at = j * stride * c
+                for k in range(kh):
+                    cols[row, k * run:(k + 1) * run] = xp[i * stride + k, at:at + run]
     return cols
 
 
 def _col2im_numpy(cols, x_shape, kh, kw, stride, pad, oh, ow):
     """Sum window-shaped rows back onto the input they were read from (CONV.2).
 
-    cols (N*OH*OW, C*KH*KW) -> dx (N, C, H, W) = x_shape: for each offset (k, l) of the
-    window, one strided addition of an (N, C, OH, OW) block.
+    cols (N*OH*OW, KH*KW*C) -> dx (N, C, H, W) = x_shape: for each offset (k, l) of the
+    window, one strided addition of an (N, C, OH, OW) block. The offsets go from the last
+    to the first, the order in which :func:`_col2im_numba` meets them at each entry.
     """
     n, c, h, w = x_shape
-    blocks = cols.reshape(n, oh, ow, c, kh, kw)
+    blocks = cols.reshape(n, oh, ow, kh, kw, c)
     dxp = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
-    for k in range(kh):
-        for l in range(kw):
+    for k in reversed(range(kh)):
+        for l in reversed(range(kw)):
             dxp[:, :, k:k + stride * oh:stride, l:l + stride * ow:stride] += \
-                blocks[:, :, :, :, k, l].transpose(0, 3, 1, 2)  # (N, C, OH, OW)  (CONV.2)
+                blocks[:, :, :, k, l].transpose(0, 3, 1, 2)  # (N, C, OH, OW)  (CONV.2)
     return np.ascontiguousarray(_unpad(dxp, pad))
 
 
 @numba_kernel
 def _col2im_numba(cols, x_shape, kh, kw, stride, pad, oh, ow):
-    """The same as :func:`_col2im_numpy`, one element at a time, in the same order of
-    additions for each input element (k, then l); taps on the padding are dropped."""
+    """The same as :func:`_col2im_numpy` as loops, one row of cols at a time, each added
+    onto one example kept channels last with a border; the border is dropped at the end.
+    Rows come in order, so each entry receives its terms with (k, l) descending, as in
+    the twin, and the two agree bit for bit."""
     n, c, h, w = x_shape
-    dx = np.zeros((n, c, h, w), dtype=cols.dtype)
+    dx = np.empty((n, c, h, w), dtype=cols.dtype)
+    dxp = np.empty((h + 2 * pad, w + 2 * pad, c), dtype=cols.dtype)  # one example, padded
     for b in range(n):
-        for k in range(kh):  # the twin's order: offset (k, l) outermost
-            for l in range(kw):
-                for i in range(oh):
-                    r = i * stride + k - pad
-                    if r < 0 or r >= h:
-                        continue
-                    for j in range(ow):
-                        q = j * stride + l - pad
-                        if q < 0 or q >= w:
-                            continue
-                        row = (b * oh + i) * ow + j
+        dxp[...] = 0
+        for i in range(oh):
+            for j in range(ow):
+                window = cols[(b * oh + i) * ow + j]  # (KH*KW*C,)
+                for k in range(kh):
+                    for l in range(kw):
+                        at = (k * kw + l) * c
+                        target = dxp[i * stride + k, j * stride + l]  # (C,)
                         for ch in range(c):
-                            dx[b, ch, r, q] += cols[row, (ch * kh + k) * kw + l]  # (CONV.2)
+                            target[ch] += window[at + ch]  # (CONV.2)
+        for r in range(h):
+            for q in range(w):
+                for ch in range(c):
+                    dx[b, ch, r, q] = dxp[pad + r, pad + q, ch]
     return dx
 
 
@@ -203,8 +209,19 @@ _im2col = dispatch(_im2col_numpy, _im2col_numba)
 _col2im = dispatch(_col2im_numpy, _col2im_numba)
 
 
+def _as_matrix(w):
+    """Filters (A, B, KH, KW) -> (A, KH*KW*B), each row in the windows' (k, l, c) order."""
+    return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+
+def _as_filters(m, shape):
+    """The inverse of :func:`_as_matrix`: (A, KH*KW*B) -> (A, B, KH, KW) = shape."""
+    a, b, kh, kw = shape
+    return np.ascontiguousarray(m.reshape(a, kh, kw, b).transpose(0, 3, 1, 2))
+
+
 class ConvCache(NamedTuple):
-    cols: np.ndarray  # (N*OH*OW, C*KH*KW) the windows of the padded input, kept for dw
+    cols: np.ndarray  # (N*OH*OW, KH*KW*C) the windows of the padded input, kept for dw
     w: np.ndarray  # (F, C, KH, KW) kept for dx
     x_shape: tuple  # (N, C, H, W)
     stride: int
@@ -218,8 +235,8 @@ def conv2d_forward(x, w, b, stride: int = 1, pad: int = 0):
     n = x.shape[0]
     oh = conv_output_size(x.shape[2], kh, stride, pad)
     ow = conv_output_size(x.shape[3], kw, stride, pad)
-    cols = _im2col(x, kh, kw, stride, pad, oh, ow)  # (N*OH*OW, C*KH*KW)
-    y = cols @ w.reshape(f, -1).T  # (N*OH*OW, F)  (CONV.1)
+    cols = _im2col(x, kh, kw, stride, pad, oh, ow)  # (N*OH*OW, KH*KW*C)
+    y = cols @ _as_matrix(w).T  # (N*OH*OW, F)  (CONV.1)
     y += b
     y = y.reshape(n, oh, ow, f).transpose(0, 3, 1, 2)  # (N, F, OH, OW)
     return np.ascontiguousarray(y), ConvCache(cols, w, x.shape, stride, pad)
@@ -234,11 +251,11 @@ def conv2d_backward(dy, cache: ConvCache, need_dx: bool = True):
     f, c, kh, kw = w.shape
     n, _, oh, ow = dy.shape
     g = dy.transpose(0, 2, 3, 1).reshape(n * oh * ow, f)  # (N*OH*OW, F)
-    dw = (g.T @ cols).reshape(w.shape)  # (F, C, KH, KW)  (CONV.3)
+    dw = _as_filters(g.T @ cols, w.shape)  # (F, C, KH, KW)  (CONV.3)
     db = g.sum(axis=0)  # (F,)  (CONV.4)
     if not need_dx:
         return None, dw, db
-    dcols = g @ w.reshape(f, -1)  # (N*OH*OW, C*KH*KW)
+    dcols = g @ _as_matrix(w)  # (N*OH*OW, KH*KW*C)
     dx = _col2im(dcols, tuple(x_shape), kh, kw, stride, pad, oh, ow)  # (N, C, H, W)  (CONV.2)
     return dx, dw, db
 
@@ -296,7 +313,7 @@ def conv_transpose2d_forward(x, w, b, stride: int = 1, pad: int = 0, output_pad:
     c_in, c_out, kh, kw = w.shape
     n, _, h, wd = x.shape
     g = x.transpose(0, 2, 3, 1).reshape(n * h * wd, c_in)  # (N*H*W, C_in)
-    cols = g @ w.reshape(c_in, -1)  # (N*H*W, C_out*KH*KW)  (CONVT.1)
+    cols = g @ _as_matrix(w)  # (N*H*W, KH*KW*C_out)  (CONVT.1)
     y = _col2im(cols, (n, c_out, oh, ow), kh, kw, stride, pad, h, wd)  # (N, C_out, OH, OW)
     y += b[None, :, None, None]
     return y, ConvTransposeCache(x, w, y.shape, stride, pad)
@@ -311,10 +328,10 @@ def conv_transpose2d_backward(dy, cache: ConvTransposeCache):
     x, w, _, stride, pad = cache
     c_in, c_out, kh, kw = w.shape
     n, _, h, wd = x.shape
-    cols = _im2col(dy, kh, kw, stride, pad, h, wd)  # (N*H*W, C_out*KH*KW)
-    dx = (cols @ w.reshape(c_in, -1).T).reshape(n, h, wd, c_in).transpose(0, 3, 1, 2)  # (CONVT.2)
+    cols = _im2col(dy, kh, kw, stride, pad, h, wd)  # (N*H*W, KH*KW*C_out)
+    dx = (cols @ _as_matrix(w).T).reshape(n, h, wd, c_in).transpose(0, 3, 1, 2)  # (CONVT.2)
     g = x.transpose(0, 2, 3, 1).reshape(n * h * wd, c_in)  # (N*H*W, C_in)
-    dw = (g.T @ cols).reshape(w.shape)  # (C_in, C_out, KH, KW)  (CONVT.2)
+    dw = _as_filters(g.T @ cols, w.shape)  # (C_in, C_out, KH, KW)  (CONVT.2)
     db = dy.sum(axis=(0, 2, 3))  # (C_out,)  (CONV.4)
     return np.ascontiguousarray(dx), dw, db
 
