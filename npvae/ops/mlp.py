@@ -87,7 +87,7 @@ def mlp_forward(params, prefix: str, x, activation: str, out_activation: str = "
             raise ValueError(f"x has dtype {h.dtype} but the parameters are {W.dtype}")
         name = out_activation if i == n_layers - 1 else activation
         a = h @ W  # (N, O_i)  (LIN.1, the product; the bias is added below)
-        out, act = bias_activation_forward(a, b, name, slope, out=a)  # (N, O_i) in place  (MLP.1)
+        out, act = bias_activation_forward(a, b, name, slope)  # (N, O_i), a new array: see its note  (MLP.1)
         inputs.append(h), weights.append(W), acts.append(act)
         h = out
     return h, MLPCache(prefix, inputs, weights, acts)
