@@ -67,6 +67,14 @@ def test_activation_twins(dtype, name, n, d, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@given(st.integers(0, 40), dim, seeds)
+def test_col_sum_twins(dtype, n, d, seed):
+    a = (np.random.default_rng(seed).normal(size=(n, d)) * 4).astype(dtype)
+    s1, s2 = both(activations.col_sum_kernel, a, np.empty(d, dtype))
+    assert_twins_agree(s1, s2, dtype)  # NumPy sums a single column pairwise: not bit for bit
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @given(st.integers(0, 200), seeds)
 def test_sum_of_squares_twins(dtype, n, seed):
     from npvae.optim import _sumsq
@@ -143,6 +151,15 @@ def test_activation_twins_on_special_values(dtype, name):
     for dh, h in ((a, b_grid), (b_grid, h2)):
         g1, g2 = numba_and_numpy(activations.act_grad_kernel, dh, h, code, slope, np.empty_like(a))
         assert_twins_match(g1, g2, exact=name in EXACT_GRAD)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_col_sum_twins_on_special_values(dtype):
+    a, w = pair_grid(dtype)  # every column meets every special value, in two orders
+    for m in (a, w, np.ascontiguousarray(a[::-1]), a[:1], a[:0]):
+        s1, s2 = numba_and_numpy(activations.col_sum_kernel, m, np.empty(m.shape[1], dtype))
+        # with more than one column NumPy too adds row 0, then the rows in order
+        assert_twins_match(s1, s2, exact=True)
 
 
 def test_compiled_relu_keeps_nan():
