@@ -89,12 +89,10 @@ def fit(model, x, *, epochs: int, batch_size: int = 100, lr: float = 1e-3, seed:
             batch = x[order[start:start + batch_size]]
             if binarize:
                 batch = (rng.random(batch.shape) < batch).astype(model.dtype)
-            loss, grads, stats = model.loss_and_grads(batch, rng=rng)
-            opt.step(grads)
-            after = getattr(model, "after_step", None)
-            if after is not None:
-                after(rng)  # the VQ-VAE's moving averages and restarts
-            for key, value in stats.items():
+            fwd = model.forward(batch, rng=rng)  # the loss, its terms, the caches
+            opt.step(model.backward(fwd))
+            model.after_step(fwd, rng)  # the VQ-VAE's moving averages and restarts
+            for key, value in fwd.stats.items():
                 sums[key] = sums.get(key, 0.0) + value
             count += 1
         history.append({key: value / count for key, value in sums.items()})

@@ -205,45 +205,18 @@ def _std_error(values: np.ndarray) -> float:
 
 
 def _elbo_vq(model, x, batch_size: int) -> dict:
-    """VQ-VAE: recon and loss as the model's own statistics give them, KL = M log K (T.15)."""
-    from .models.vqvae import VQVAE
-
+    """VQ-VAE: recon and loss as the model's forward chain gives them (no backward pass),
+    KL = M log K (T.15)."""
     cfg = model.config
     kl = cfg["num_vectors"] * math.log(cfg["num_codes"])  # (T.15)
-    remembered = getattr(model, "_last", None)  # the training batch loss_and_grads keeps
     recon = loss = 0.0
     for start, stop in _batches(x.shape[0], batch_size):
-        if isinstance(model, VQVAE):  # its forward half: no backward pass
-            b_recon, b_loss = _vq_objective(model, x[start:stop])
-        else:  # another model with the VQ-VAE's interface: its training statistics
-            _, _, stats = model.loss_and_grads(x[start:stop])
-            b_recon, b_loss = stats["recon"], stats["loss"]
+        stats = model.forward(x[start:stop]).stats
         weight = (stop - start) / x.shape[0]
-        recon += weight * b_recon
-        loss += weight * b_loss
-    if hasattr(model, "_last"):
-        model._last = remembered  # evaluation must not replace the batch a training step left
+        recon += weight * stats["recon"]
+        loss += weight * stats["loss"]
     return dict(elbo=-(recon + kl), recon=recon, kl=kl, loss=loss, elbo_se=math.nan,
                 n=x.shape[0])
-
-
-def _vq_objective(model, x) -> tuple[float, float]:
-    """(recon, loss) of (VQVAE.2) on a batch x (B, D): the forward half of the VQ-VAE's
-    loss_and_grads, op for op, so the numbers are its statistics without the cost of the
-    backward pass (most of a step for the convolutional networks)."""
-    from .ops.vq import codebook_loss_forward, commitment_loss_forward, quantize_forward
-
-    cfg, n, codebook = model.config, x.shape[0], model.params["codebook"]
-    z_e, _ = model._encoder_forward(x)  # (B, M, Dz)
-    rows = z_e.reshape(n * model.M, model.Dz)  # (R, Dz)
-    z_q, q_cache = quantize_forward(rows, codebook, cfg["metric"])  # (R, Dz)  (VQ.1-3)
-    cb, _ = codebook_loss_forward(rows, codebook, q_cache.idx)  # (R,)  (VQ.4)
-    cm, _ = commitment_loss_forward(rows, codebook, q_cache.idx, cfg["beta"])  # (R,)  (VQ.5)
-    out, _ = model._decoder_forward(z_q.reshape(n, model.M, model.Dz))  # (B, D)
-    logp, _ = likelihood_forward(cfg["likelihood"], out, x, cfg["sigma2"])  # (B,)
-    recon = -logp.mean()
-    codebook_term = 0.0 if cfg["ema"] else cb.sum() / n
-    return float(recon), float(recon + codebook_term + cm.sum() / n)  # (VQVAE.2)
 
 
 def _nll_prior(model, x, batch_size: int) -> dict:

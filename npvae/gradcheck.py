@@ -28,7 +28,7 @@ Typical use on an op pair::
     errors = check_op(linear_forward, linear_backward, [x, W, b], rng=rng)
     # {'arg0': 3e-11, 'arg1': 2e-11, 'arg2': 1e-11}
 
-and on a model (anything with ``params`` and ``loss_and_grads``)::
+and on a model (anything with ``params``, ``loss`` and ``loss_and_grads``)::
 
     for row in check_model(model, x, eps=eps): print(row)
 """
@@ -154,8 +154,8 @@ def check_model(model, x, *, eps=None, h: float = H, max_entries: int | None = N
     if surrogate is not None:
         loss = surrogate(x)
     else:
-        def loss():
-            return model.loss_and_grads(x, eps=eps, **loss_kwargs)[0]
+        def loss():  # the forward chain alone
+            return model.loss(x, eps=eps, **loss_kwargs)
 
     _, grads, _ = model.loss_and_grads(x, eps=eps, **loss_kwargs)
     grads = {k: np.array(g, dtype=np.float64, copy=True) for k, g in grads.items()}

@@ -136,7 +136,7 @@ def _prior_of(run_dir, vq_ck):
 def _train_prior(ns, run_dir: Path) -> int:
     from . import cli_common as cli
     from .checkpoint import FILENAME
-    from .codeprior import encode_codes, evaluate_prior, prior_dir, vqvae_identity
+    from .codeprior import encode_codes, prior_dir, vqvae_identity
     from .models import MADEPrior
     from .models.prior import direct_by_default
     from .train import (
@@ -213,7 +213,16 @@ def _train_prior(ns, run_dir: Path) -> int:
         raise TrainingDiverged(f"{exc} (for this prior: npvae train-prior {run_dir} --resume "
                                f"--lr LR)", step=exc.step, epoch=exc.epoch) from None
 
-    # ---- test cross-entropy, and uniform-prior samples beside learned-prior ones
+    _report_prior(ns, vs, vq, prior, history, run_dir, pdir)
+    return 0
+
+
+def _report_prior(ns, vs, vq, prior, history, run_dir: Path, pdir: Path) -> None:
+    """Print the prior's test cross-entropy and save uniform-prior samples beside
+    learned-prior ones."""
+    from . import cli_common as cli
+    from .codeprior import evaluate_prior
+
     _, _, x_test = cli._test_set(vs, ns.data_dir)
     recon = _recon(vq, x_test)
     res = evaluate_prior(vq, prior, x_test, recon, np.random.default_rng(0))
@@ -227,7 +236,6 @@ def _train_prior(ns, run_dir: Path) -> int:
           f"{res['nll_bound_uniform_prior']:.2f} with the uniform one")
     print(f"prior run directory: {pdir} (checkpoint.npz, metrics.jsonl, {figure.name})")
     print(f"next: npvae sample {run_dir}   |   npvae eval {run_dir}")
-    return 0
 
 
 def _recon(vq, x) -> float:

@@ -450,13 +450,11 @@ def tour(model, x, eps=None, *, max_entries: int | None = None) -> Tour:
     c = _Chain(model.params, max_entries, np.random.default_rng(0))
     if isinstance(model, VQVAE):
         eps = None
-        last = model._last  # loss_and_grads below leaves state for after_step: put it back
         nets = MLP_VQ_NETWORKS
         if is_conv(model):  # convolutional networks: npvae.tour_conv
             from .tour_conv import CONV_VQ_NETWORKS as nets
         loss = _tour_vqvae(c, model, x, nets)
         model_loss, model_grads, _ = model.loss_and_grads(x)
-        model._last = last
     elif isinstance(model, (VAE, Autoencoder)):
         needs_eps = isinstance(model, VAE) or model.config["sampled"]
         if needs_eps and eps is None:

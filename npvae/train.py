@@ -4,9 +4,10 @@
         draw this epoch's binary sample of the data (dynamic binarization) and its order
         for each batch:
             copy the batch into one preallocated array
-            loss, grads, stats = model.loss_and_grads(batch, rng=rng, step=step)
+            fwd = model.forward(batch, rng=rng, step=step)    the loss, its terms, caches
+            grads = model.backward(fwd)
             clip the gradient norm, stop if the loss or gradient is NaN/inf
-            optimizer step; the model's after_step hook (VQ-VAE moving averages)
+            optimizer step; model.after_step(fwd, rng) (VQ-VAE moving averages)
         validation ELBO, one line of metrics.jsonl, checkpoint.npz
 
 Randomness: one ``numpy.random.Generator``, seeded with ``seed``, supplies the epoch's
@@ -365,16 +366,17 @@ def _progress_bar(n_batches, done, epoch, epochs, progress):
 
 
 def _forward_backward(model, xb, rng, step, out, clip, measure) -> tuple:
-    """One batch through the model and back: (loss, grads written into ``out``, stats,
-    gradient norm before clipping to ``clip``).
+    """One batch through the model and back: (the forward record, grads written into
+    ``out``, gradient norm before clipping to ``clip``).
 
     The norm is a pass over every gradient, so it is measured only when ``measure`` (steps
     that clip or log), else 0.0; Adam counts non-finite gradients in its own pass.
     """
     model.on_batch_start(xb, rng)
-    loss, grads, stats = model.loss_and_grads(xb, rng=rng, step=step, out=out)
+    fwd = model.forward(xb, rng=rng, step=step)
+    grads = model.backward(fwd, out)
     grad_norm = clip_grad_norm(grads, clip) if measure else 0.0
-    return loss, grads, stats, grad_norm
+    return fwd, grads, grad_norm
 
 
 def _show_loss(bar, sums, seen, log: bool) -> None:
@@ -540,20 +542,20 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                         # -- forward and backward on one batch
                         xb = batches.fill(order[b * batch_size:(b + 1) * batch_size], rng)
                         measure = clip is not None or step % log_every == 0 or b + 1 == n_batches
-                        loss, grads, stats, grad_norm = _forward_backward(
+                        fwd, grads, grad_norm = _forward_backward(
                             model, xb, rng, step, grad_buf, clip, measure)
-                        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                            raise _diverged(loss, grad_norm, step, epoch, b, n_batches, ckpt_path)
+                        if not (math.isfinite(fwd.loss) and math.isfinite(grad_norm)):
+                            raise _diverged(fwd.loss, grad_norm, step, epoch, b, n_batches, ckpt_path)
                         # -- update (no consistent state to save until the step is counted)
                         here = None
                         if opt.step(grads):  # non-finite gradient entries: the update is spoilt
-                            raise _diverged(loss, math.nan, step, epoch, b, n_batches, ckpt_path,
+                            raise _diverged(fwd.loss, math.nan, step, epoch, b, n_batches, ckpt_path,
                                             applied=True)
-                        model.after_step(rng)
+                        model.after_step(fwd, rng)  # the VQ-VAE's moving averages, from fwd's codes
                         step += 1
                         if step == step_at_start + 1 and on_first_step is not None:
                             on_first_step()
-                        seen += _add_stats(sums, stats, len(xb), grad_norm if measure else None)
+                        seen += _add_stats(sums, fwd.stats, len(xb), grad_norm if measure else None)
                         here = Position(epoch, b + 1, epoch_rng, dict(sums), seen,
                                         time.perf_counter() - t0, rng_state(rng))
                         _show_loss(bar, sums, seen, step % log_every == 0 or b + 1 == n_batches)

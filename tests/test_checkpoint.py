@@ -21,11 +21,9 @@ def trained_state(config=CONFIG, steps=3):
     rng = np.random.default_rng(7)
     for _ in range(steps):
         x = rng.random((5, config["data_dim"])).astype(model.dtype)
-        _, grads, _ = model.loss_and_grads(x, rng=rng)
-        opt.step(grads)
-        after = getattr(model, "after_step", None)
-        if after is not None:
-            after(rng)
+        fwd = model.forward(x, rng=rng)
+        opt.step(model.backward(fwd))
+        model.after_step(fwd, rng)
     return model, opt, rng
 
 

@@ -163,7 +163,7 @@ def test_resume_may_lower_the_learning_rate_and_add_clipping(capsys, tmp_path):
 def test_ctrl_c_saves_and_exits_130(capsys, tmp_path, monkeypatch):
     from npvae.models.vae import VAE
 
-    original, calls = VAE.loss_and_grads, [0]
+    original, calls = VAE.forward, [0]
 
     def interrupted(self, x, **kw):
         calls[0] += kw.get("step") is not None
@@ -171,13 +171,13 @@ def test_ctrl_c_saves_and_exits_130(capsys, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(self, x, **kw)
 
-    monkeypatch.setattr(VAE, "loss_and_grads", interrupted)
+    monkeypatch.setattr(VAE, "forward", interrupted)
     run = tmp_path / "r"
     code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "3", "--out", str(run))
     assert code == 130
     assert "saved in" in err and f"npvae train --resume {run}" in err
     assert load_checkpoint(run).position["batch"] == 1
-    monkeypatch.setattr(VAE, "loss_and_grads", original)
+    monkeypatch.setattr(VAE, "forward", original)
     code, _, err = run_cli(capsys, "train", "--resume", str(run), "--no-progress")
     assert code == 0, err
     assert load_checkpoint(run).epoch == 3
@@ -186,13 +186,13 @@ def test_ctrl_c_saves_and_exits_130(capsys, tmp_path, monkeypatch):
 def test_divergence_exits_1_with_the_step(capsys, tmp_path, monkeypatch):
     from npvae.models.vae import VAE
 
-    original = VAE.loss_and_grads
+    original = VAE.forward
 
     def nan_loss(self, x, **kw):
-        loss, grads, stats = original(self, x, **kw)
-        return (float("nan") if kw.get("step") == 5 else loss), grads, stats
+        fwd = original(self, x, **kw)
+        return fwd._replace(loss=float("nan")) if kw.get("step") == 5 else fwd
 
-    monkeypatch.setattr(VAE, "loss_and_grads", nan_loss)
+    monkeypatch.setattr(VAE, "forward", nan_loss)
     code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "3", "--out", str(tmp_path / "r"))
     assert code == 1
     assert "diverged" in err and "at step 5 (epoch 2" in err and "Traceback" not in err

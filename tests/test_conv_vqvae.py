@@ -16,7 +16,7 @@ from npvae.optim import Adam
 from npvae.train import train
 
 from strategies import seeds
-from test_vq_bookkeeping import ema_by_hand
+from test_vq_bookkeeping import assert_encoder_receives_dz_q, ema_by_hand
 
 TOL = 1e-6
 MARGIN = 1e-3  # distance kept from ReLU kinks and code ties: a step of 1e-4 in one
@@ -85,14 +85,7 @@ def test_every_gradient_matches_central_differences(seed, likelihood, metric, em
 
 def test_with_beta_zero_each_row_gets_its_decoder_input_gradient_copied():
     """(VQ.3, CVQ.1): without the commitment term, dz_e is dz_q row for row."""
-    model = tiny(beta=0.0, rng=3)
-    x = images(2, np.random.default_rng(3))
-    tape = {}
-    model.loss_and_grads(x, tape=tape)
-    assert tape["dz_q"].shape == (2 * model.M, model.Dz)
-    assert tape["dz_q"].any()
-    np.testing.assert_array_equal(tape["dz_e"], tape["dz_straight_through"])
-    np.testing.assert_array_equal(tape["dz_straight_through"], tape["dz_q"])
+    assert_encoder_receives_dz_q(tiny(beta=0.0, rng=3), images(2, np.random.default_rng(3)))
 
 
 def test_float32_agrees_with_float64():
@@ -234,10 +227,10 @@ def test_ema_after_step_averages_the_map_rows():
     x = images(5, np.random.default_rng(2))
     size0 = model.buffers["ema_cluster_size"].copy()
     sum0 = model.buffers["ema_embed_sum"].copy()
-    model.loss_and_grads(x)
+    fwd = model.forward(x)
     rows = model.encode(x).reshape(-1, 2)  # (20, 2)
     idx = model.assign(x).reshape(-1)  # (20,)
-    model.after_step(np.random.default_rng(0))
+    model.after_step(fwd, np.random.default_rng(0))
     codebook, size, embed_sum = ema_by_hand(size0, sum0, rows, idx, decay, 1e-5, 4)
     np.testing.assert_allclose(model.buffers["ema_cluster_size"], size, rtol=1e-12)
     np.testing.assert_allclose(model.buffers["ema_embed_sum"], embed_sum, rtol=1e-12, atol=1e-15)
@@ -252,9 +245,9 @@ def test_a_dead_code_is_restarted_onto_a_map_row():
     model.params["codebook"][3] = far  # never the nearest: dead from the start
     x = images(4, rng)
     for _ in range(2):
-        model.loss_and_grads(x)
+        fwd = model.forward(x)
         before = model.buffers["steps_unused"].copy()
-        model.after_step(rng)
+        model.after_step(fwd, rng)
     assert before[3] == 1  # counted as unused, then restarted on the second step
     new = model.params["codebook"][3]
     rows = model.encode(x).reshape(-1, 2)  # (16, 2): the rows of every position
@@ -276,11 +269,11 @@ def test_training_steps_lower_the_loss_and_keep_the_codes_alive():
     model.on_batch_start(x, rng)
     first = model.loss_and_grads(x)[0]
     for _ in range(30):
-        loss, grads, stats = model.loss_and_grads(x)
-        opt.step(grads)
-        model.after_step(rng)
-    assert loss < first
-    assert stats["used_fraction"] > 0.5
+        fwd = model.forward(x)
+        opt.step(model.backward(fwd))
+        model.after_step(fwd, rng)
+    assert fwd.loss < first
+    assert fwd.stats["used_fraction"] > 0.5
 
 
 # ----------------------------------------------------------------------------------
@@ -305,9 +298,9 @@ def test_checkpoint_round_trip_keeps_params_buffers_and_outputs(tmp_path):
     x = images(4, rng, d=784, dtype=np.float32)
     model.on_batch_start(x, rng)
     for _ in range(3):
-        _, grads, _ = model.loss_and_grads(x)
-        opt.step(grads)
-        model.after_step(rng)
+        fwd = model.forward(x)
+        opt.step(model.backward(fwd))
+        model.after_step(fwd, rng)
     save_checkpoint(tmp_path / "c.npz", model, opt, rng, 1, 3, [], {})
     ck = load_checkpoint(tmp_path / "c.npz")
     assert type(ck.model) is ConvVQVAE and ck.model.config == model.config

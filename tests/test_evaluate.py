@@ -22,7 +22,7 @@ from hypothesis import given, strategies as st
 
 from npvae import evaluate as ev
 from npvae.models import Autoencoder, BernoulliVAE, GaussianVAE, VAE
-from npvae.models.base import likelihood_forward
+from npvae.models.base import Forward, likelihood_forward
 
 from strategies import seeds
 
@@ -457,9 +457,9 @@ class FakeVQ:
         m, k = self.config["num_vectors"], self.config["num_codes"]
         return np.minimum((x[:, :m] * k).astype(np.int64), k - 1)
 
-    def loss_and_grads(self, x, **_):
+    def forward(self, x, **_):
         recon = float(np.mean(0.5 * np.sum(x * x, axis=1)))
-        return recon + 1.0, {}, dict(recon=recon, loss=recon + 1.0)
+        return Forward(recon + 1.0, dict(recon=recon, loss=recon + 1.0), {})
 
     def reconstruct(self, x, rng=None):
         return 0.5 * x

@@ -292,6 +292,54 @@ def is_vq(model):
     return VQVAE is not None and isinstance(model, VQVAE)
 
 
+def other_models():
+    """name -> (model, x, the noise keyword) for the models outside SPECS."""
+    from npvae.models import IWAE, ConvVAE, MADEPrior
+
+    rng = np.random.default_rng(9)
+    iwae = IWAE(data_dim=6, hidden=(5,), latent=3, k=4, activation="tanh", dtype=np.float64, rng=8)
+    conv = ConvVAE(image_shape=(1, 8, 8), channels=(2, 3), latent=2, dtype=np.float64, rng=9)
+    prior = MADEPrior(num_codes=3, num_vectors=4, hidden=(6,), dtype=np.float64, rng=10)
+    return {
+        "iwae": (iwae, rng.uniform(size=(3, 6)), dict(eps=rng.standard_normal((3, 4, 3)))),
+        "conv-vae": (conv, rng.uniform(size=(3, 64)), dict(eps=rng.standard_normal((3, 2)))),
+        "made-prior": (prior, prior.one_hot(rng.integers(3, size=(5, 4))), {}),
+    }
+
+
+def every_model(name):
+    if name in SPECS:
+        model = new_model(name)
+        rng = np.random.default_rng(0)
+        x = make_x(model, 4, rng)
+        noise = noise_for(model, 4, rng, np.float64)
+        return model, x, {} if noise is None else dict(eps=noise)
+    return other_models()[name]
+
+
+@pytest.mark.parametrize("name", list(SPECS) + ["iwae", "conv-vae", "made-prior"])
+def test_forward_alone_gives_the_loss_and_no_call_changes_the_model(name):
+    """``loss`` and ``forward`` run no backward pass and give loss_and_grads' numbers
+    exactly (the same ops on the same inputs); no call leaves state in the model."""
+    model, x, noise = every_model(name)
+    params, buffers = model.params.flat.copy(), {k: b.copy() for k, b in model.buffers.items()}
+    loss, grads, stats = model.loss_and_grads(x, **noise)
+    fwd = model.forward(x, **noise)
+    assert fwd.loss == loss and fwd.stats == stats
+    np.testing.assert_array_equal(model.backward(fwd).flat, grads.flat)
+
+    def no_backward(*args):
+        raise AssertionError("the forward pass ran the reverse chain")
+
+    model._reverse = no_backward
+    assert model.loss(x, **noise) == loss
+    np.testing.assert_array_equal(model.params.flat, params)
+    for key, value in buffers.items():
+        np.testing.assert_array_equal(model.buffers[key], value, err_msg=key)
+    with pytest.raises(AssertionError, match="reverse chain"):
+        model.loss_and_grads(x, **noise)  # the patch took: loss_and_grads does call it
+
+
 @pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_grads_have_the_keys_shapes_and_dtype_of_params(name, dtype):
@@ -572,9 +620,9 @@ def test_dead_code_restart_moves_unused_codes_onto_encoder_outputs():
     model.params["codebook"][3] = far  # never the nearest: dead from the start
     x = rng.uniform(size=(8, 6))
     for step in range(2):
-        model.loss_and_grads(x)
+        fwd = model.forward(x)
         used_before = model.buffers["steps_unused"].copy()
-        model.after_step(rng)
+        model.after_step(fwd, rng)
     rows = model.encode(x).reshape(-1, 2)
     new = model.params["codebook"][3]
     assert not np.allclose(new, far)

@@ -158,11 +158,11 @@ def test_network_gradients_against_a_random_upstream_gradient(K, M, hidden, seed
     rng = np.random.default_rng(seed + 2)
     x = model.one_hot(rng.integers(K, size=(n, M)))
     G = rng.normal(size=(n, M, K))
-    logits, layers, out = model._forward(x)
+    logits, layers, out = model._network_forward(x)
     grads = model.new_grads()
-    model._backward(G, layers, out, grads)
+    model._network_backward(G, layers, out, grads)
     for name, p in model.params.items():
-        numeric = numerical_gradient(lambda: float(np.sum(G * model._forward(x)[0])), p)
+        numeric = numerical_gradient(lambda: float(np.sum(G * model._network_forward(x)[0])), p)
         assert rel_error(grads[name], numeric) <= TOL, name
 
 

@@ -47,14 +47,14 @@ def fake_load(dataset="mnist", split="train", data_dir=None, download=True, prog
             rng.integers(0, 10, size=n, dtype=np.uint8))
 
 data.load = fake_load
-original = VAE.loss_and_grads
+original = VAE.forward
 
 def slow(self, x, **kw):
     if kw.get("step") is not None:
         time.sleep(0.01)
     return original(self, x, **kw)
 
-VAE.loss_and_grads = slow
+VAE.forward = slow
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -347,7 +347,7 @@ def test_parameters_that_turn_nan_unseen_stop_training_and_are_not_saved(tmp_pat
     train(build(SMALL, rng=0), x, xv, epochs=1, run_dir=tmp_path, **LOOP)
     good = (tmp_path / "checkpoint.npz").read_bytes()
     model = build(SMALL, rng=0)
-    original = model.loss_and_grads
+    original = model.forward
 
     def poisoned(x, **kw):
         result = original(x, **kw)
@@ -355,7 +355,7 @@ def test_parameters_that_turn_nan_unseen_stop_training_and_are_not_saved(tmp_pat
             model.params["enc.0.b"][0] = np.nan
         return result
 
-    model.loss_and_grads = poisoned
+    model.forward = poisoned
     with pytest.raises(TrainingDiverged) as info:
         train(model, x, xv, epochs=2, run_dir=tmp_path, resume_from=tmp_path, **LOOP)
     message = str(info.value)
@@ -366,13 +366,13 @@ def test_parameters_that_turn_nan_unseen_stop_training_and_are_not_saved(tmp_pat
 
 def test_a_run_that_diverges_in_its_first_epoch_leaves_no_empty_metrics(tmp_path):
     model = build(SMALL, rng=0)
-    original = model.loss_and_grads
+    original = model.forward
 
     def nan_at_step_2(x, **kw):
-        loss, grads, stats = original(x, **kw)
-        return (float("nan") if kw.get("step") == 2 else loss), grads, stats
+        fwd = original(x, **kw)
+        return fwd._replace(loss=float("nan")) if kw.get("step") == 2 else fwd
 
-    model.loss_and_grads = nan_at_step_2
+    model.forward = nan_at_step_2
     with pytest.raises(TrainingDiverged, match="no checkpoint had been saved yet"):
         train(model, *small_data(), epochs=2, run_dir=tmp_path, **LOOP)
     assert list(tmp_path.iterdir()) == []  # neither a checkpoint nor an empty metrics.jsonl
@@ -382,17 +382,17 @@ def test_the_divergence_advice_can_be_followed(capsys, tmp_path, monkeypatch):
     """The message advises --resume with --lr or --clip; the command line accepts that."""
     from npvae.models.vae import VAE
 
-    original = VAE.loss_and_grads
+    original = VAE.forward
 
     def nan_at_step_4(self, x, **kw):
-        loss, grads, stats = original(self, x, **kw)
-        return (float("nan") if kw.get("step") == 4 else loss), grads, stats
+        fwd = original(self, x, **kw)
+        return fwd._replace(loss=float("nan")) if kw.get("step") == 4 else fwd
 
     run = tmp_path / "run"
-    monkeypatch.setattr(VAE, "loss_and_grads", nan_at_step_4)
+    monkeypatch.setattr(VAE, "forward", nan_at_step_4)
     code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "2", "--out", str(run))
     assert code == 1 and f"npvae train --resume {run} --lr LR --clip NORM" in err, err
-    monkeypatch.setattr(VAE, "loss_and_grads", original)
+    monkeypatch.setattr(VAE, "forward", original)
     code, _, err = run_cli(capsys, "train", "--resume", str(run), "--lr", "0.0005", "--clip",
                            "10", "--no-progress")
     assert code == 0, err
@@ -534,8 +534,8 @@ def test_an_unwritable_run_folder_fails_before_training(capsys, tmp_path, monkey
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     from npvae.models.vae import VAE
 
-    original = VAE.loss_and_grads
-    monkeypatch.setattr(VAE, "loss_and_grads", lambda self, x, **kw: steps.append(1) or
+    original = VAE.forward
+    monkeypatch.setattr(VAE, "forward", lambda self, x, **kw: steps.append(1) or
                         original(self, x, **kw))
     code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(run))
     one_line_error(code, err, status=1)

@@ -81,14 +81,6 @@ def test_only_the_straight_through_node_is_copied(tours):
     assert q.stopped["codebook"] > 0.1  # the derivative in the codebook, dropped on purpose
 
 
-def test_model_copies_the_gradient_exactly():
-    """The model's own tape: dz_e from the quantizer is dz_q, bit for bit (VQ.3)."""
-    model, x, _ = tour_model("vqvae")
-    tape = {}
-    model.loss_and_grads(x, tape=tape)
-    assert np.array_equal(tape["dz_straight_through"], tape["dz_q"])
-
-
 def test_vq_stop_gradients_are_shown(tours):
     by_name = {node.name.split(" ")[0] + " " + node.name.split(" ")[1]: node
                for node in tours["vqvae"]}
@@ -97,12 +89,6 @@ def test_vq_stop_gradients_are_shown(tours):
     assert set(codebook.grad_shapes) == {"dcodebook"} and set(codebook.stopped) == {"z_e"}
     assert commitment.stopped["codebook"] > 0 and codebook.stopped["z_e"] > 0
     assert "sg[" in commitment.note and "sg[" in codebook.note
-
-
-def test_tour_leaves_no_pending_vq_update():
-    model, x, _ = tour_model("vqvae")
-    tour(model, x)
-    assert model._last is None  # nothing for after_step to apply
 
 
 @pytest.mark.parametrize("cfg", [

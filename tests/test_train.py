@@ -42,17 +42,17 @@ def training_step(kw) -> bool:
 
 
 def fail_at(model, call, exc):
-    """Make the ``call``-th training step's loss_and_grads raise ``exc`` after drawing noise."""
-    original, count = model.loss_and_grads, [0]
+    """Make the ``call``-th training step's forward pass raise ``exc`` after drawing noise."""
+    original, count = model.forward, [0]
 
-    def loss_and_grads(x, **kw):
+    def forward(x, **kw):
         count[0] += training_step(kw)
         if count[0] == call and training_step(kw):
             kw["rng"].standard_normal(3)  # a step cut short may already have used the rng
             raise exc
         return original(x, **kw)
 
-    model.loss_and_grads = loss_and_grads
+    model.forward = forward
 
 
 @pytest.fixture(scope="module")
@@ -114,15 +114,15 @@ def test_keyboard_interrupt_mid_epoch_then_resume_is_exact(data, tmp_path, refer
 def test_ctrl_c_finishes_the_step_then_saves(data, tmp_path, reference):
     """A real SIGINT: the step in progress completes, then the state is saved."""
     model = build(VAE, rng=0)
-    original, count = model.loss_and_grads, [0]
+    original, count = model.forward, [0]
 
-    def loss_and_grads(x, **kw):
+    def forward(x, **kw):
         count[0] += training_step(kw)
         if count[0] == 4 and training_step(kw):
             os.kill(os.getpid(), signal.SIGINT)
         return original(x, **kw)
 
-    model.loss_and_grads = loss_and_grads
+    model.forward = forward
     with pytest.raises(TrainingInterrupted):
         train(model, *data, epochs=3, seed=1, run_dir=tmp_path, **LOOP)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
@@ -136,14 +136,14 @@ def test_ctrl_c_finishes_the_step_then_saves(data, tmp_path, reference):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     one_epoch, _ = run(data, tmp_path / "one", epochs=1)
     model = build(VAE, rng=0)
-    original, count = model.loss_and_grads, [0]
+    original, count = model.forward, [0]
 
-    def loss_and_grads(x, **kw):
+    def forward(x, **kw):
         count[0] += 1
-        loss, grads, stats = original(x, **kw)
-        return (float("nan") if count[0] == 8 else loss), grads, stats
+        fwd = original(x, **kw)
+        return fwd._replace(loss=float("nan")) if count[0] == 8 else fwd
 
-    model.loss_and_grads = loss_and_grads
+    model.forward = forward
     with pytest.raises(TrainingDiverged) as info:
         train(model, *data, epochs=3, seed=1, run_dir=tmp_path / "run", **LOOP)
     message = str(info.value)
@@ -158,14 +158,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
 
 def test_infinite_gradient_in_the_first_epoch(data, tmp_path):
     model = build(VAE, rng=0)
-    original = model.loss_and_grads
+    original = model.backward
 
-    def loss_and_grads(x, **kw):
-        loss, grads, stats = original(x, **kw)
+    def backward(fwd, out=None):
+        grads = original(fwd, out)
         grads["dec.0.W"][0, 0] = np.inf
-        return loss, grads, stats
+        return grads
 
-    model.loss_and_grads = loss_and_grads
+    model.backward = backward
     with pytest.raises(TrainingDiverged, match=r"gradient norm became inf at step 0 .*no checkpoint"):
         train(model, *data, epochs=1, seed=1, run_dir=tmp_path, **LOOP)
     assert not (tmp_path / "checkpoint.npz").exists()
@@ -196,13 +196,13 @@ def test_vq_metrics_report_codebook_use(data, reference):
 def test_static_binarization_and_clipping(data, tmp_path):
     seen = []
     model = build(VAE, rng=0)
-    original = model.loss_and_grads
+    original = model.forward
 
-    def loss_and_grads(x, **kw):
+    def forward(x, **kw):
         seen.append(x.copy())
         return original(x, **kw)
 
-    model.loss_and_grads = loss_and_grads
+    model.forward = forward
     train(model, *data, epochs=2, seed=1, run_dir=tmp_path, clip=1.0,
           **{**LOOP, "binarize": "static"})
     batches = np.concatenate(seen)
@@ -298,17 +298,16 @@ def test_nan_gradient_on_a_step_that_skips_the_norm_is_caught_at_that_step(data,
     # non-finite gradient entries in its own pass, so a NaN on any step stops the run
     # at that step, and the checkpoint of the epoch before is kept as it was.
     model = build(VAE, rng=0)
-    original, calls = model.loss_and_grads, [0]
+    original, calls = model.backward, [0]
 
-    def loss_and_grads(x, **kw):
-        loss, grads, stats = original(x, **kw)
-        if training_step(kw):
-            calls[0] += 1
-            if calls[0] == 8:  # step 7: epoch 2, not a logging step (log_every 10)
-                grads["enc.0.W"][1, 2] = np.nan
-        return loss, grads, stats
+    def backward(fwd, out=None):  # only training steps run a backward pass
+        grads = original(fwd, out)
+        calls[0] += 1
+        if calls[0] == 8:  # step 7: epoch 2, not a logging step (log_every 10)
+            grads["enc.0.W"][1, 2] = np.nan
+        return grads
 
-    model.loss_and_grads = loss_and_grads
+    model.backward = backward
     with pytest.raises(TrainingDiverged, match=r"gradient became non-finite at step 7 "
                                                r"\(epoch 2, batch 3 of 5\).*not saved"):
         train(model, *data, epochs=3, seed=1, run_dir=tmp_path, optimizer=optimizer, **LOOP)

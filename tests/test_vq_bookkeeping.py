@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from npvae.models import VQVAE
+from npvae.models.base import Forward, likelihood_backward
 
 
 def small_vq(**kw):
@@ -47,10 +48,10 @@ def test_ema_after_step_applies_the_decay_and_writes_the_codebook_back(decay):
     sum0 = model.buffers["ema_embed_sum"].copy()
     before = model.params["codebook"].copy()
 
-    model.loss_and_grads(x)
+    fwd = model.forward(x)
     rows = model.encode(x).reshape(-1, 2)  # (R, Dz) the rows the step saw
     idx = model.assign(x).reshape(-1)  # (R,)
-    model.after_step(rng)
+    model.after_step(fwd, rng)
 
     expected, size, embed_sum = ema_by_hand(size0, sum0, rows, idx, decay, 1e-5, 4)
     np.testing.assert_allclose(model.buffers["ema_cluster_size"], size, rtol=1e-12)
@@ -66,11 +67,11 @@ def test_ema_decay_keeps_most_of_the_old_code():
     rng = np.random.default_rng(1)
     model = small_vq(ema=True, ema_decay=0.99, num_vectors=1, num_codes=2)
     x = rng.uniform(size=(6, 6))
-    model.loss_and_grads(x)
+    fwd = model.forward(x)
     rows = model.encode(x).reshape(-1, 2)
     idx = model.assign(x).reshape(-1)
     before = model.params["codebook"].copy()
-    model.after_step(rng)
+    model.after_step(fwd, rng)
     k = np.bincount(idx).argmax()
     mean = rows[idx == k].mean(axis=0)
     moved = np.linalg.norm(model.params["codebook"][k] - before[k])
@@ -82,9 +83,9 @@ def test_without_ema_after_step_leaves_the_codebook_to_the_optimizer():
     rng = np.random.default_rng(2)
     model = small_vq(ema=False)
     x = rng.uniform(size=(5, 6))
-    model.loss_and_grads(x)
+    fwd = model.forward(x)
     before = model.params["codebook"].copy()
-    model.after_step(rng)
+    model.after_step(fwd, rng)
     np.testing.assert_array_equal(model.params["codebook"], before)
 
 
@@ -96,13 +97,13 @@ def test_restart_resets_the_moving_averages_of_the_restarted_code_only():
     model.params["codebook"][3] = 50.0  # never the nearest: dead at once
     model.buffers["ema_embed_sum"][3] = 50.0  # consistent with N_3 = 1
     x = rng.uniform(size=(8, 6))
-    model.loss_and_grads(x)
+    fwd = model.forward(x)
     rows = model.encode(x).reshape(-1, 2)
     idx = model.assign(x).reshape(-1)
     assert 3 not in idx
     size0 = model.buffers["ema_cluster_size"].copy()
     sum0 = model.buffers["ema_embed_sum"].copy()
-    model.after_step(rng)
+    model.after_step(fwd, rng)
 
     new = model.params["codebook"][3]
     assert np.min(np.linalg.norm(rows - new, axis=1)) < 1e-2  # moved onto a batch row
@@ -125,22 +126,50 @@ def test_a_restarted_code_stays_where_it_was_put_while_unused():
     model.params["codebook"][3] = 50.0
     model.buffers["ema_embed_sum"][3] = 50.0
     x = rng.uniform(size=(8, 6))
-    model.loss_and_grads(x)
-    model.after_step(rng)
+    fwd = model.forward(x)
+    model.after_step(fwd, rng)
     placed = model.params["codebook"].copy()
     # one more step in which code 3 is (artificially) not chosen
     rows = model.encode(x).reshape(-1, 2)
-    model._last = (rows, np.zeros(rows.shape[0], dtype=np.int64))
     model.config["restart_after"] = 0  # no second restart: look at the EMA alone
-    model.after_step(rng)
+    model.after_step(chose(rows, np.zeros(rows.shape[0], dtype=np.int64)), rng)
     np.testing.assert_allclose(model.params["codebook"][3], placed[3], rtol=1e-3, atol=1e-4)
+
+
+def assert_encoder_receives_dz_q(model, x) -> None:
+    """(VQ.3): with beta = 0 the encoder's gradients are those of dz_q, the decoder-input
+    gradient, sent through the encoder as it is. Bit for bit: the copy is exact."""
+    assert model.config["beta"] == 0.0
+    fwd = model.forward(x)
+    grads = model.backward(fwd)
+    s, n = fwd.saved, x.shape[0]
+    by_hand = model.params.empty_like()
+    dlogp = np.full(n, -1.0 / n, dtype=model.dtype)  # (N,)
+    ddec = likelihood_backward(model.config["likelihood"], dlogp, s["lik"])  # (N, D)
+    dzq = model._decoder_backward(ddec, s["dec"], by_hand)  # (N, M, Dz)
+    assert dzq.any()
+    model._encoder_backward(dzq, s["enc"], by_hand)
+    encoder = [name for name in model.params if name.startswith("enc.")]
+    assert encoder
+    for name in encoder:
+        np.testing.assert_array_equal(grads[name], by_hand[name], err_msg=name)
+
+
+def test_the_encoder_receives_dz_q_itself():
+    model = small_vq(beta=0.0, num_vectors=2)
+    assert_encoder_receives_dz_q(model, np.random.default_rng(6).uniform(size=(5, 6)))
+
+
+def chose(rows, idx) -> Forward:
+    """A forward record in which the batch's encoder rows (R, Dz) chose the codes idx (R,):
+    all that after_step reads."""
+    return Forward(0.0, {}, dict(rows=rows, idx=idx))
 
 
 def feed(model, idx, rng):
     """Run after_step as if the latest batch had chosen the codes ``idx``."""
     rows = rng.normal(size=(len(idx), model.Dz))
-    model._last = (rows, np.asarray(idx, dtype=np.int64))
-    model.after_step(rng)
+    model.after_step(chose(rows, np.asarray(idx, dtype=np.int64)), rng)
     return model.buffers["steps_unused"].copy()
 
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ops.mlp import mlp_backward, mlp_forward
 from .base import (
-    ContinuousLatentModel, trusted, as_rng, kl_weight, likelihood_backward, likelihood_forward,
+    ContinuousLatentModel, Forward, trusted, as_rng, kl_weight, likelihood_backward,
+    likelihood_forward,
 )
 
 
@@ -38,43 +38,44 @@ class Autoencoder(ContinuousLatentModel):
         self._build(data_dim, hidden, latent, int(latent), activation, likelihood, sigma2, beta,
                     warmup_steps, dtype, rng, sampled=bool(sampled))
 
-    def loss_and_grads(self, x, *, rng=None, eps=None, step=None, out=None):
-        """Forward chain, then reverse chain. eps (N, Z) fixes the noise of the sampled form."""
+    def forward(self, x, *, rng=None, eps=None, step=None) -> Forward:
+        """The forward chain. eps (N, Z) fixes the noise of the sampled form."""
         cfg = self.config
         x = self.check_x(x)
         n = x.shape[0]
         w = kl_weight(cfg["beta"], cfg["warmup_steps"], step)
 
         with trusted():  # x was checked above: the ops need not scan it again
-            # ---- forward
-            code, enc_cache = mlp_forward(self.params, "enc", x, cfg["activation"])  # (N, Z)
+            code, enc_cache = self._encoder_forward(x)  # (N, Z)
             if cfg["sampled"]:
                 z = code + self.noise((n, self.latent), rng, eps)  # (N, Z)  (REP.1) with logvar = 0
             else:
                 z = code  # (N, Z)
-            dec_out, dec_cache = mlp_forward(self.params, "dec", z, cfg["activation"])  # (N, D)
+            dec_out, dec_cache = self._decoder_forward(z)  # (N, D)
             logp, lik_cache = likelihood_forward(cfg["likelihood"], dec_out, x, cfg["sigma2"])  # (N,)
             l2 = 0.5 * np.einsum("nz,nz->n", code, code)  # (N,)  (AE.1)
             recon = -logp.mean()
             loss = recon + w * l2.mean()  # ()  (AE.2)
             self.check_loss(loss, x)
 
-            # ---- reverse
-            grads = self.new_grads(out)
-            dlogp = np.full(n, -1.0 / n, dtype=self.dtype)  # (N,)
-            ddec_out = likelihood_backward(cfg["likelihood"], dlogp, lik_cache)  # (N, D)  (LIK.2/4)
-            dz, _ = mlp_backward(ddec_out, dec_cache, grads)  # (N, Z); dz/dcode = I  (REP.2)
-            dcode = dz + (w / n) * code  # (N, Z)  the L2 term's gradient, added  (AE.3)
-            mlp_backward(dcode, enc_cache, grads, need_dx=False)
-
         stats = dict(loss=float(loss), recon=float(recon), kl=float(l2.mean()),
                      elbo=float((logp - l2).mean()), kl_weight=w)
-        return float(loss), grads, stats
+        saved = dict(n=n, w=w, code=code, enc=enc_cache, dec=dec_cache, lik=lik_cache)
+        return Forward(float(loss), stats, saved)
+
+    def _reverse(self, s, grads) -> None:
+        """The reverse chain, from the caches ``s`` of :meth:`forward`, into ``grads``."""
+        n, w = s["n"], s["w"]
+        dlogp = np.full(n, -1.0 / n, dtype=self.dtype)  # (N,)
+        ddec_out = likelihood_backward(self.config["likelihood"], dlogp, s["lik"])  # (N, D)  (LIK.2/4)
+        dz = self._decoder_backward(ddec_out, s["dec"], grads)  # (N, Z); dz/dcode = I  (REP.2)
+        dcode = dz + (w / n) * s["code"]  # (N, Z)  the L2 term's gradient, added  (AE.3)
+        self._encoder_backward(dcode, s["enc"], grads)
 
     def encode(self, x):
         """x (N, D) -> the code Enc(x) (N, Z), the mean of q(z|x)."""
         x = self.check_x(x)
-        code, _ = mlp_forward(self.params, "enc", x, self.config["activation"])
+        code, _ = self._encoder_forward(x)
         return code
 
     def reconstruct(self, x, rng=None):

@@ -2,17 +2,27 @@
 
 A model holds ``params``, a :class:`~npvae.params.FlatDict` (dotted names, one flat
 buffer), and a JSON-serialisable ``config`` from which :func:`npvae.models.build`
-makes an identical model. ``loss_and_grads(x, *, rng=None, eps=None)`` returns
+makes an identical model. A model is itself an op pair, like the ops it is built from:
 
-    loss   float, the batch mean of the objective in nats per example
-    grads  FlatDict with exactly the keys of ``params``
-    stats  dict of floats: every term of the objective separately
+    fwd   = model.forward(x, *, rng=None, eps=None, step=None)   the forward chain
+    grads = model.backward(fwd, out=None)                          the reverse chain
 
-Backward never touches ``params``; optimizers live in :mod:`npvae.optim`.
+``fwd`` is a :class:`Forward`: ``loss`` (float, the batch mean of the objective in nats
+per example), ``stats`` (dict of floats: every term of the objective separately) and
+``saved`` (what the reverse chain needs: the ops' caches). ``grads`` is a FlatDict with
+exactly the keys of ``params``. ``loss_and_grads`` runs both and returns
+``(loss, grads, stats)``; ``loss`` runs the forward chain alone, for finite differences
+and evaluation. Each model writes its forward chain in ``forward`` and its reverse chain
+in ``_reverse``, one line per node, with equation tags.
+
+Backward never touches ``params``; optimizers live in :mod:`npvae.optim`. The model's
+state outside the parameters changes only in the training loop's hooks, which are given
+what they need (``after_step(fwd, rng)``): nothing is remembered between calls.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,7 +32,7 @@ from ..ops import (
     gaussian_loglik_forward,
 )
 from ..ops.activations import activation_code, stable_sigmoid
-from ..ops.mlp import mlp_forward, mlp_init, mlp_shapes
+from ..ops.mlp import mlp_backward, mlp_forward, mlp_init, mlp_shapes
 from ..params import FlatDict
 from .._validate import trusted  # noqa: F401  (re-exported for the models)
 
@@ -36,8 +46,17 @@ def as_rng(rng) -> np.random.Generator:
     return np.random.default_rng(rng)
 
 
+class Forward(NamedTuple):
+    """What a model's forward chain returns; ``backward`` and ``after_step`` read it."""
+
+    loss: float  # the batch mean of the objective, nats per example
+    stats: dict  # floats: the terms of the objective, for logs
+    saved: dict  # the caches of the ops, by name, for the reverse chain
+
+
 class Model:
-    """Base class: parameters, config, and the checks every entry point runs on x."""
+    """Base class: parameters, config, the checks every entry point runs on x, and the
+    forward/backward pair around each model's ``forward`` and ``_reverse``."""
 
     kind = "model"
 
@@ -100,6 +119,32 @@ class Model:
             raise ValueError("pass rng (a numpy Generator) to draw the noise, or eps to fix it")
         return as_rng(rng).standard_normal(shape, dtype=self.dtype)
 
+    # -- the objective: forward, backward, both --------------------------------------
+    def forward(self, x, *, rng=None, eps=None, step=None) -> Forward:
+        """The forward chain on a batch x (N, D): the loss, its terms, the caches."""
+        raise NotImplementedError
+
+    def _reverse(self, saved: dict, grads: FlatDict) -> None:
+        """The reverse chain: from the caches in ``saved``, write every gradient into ``grads``."""
+        raise NotImplementedError
+
+    def backward(self, fwd: Forward, out=None) -> FlatDict:
+        """The gradients of ``fwd.loss`` with respect to every parameter, written into
+        ``out`` (a FlatDict laid out like ``params``) or a new buffer."""
+        grads = self.new_grads(out)
+        with trusted():  # the forward pass checked x: the ops need not scan again
+            self._reverse(fwd.saved, grads)
+        return grads
+
+    def loss_and_grads(self, x, *, rng=None, eps=None, step=None, out=None):
+        """forward, then backward: ``(loss, grads, stats)``."""
+        fwd = self.forward(x, rng=rng, eps=eps, step=step)
+        return fwd.loss, self.backward(fwd, out), fwd.stats
+
+    def loss(self, x, *, rng=None, eps=None, step=None) -> float:
+        """The loss alone: the forward chain, no backward pass."""
+        return self.forward(x, rng=rng, eps=eps, step=step).loss
+
     def new_grads(self, out=None) -> FlatDict:
         """Where backward writes: ``out`` if given (a FlatDict laid out like ``params``,
         reused from step to step by the training loop), else a new buffer."""
@@ -118,8 +163,9 @@ class Model:
     def on_batch_start(self, x, rng) -> None:
         """Called with each batch before its step (the VQ-VAE's k-means start uses it)."""
 
-    def after_step(self, rng) -> None:
-        """Called after each optimizer step (the VQ-VAE's moving averages and restarts)."""
+    def after_step(self, fwd: Forward, rng) -> None:
+        """Called after each optimizer step with the step's forward record ``fwd`` (the
+        VQ-VAE's moving averages and restarts read its codes from it)."""
 
 
 class ContinuousLatentModel(Model):
@@ -154,12 +200,32 @@ class ContinuousLatentModel(Model):
         mlp_init(self.params, "enc", activation, rng)
         mlp_init(self.params, "dec", activation, rng)
 
+    # -- the two networks: forward, and backward from the caches --------------------
+    # The objective goes through these four, so a subclass with other networks (the
+    # convolutional VAE) overrides only them.
+    def _encoder_forward(self, x):
+        """x (N, D) -> the encoder's output (N, enc_out), and its cache."""
+        return mlp_forward(self.params, "enc", x, self.config["activation"])
+
+    def _encoder_backward(self, denc, cache, grads) -> None:
+        """denc (N, enc_out) -> the encoder's parameter gradients, written into ``grads``."""
+        mlp_backward(denc, cache, grads, need_dx=False)  # x is data: no dx
+
+    def _decoder_forward(self, z):
+        """z (N, Z) -> the decoder's raw output (N, D) (Gaussian mean or logits), its cache."""
+        return mlp_forward(self.params, "dec", z, self.config["activation"])
+
+    def _decoder_backward(self, dout, cache, grads):
+        """dout (N, D) -> dz (N, Z); the decoder's parameter gradients go into ``grads``."""
+        dz, _ = mlp_backward(dout, cache, grads)
+        return dz
+
     def decoder_output(self, z):
         """z (N, Z) -> the decoder's raw output (N, D): Gaussian mean or Bernoulli logits."""
         z = np.asarray(z, dtype=self.dtype)
         if z.ndim != 2 or z.shape[1] != self.latent:
             raise ValueError(f"z must have shape (N, {self.latent}), got {z.shape}")
-        out, _ = mlp_forward(self.params, "dec", z, self.config["activation"])
+        out, _ = self._decoder_forward(z)
         return out
 
     def decode(self, z):

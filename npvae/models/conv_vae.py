@@ -23,12 +23,8 @@ import math
 
 import numpy as np
 
-from ..ops import (
-    activation_backward, activation_forward, gaussian_kl_backward, gaussian_kl_forward,
-    linear_backward, linear_forward, reparameterize_backward, reparameterize_forward,
-)
-from .base import ContinuousLatentModel, as_rng, check_likelihood, kl_weight, likelihood_backward, \
-    likelihood_forward, trusted
+from ..ops import activation_backward, activation_forward, linear_backward, linear_forward
+from .base import ContinuousLatentModel, as_rng, check_likelihood
 from .conv_nets import (
     STRIDE, down_backward, down_forward, down_shapes, fan_in, up_backward, up_forward, up_shapes,
 )
@@ -38,8 +34,8 @@ from .vae import VAE
 class ConvVAE(VAE):
     """A VAE (OBJ.1) whose encoder and decoder are convolutional; see the module docstring.
 
-    It is a :class:`VAE` for evaluation and the command line: ``encode`` gives (mu,
-    logvar), ``decoder_output`` the decoder's raw output.
+    Only the four network methods below differ from :class:`VAE`: the objective, its
+    reverse chain, ``encode`` and ``decoder_output`` are the VAE's own.
     """
 
     kind = "conv-vae"
@@ -123,52 +119,3 @@ class ConvVAE(VAE):
         da = activation_backward(dh.reshape(dh.shape[0], -1), fc_act)  # (ACT.1)
         dz, grads["dec.fc.W"][...], grads["dec.fc.b"][...] = linear_backward(da, fc_cache)
         return dz  # (N, Z)  (LIN.2)
-
-    # -- the objective: the VAE's, node by node -------------------------------------
-    def loss_and_grads(self, x, *, rng=None, eps=None, step=None, out=None):
-        """(OBJ.1) with the convolutional networks. x (N, D); eps (N, Z) fixes the noise."""
-        cfg = self.config
-        x = self.check_x(x)
-        n, z_dim = x.shape[0], self.latent
-        w = kl_weight(cfg["beta"], cfg["warmup_steps"], step)
-        with trusted():
-            # ---- forward
-            enc, enc_cache = self._encoder_forward(x)  # (N, 2Z)
-            mu, logvar = enc[:, :z_dim], enc[:, z_dim:]  # (N, Z) each  (VAE.1)
-            eps = self.noise((n, z_dim), rng, eps)
-            z, rep_cache = reparameterize_forward(mu, logvar, eps)  # (N, Z)  (REP.1)
-            dec_out, dec_cache = self._decoder_forward(z)  # (N, D)  (VAE.2)
-            logp, lik_cache = likelihood_forward(cfg["likelihood"], dec_out, x, cfg["sigma2"])
-            kl_dim, kl_cache = gaussian_kl_forward(mu, logvar)  # (N, Z)  (KL.1)
-            kl = kl_dim.sum(axis=1)  # (N,)
-            recon = -logp.mean()
-            loss = recon + w * kl.mean()  # (OBJ.1)
-            # ---- reverse
-            grads = self.new_grads(out)
-            dlogp = np.full(n, -1.0 / n, dtype=self.dtype)  # (N,)
-            ddec = likelihood_backward(cfg["likelihood"], dlogp, lik_cache)  # (N, D)  (LIK.2/4)
-            dz = self._decoder_backward(ddec, dec_cache, grads)  # (N, Z)
-            dmu, dlogvar = reparameterize_backward(dz, rep_cache)  # (REP.2, REP.3)
-            dmu_kl, dlogvar_kl = gaussian_kl_backward(np.full((n, z_dim), w / n, self.dtype),
-                                                      kl_cache)  # (KL.2, KL.3)
-            dmu += dmu_kl  # mu feeds both z and the KL: gradients add
-            dlogvar += dlogvar_kl
-            self._encoder_backward(np.concatenate([dmu, dlogvar], axis=1), enc_cache, grads)
-        stats = dict(loss=float(loss), recon=float(recon), kl=float(kl.mean()),
-                     elbo=float((logp - kl).mean()), kl_weight=w, kl_term=float(kl.mean()))
-        return float(loss), grads, stats
-
-    # -- using the model ---------------------------------------------------------------
-    def encode(self, x):
-        """x (N, D) -> mu (N, Z), logvar (N, Z) of q(z|x)."""
-        x = self.check_x(x)
-        enc, _ = self._encoder_forward(x)
-        return enc[:, :self.latent].copy(), enc[:, self.latent:].copy()
-
-    def decoder_output(self, z):
-        """z (N, Z) -> the decoder's raw output (N, D): Bernoulli logits or Gaussian means."""
-        z = np.asarray(z, dtype=self.dtype)
-        if z.ndim != 2 or z.shape[1] != self.latent:
-            raise ValueError(f"z must have shape (N, {self.latent}), got {z.shape}")
-        out, _ = self._decoder_forward(z)
-        return out

@@ -20,8 +20,7 @@ from ..ops import reparameterize_backward, reparameterize_forward
 from ..ops.iwae import (
     iw_bound_backward, iw_bound_forward, prior_ratio_backward, prior_ratio_forward,
 )
-from ..ops.mlp import mlp_backward, mlp_forward
-from .base import likelihood_backward, likelihood_forward, trusted
+from .base import Forward, likelihood_backward, likelihood_forward, trusted
 from .vae import VAE
 
 
@@ -49,21 +48,21 @@ class IWAE(VAE):
                          dtype=dtype, rng=rng)
         self.config["k"] = int(k)
 
-    def loss_and_grads(self, x, *, rng=None, eps=None, step=None, out=None):
-        """-mean L_k and its gradients. x (N, D); eps (N, k, Z) fixes the noise."""
+    def forward(self, x, *, rng=None, eps=None, step=None) -> Forward:
+        """-mean L_k, the forward chain. x (N, D); eps (N, k, Z) fixes the noise."""
         cfg = self.config
         x = self.check_x(x)
         n, k, z_dim = x.shape[0], cfg["k"], self.latent
 
         with trusted():  # x was checked above: the ops need not scan it again
-            # ---- forward: one encoder pass, k samples per example
-            enc, enc_cache = mlp_forward(self.params, "enc", x, cfg["activation"])  # (N, 2Z)
+            # one encoder pass, k samples per example
+            enc, enc_cache = self._encoder_forward(x)  # (N, 2Z)
             mu, logvar = enc[:, :z_dim], enc[:, z_dim:]  # (N, Z) each  (VAE.1)
             eps = self.noise((n, k, z_dim), rng, eps)  # (N, k, Z)
             mu_k = np.repeat(mu, k, axis=0)  # (N*k, Z)  row n*k + i: example n, sample i
             logvar_k = np.repeat(logvar, k, axis=0)  # (N*k, Z)
             z, rep_cache = reparameterize_forward(mu_k, logvar_k, eps.reshape(n * k, z_dim))  # (N*k, Z)  (REP.1)
-            dec_out, dec_cache = mlp_forward(self.params, "dec", z, cfg["activation"])  # (N*k, D)  (VAE.2)
+            dec_out, dec_cache = self._decoder_forward(z)  # (N*k, D)  (VAE.2)
             x_k = np.repeat(x, k, axis=0)  # (N*k, D)  each example once per sample
             logp, lik_cache = likelihood_forward(cfg["likelihood"], dec_out, x_k, cfg["sigma2"])  # (N*k,)
             ratio, ratio_cache = prior_ratio_forward(z.reshape(n, k, z_dim), eps, logvar)  # (N, k)  (IWAE.4)
@@ -72,23 +71,26 @@ class IWAE(VAE):
             loss = -bound.mean()  # ()
             self.check_loss(loss, x)
 
-            # ---- reverse
-            grads = self.new_grads(out)
-            dbound = np.full(n, -1.0 / n, dtype=self.dtype)  # (N,)  d loss / d L_k(x_n)
-            dlog_w = iw_bound_backward(dbound, bound_cache)  # (N, k)  (IWAE.3)
-            ddec_out = likelihood_backward(cfg["likelihood"], dlog_w.reshape(n * k), lik_cache)  # (N*k, D)  (LIK.2/4)
-            dz, _ = mlp_backward(ddec_out, dec_cache, grads)  # (N*k, Z)  (MLP)
-            dz_prior, _, dlogvar_q = prior_ratio_backward(dlog_w, ratio_cache)  # (N, k, Z), (N, Z)  (IWAE.4)
-            dz += dz_prior.reshape(n * k, z_dim)  # (N*k, Z)  z feeds the decoder and p(z): gradients add
-            dmu_k, dlogvar_k = reparameterize_backward(dz, rep_cache)  # (N*k, Z) each  (REP.2, REP.3)
-            dmu = dmu_k.reshape(n, k, z_dim).sum(axis=1)  # (N, Z)  the k samples share mu
-            dlogvar = dlogvar_k.reshape(n, k, z_dim).sum(axis=1)  # (N, Z)  and logvar
-            dlogvar += dlogvar_q  # (N, Z)  logvar also enters log q directly  (IWAE.4)
-            denc = np.concatenate([dmu, dlogvar], axis=1)  # (N, 2Z)
-            mlp_backward(denc, enc_cache, grads, need_dx=False)  # x is data: no dx
-
         recon = -logp.mean()  # mean over the N k samples of -log p(x|z_i)
         kl = -ratio.mean()  # a Monte Carlo estimate of KL(q || p): mean of log q - log p(z)
         stats = dict(loss=float(loss), recon=float(recon), kl=float(kl),
                      elbo=float(log_w.mean()), iw_bound=float(bound.mean()))
-        return float(loss), grads, stats
+        saved = dict(n=n, enc=enc_cache, rep=rep_cache, dec=dec_cache, lik=lik_cache,
+                     ratio=ratio_cache, bound=bound_cache)
+        return Forward(float(loss), stats, saved)
+
+    def _reverse(self, s, grads) -> None:
+        """The reverse chain, from the caches ``s`` of :meth:`forward`, into ``grads``."""
+        n, k, z_dim = s["n"], self.config["k"], self.latent
+        dbound = np.full(n, -1.0 / n, dtype=self.dtype)  # (N,)  d loss / d L_k(x_n)
+        dlog_w = iw_bound_backward(dbound, s["bound"])  # (N, k)  (IWAE.3)
+        ddec_out = likelihood_backward(self.config["likelihood"], dlog_w.reshape(n * k), s["lik"])  # (N*k, D)  (LIK.2/4)
+        dz = self._decoder_backward(ddec_out, s["dec"], grads)  # (N*k, Z)  (MLP)
+        dz_prior, _, dlogvar_q = prior_ratio_backward(dlog_w, s["ratio"])  # (N, k, Z), (N, Z)  (IWAE.4)
+        dz += dz_prior.reshape(n * k, z_dim)  # (N*k, Z)  z feeds the decoder and p(z): gradients add
+        dmu_k, dlogvar_k = reparameterize_backward(dz, s["rep"])  # (N*k, Z) each  (REP.2, REP.3)
+        dmu = dmu_k.reshape(n, k, z_dim).sum(axis=1)  # (N, Z)  the k samples share mu
+        dlogvar = dlogvar_k.reshape(n, k, z_dim).sum(axis=1)  # (N, Z)  and logvar
+        dlogvar += dlogvar_q  # (N, Z)  logvar also enters log q directly  (IWAE.4)
+        denc = np.concatenate([dmu, dlogvar], axis=1)  # (N, 2Z)
+        self._encoder_backward(denc, s["enc"], grads)  # x is data: no dx

@@ -44,7 +44,7 @@ from ..ops.activations import activation_backward, activation_code, activation_f
 from ..ops.masked import masked_linear_backward, masked_linear_forward
 from ..ops.mlp import init_scale
 from ..ops.softmax import log_softmax, softmax_xent_backward, softmax_xent_forward
-from .base import Model, as_rng, trusted
+from .base import Forward, Model, as_rng, trusted
 
 
 def input_degrees(num_vectors: int, num_codes: int) -> np.ndarray:
@@ -202,7 +202,7 @@ class MADEPrior(Model):
         return groups.argmax(axis=2)
 
     # -- forward and backward ---------------------------------------------------------
-    def _forward(self, x):
+    def _network_forward(self, x):
         """x (N, M K) one-hot -> logits (N, M, K) and the caches backward needs."""
         p, act = self.params, self.config["activation"]
         h, layers = x, []
@@ -219,7 +219,7 @@ class MADEPrior(Model):
         logits, out = masked_linear_forward(h_out, p["out.W"], self.masks[-1], p["out.b"])  # (MADE.4)
         return logits.reshape(x.shape[0], self.M, self.K), layers, out
 
-    def _backward(self, dlogits, layers, out_cache, grads) -> None:
+    def _network_backward(self, dlogits, layers, out_cache, grads) -> None:
         """dlogits (N, M, K) -> the parameter gradients, written into ``grads`` (MADE.5, ACT)."""
         n = dlogits.shape[0]
         dh_out, _, _, _ = masked_linear_backward(
@@ -231,26 +231,25 @@ class MADEPrior(Model):
             dh, _, _, _ = masked_linear_backward(
                 da, lin, dW=grads[f"hid.{i}.W"], db=grads[f"hid.{i}.b"])  # (MADE.5)
 
-    def loss_and_grads(self, x, *, rng=None, eps=None, step=None, out=None, tape=None):
-        """Mean over the batch of -log p(c) (MADE.1), in nats per example; no noise: rng, eps, step unused."""
+    def forward(self, x, *, rng=None, eps=None, step=None) -> Forward:
+        """Mean over the batch of -log p(c) (MADE.1), in nats per example; no noise: rng,
+        eps, step unused."""
         idx = self.codes_of(x)  # (N, M)
         n = x.shape[0]
         with trusted():  # x was checked above
-            # ---- forward
-            logits, layers, out_cache = self._forward(x)  # (N, M, K)
+            logits, layers, out_cache = self._network_forward(x)  # (N, M, K)
             xent, xent_cache = softmax_xent_forward(logits, idx)  # (N, M)  (XENT.1)
             nll = xent.sum(axis=1, dtype=np.float64)  # (N,)  -log p(c_n)  (MADE.1)
             loss = float(nll.mean())  # ()
-
-            # ---- reverse
-            grads = self.new_grads(out)
-            dxent = np.full((n, self.M), 1.0 / n, dtype=self.dtype)  # (N, M)  d loss / d xent_nm
-            dlogits, _ = softmax_xent_backward(dxent, xent_cache)  # (N, M, K)  (XENT.2)
-            self._backward(dlogits, layers, out_cache, grads)
-            if tape is not None:
-                tape.update(dlogits=dlogits)
         stats = dict(loss=loss, nats=loss, bits_per_code=loss / (self.M * math.log(2.0)))
-        return loss, grads, stats
+        saved = dict(n=n, layers=layers, out=out_cache, xent=xent_cache)
+        return Forward(loss, stats, saved)
+
+    def _reverse(self, s, grads) -> None:
+        """The reverse chain, from the caches ``s`` of :meth:`forward`, into ``grads``."""
+        dxent = np.full((s["n"], self.M), 1.0 / s["n"], dtype=self.dtype)  # (N, M)  d loss / d xent_nm
+        dlogits, _ = softmax_xent_backward(dxent, s["xent"])  # (N, M, K)  (XENT.2)
+        self._network_backward(dlogits, s["layers"], s["out"], grads)
 
     # -- using the model ----------------------------------------------------------------
     def log_prob(self, idx, batch_size: int = 1000) -> np.ndarray:
@@ -259,7 +258,7 @@ class MADEPrior(Model):
         out = np.empty(idx.shape[0])
         for start in range(0, idx.shape[0], batch_size):
             part = idx[start:start + batch_size]
-            logits, _, _ = self._forward(self.one_hot(part))  # (B, M, K)
+            logits, _, _ = self._network_forward(self.one_hot(part))  # (B, M, K)
             logp = log_softmax(logits.astype(np.float64))  # (B, M, K)  (XENT.1)
             out[start:start + batch_size] = np.take_along_axis(
                 logp, part[..., None], axis=2)[..., 0].sum(axis=1)  # (B,)  (MADE.1)
@@ -267,7 +266,7 @@ class MADEPrior(Model):
 
     def conditional_logits(self, idx) -> np.ndarray:
         """The logits of p(c_m | c_<m) at every position, (N, M, K), for codes idx (N, M)."""
-        return self._forward(self.one_hot(idx))[0]
+        return self._network_forward(self.one_hot(idx))[0]
 
     def sample(self, n: int, rng, temperature: float = 1.0) -> np.ndarray:
         """n code sequences (n, M) int64 drawn one position at a time  (MADE.6).

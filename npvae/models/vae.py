@@ -29,9 +29,9 @@ from .. import _validate as v
 from ..ops import (
     gaussian_kl_backward, gaussian_kl_forward, reparameterize_backward, reparameterize_forward,
 )
-from ..ops.mlp import mlp_backward, mlp_forward
 from .base import (
-    ContinuousLatentModel, trusted, as_rng, kl_weight, likelihood_backward, likelihood_forward,
+    ContinuousLatentModel, Forward, trusted, as_rng, kl_weight, likelihood_backward,
+    likelihood_forward,
 )
 
 
@@ -55,23 +55,23 @@ class VAE(ContinuousLatentModel):
                     beta, warmup_steps, dtype, rng, free_bits=float(free_bits))
 
     # -- the objective ---------------------------------------------------------------
-    def loss_and_grads(self, x, *, rng=None, eps=None, step=None, out=None):
-        """The forward chain, then the reverse chain. x (N, D); eps (N, Z) fixes the noise."""
+    def forward(self, x, *, rng=None, eps=None, step=None) -> Forward:
+        """The forward chain. x (N, D); eps (N, Z) fixes the noise."""
         cfg = self.config
         x = self.check_x(x)
         n, z_dim = x.shape[0], self.latent
         w = kl_weight(cfg["beta"], cfg["warmup_steps"], step)
 
         with trusted():  # x was checked above: the ops need not scan it again
-            # ---- forward
-            enc, enc_cache = mlp_forward(self.params, "enc", x, cfg["activation"])  # (N, 2Z)
+            enc, enc_cache = self._encoder_forward(x)  # (N, 2Z)
             mu, logvar = enc[:, :z_dim], enc[:, z_dim:]  # (N, Z) each  (VAE.1)
             eps = self.noise((n, z_dim), rng, eps)  # (N, Z)
             z, rep_cache = reparameterize_forward(mu, logvar, eps)  # (N, Z)  (REP.1)
-            dec_out, dec_cache = mlp_forward(self.params, "dec", z, cfg["activation"])  # (N, D)  (VAE.2)
+            dec_out, dec_cache = self._decoder_forward(z)  # (N, D)  (VAE.2)
             logp, lik_cache = likelihood_forward(cfg["likelihood"], dec_out, x, cfg["sigma2"])  # (N,)
             kl_dim, kl_cache = gaussian_kl_forward(mu, logvar)  # (N, Z)  (KL.1)
             kl = kl_dim.sum(axis=1)  # (N,)
+            kl_mean_dim = None
             if cfg["free_bits"] > 0:
                 kl_mean_dim = kl_dim.mean(axis=0)  # (Z,)
                 kl_term = np.maximum(kl_mean_dim, cfg["free_bits"]).sum()  # ()  (OBJ.3)
@@ -81,30 +81,33 @@ class VAE(ContinuousLatentModel):
             loss = recon + w * kl_term  # ()  (OBJ.1)
             self.check_loss(loss, x)
 
-            # ---- reverse
-            grads = self.new_grads(out)
-            dlogp = np.full(n, -1.0 / n, dtype=self.dtype)  # (N,)  d loss / d logp_n
-            ddec_out = likelihood_backward(cfg["likelihood"], dlogp, lik_cache)  # (N, D)  (LIK.2/4)
-            dz, _ = mlp_backward(ddec_out, dec_cache, grads)  # (N, Z)  (MLP)
-            dmu, dlogvar = reparameterize_backward(dz, rep_cache)  # (N, Z) each  (REP.2, REP.3)
-            dkl_dim = np.full((n, z_dim), w / n, dtype=self.dtype)  # (N, Z)  d loss / d KL_nj
-            if cfg["free_bits"] > 0:
-                dkl_dim *= kl_mean_dim > cfg["free_bits"]  # (N, Z)  flat below lambda  (OBJ.3)
-            dmu_kl, dlogvar_kl = gaussian_kl_backward(dkl_dim, kl_cache)  # (N, Z) each  (KL.2, KL.3)
-            dmu += dmu_kl  # (N, Z)  mu feeds both z and the KL: gradients add
-            dlogvar += dlogvar_kl  # (N, Z)  logvar too
-            denc = np.concatenate([dmu, dlogvar], axis=1)  # (N, 2Z)
-            mlp_backward(denc, enc_cache, grads, need_dx=False)  # x is data: no dx
-
         stats = dict(loss=float(loss), recon=float(recon), kl=float(kl.mean()),
                      elbo=float((logp - kl).mean()), kl_weight=w, kl_term=float(kl_term))
-        return float(loss), grads, stats
+        saved = dict(n=n, w=w, kl_mean_dim=kl_mean_dim, enc=enc_cache, rep=rep_cache,
+                     dec=dec_cache, lik=lik_cache, kl=kl_cache)
+        return Forward(float(loss), stats, saved)
+
+    def _reverse(self, s, grads) -> None:
+        """The reverse chain, from the caches ``s`` of :meth:`forward`, into ``grads``."""
+        cfg, n, z_dim, w = self.config, s["n"], self.latent, s["w"]
+        dlogp = np.full(n, -1.0 / n, dtype=self.dtype)  # (N,)  d loss / d logp_n
+        ddec_out = likelihood_backward(cfg["likelihood"], dlogp, s["lik"])  # (N, D)  (LIK.2/4)
+        dz = self._decoder_backward(ddec_out, s["dec"], grads)  # (N, Z)  (MLP)
+        dmu, dlogvar = reparameterize_backward(dz, s["rep"])  # (N, Z) each  (REP.2, REP.3)
+        dkl_dim = np.full((n, z_dim), w / n, dtype=self.dtype)  # (N, Z)  d loss / d KL_nj
+        if cfg["free_bits"] > 0:
+            dkl_dim *= s["kl_mean_dim"] > cfg["free_bits"]  # (N, Z)  flat below lambda  (OBJ.3)
+        dmu_kl, dlogvar_kl = gaussian_kl_backward(dkl_dim, s["kl"])  # (N, Z) each  (KL.2, KL.3)
+        dmu += dmu_kl  # (N, Z)  mu feeds both z and the KL: gradients add
+        dlogvar += dlogvar_kl  # (N, Z)  logvar too
+        denc = np.concatenate([dmu, dlogvar], axis=1)  # (N, 2Z)
+        self._encoder_backward(denc, s["enc"], grads)  # x is data: no dx
 
     # -- using the model -------------------------------------------------------------
     def encode(self, x):
         """x (N, D) -> mu (N, Z), logvar (N, Z) of q(z|x)."""
         x = self.check_x(x)
-        enc, _ = mlp_forward(self.params, "enc", x, self.config["activation"])
+        enc, _ = self._encoder_forward(x)
         return enc[:, : self.latent].copy(), enc[:, self.latent:].copy()
 
     def reconstruct(self, x, rng=None):

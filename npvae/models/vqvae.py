@@ -48,7 +48,7 @@ from ..ops.vq import (
     perplexity, quantize_backward, quantize_forward,
 )
 from .base import (
-    Model, trusted, as_rng, check_likelihood, likelihood_backward, likelihood_forward, likelihood_mean,
+    Forward, Model, trusted, as_rng, check_likelihood, likelihood_backward, likelihood_forward, likelihood_mean,
 )
 
 
@@ -119,7 +119,6 @@ class VQVAE(Model):
             "steps_unused": np.zeros(self.K, dtype=np.int64),  # (K,)  for restarts
             "initialised": np.array(not self.config["kmeans_init"]),  # k-means done (or not wanted)
         }
-        self._last = None  # (rows (R, Dz), idx (R,)) of the latest loss_and_grads
 
     # -- the two networks: forward, and backward from the caches --------------------
     # Everything else (the objective, the bookkeeping, encode/assign/decode_indices) goes
@@ -143,15 +142,14 @@ class VQVAE(Model):
         return dzq.reshape(dout.shape[0], self.M, self.Dz)
 
     # -- the objective ---------------------------------------------------------------
-    def loss_and_grads(self, x, *, rng=None, eps=None, step=None, out=None, tape=None):
-        """Forward chain, then reverse chain. The model has no noise: rng, eps, step unused."""
+    def forward(self, x, *, rng=None, eps=None, step=None) -> Forward:
+        """The forward chain. The model has no noise: rng, eps, step unused."""
         cfg = self.config
         x = self.check_x(x)
         n, R = x.shape[0], x.shape[0] * self.M
         codebook = self.params["codebook"]
 
         with trusted():  # x was checked above: the ops need not scan it again
-            # ---- forward
             z_e, enc_cache = self._encoder_forward(x)  # (N, M, Dz)
             rows = z_e.reshape(R, self.Dz)  # (R, Dz)  z_e, one row per code vector
             z_q, q_cache = quantize_forward(rows, codebook, cfg["metric"])  # (R, Dz)  (VQ.1-3)
@@ -166,31 +164,32 @@ class VQVAE(Model):
             loss = recon + codebook_term + commitment  # ()  (VQVAE.2)
             self.check_loss(loss, x)
 
-            # ---- reverse
-            grads = self.new_grads(out)
-            dlogp = np.full(n, -1.0 / n, dtype=self.dtype)  # (N,)
-            ddec_out = likelihood_backward(cfg["likelihood"], dlogp, lik_cache)  # (N, D)  (LIK.2/4)
-            dzq = self._decoder_backward(ddec_out, dec_cache, grads)  # (N, M, Dz)  decoder-input gradient
-            dz_st = quantize_backward(dzq.reshape(R, self.Dz), q_cache)  # (R, Dz)  (VQ.3)
-            drow = np.full(R, 1.0 / n, dtype=self.dtype)  # (R,)  d loss / d l_r
-            dz_cm = commitment_loss_backward(drow, cm_cache)  # (R, Dz)  (VQ.5)
-            dz_e = dz_st + dz_cm  # (R, Dz)  two paths into z_e add up
-            if cfg["ema"]:
-                grads["codebook"][...] = 0.0  # (K, Dz)  learned by moving averages, not gradient  (VQ.6)
-            else:
-                grads["codebook"] = codebook_loss_backward(drow, cb_cache)  # (K, Dz)  (VQ.4)
-            self._encoder_backward(dz_e.reshape(n, self.M, self.Dz), enc_cache, grads)
-            if tape is not None:
-                tape.update(dz_q=dzq.reshape(R, self.Dz), dz_straight_through=dz_st,
-                            dz_commitment=dz_cm, dz_e=dz_e)
-
-        self._last = (rows.copy(), idx)
         counts = code_counts(idx, self.K)
         kl = self.M * math.log(self.K)  # (T.15)
         stats = dict(loss=float(loss), recon=float(recon), codebook=float(cb.sum() / n),
                      commitment=float(commitment), kl=kl, elbo=float(-recon - kl),
                      perplexity=perplexity(counts), used_fraction=float((counts > 0).mean()))
-        return float(loss), grads, stats
+        saved = dict(n=n, rows=rows.copy(), idx=idx,  # rows and idx: also for after_step
+                     enc=enc_cache, quantize=q_cache, codebook=cb_cache, commitment=cm_cache,
+                     dec=dec_cache, lik=lik_cache)
+        return Forward(float(loss), stats, saved)
+
+    def _reverse(self, s, grads) -> None:
+        """The reverse chain, from the caches ``s`` of :meth:`forward`, into ``grads``."""
+        cfg, n = self.config, s["n"]
+        R = n * self.M
+        dlogp = np.full(n, -1.0 / n, dtype=self.dtype)  # (N,)
+        ddec_out = likelihood_backward(cfg["likelihood"], dlogp, s["lik"])  # (N, D)  (LIK.2/4)
+        dzq = self._decoder_backward(ddec_out, s["dec"], grads)  # (N, M, Dz)  decoder-input gradient
+        dz_st = quantize_backward(dzq.reshape(R, self.Dz), s["quantize"])  # (R, Dz)  (VQ.3)
+        drow = np.full(R, 1.0 / n, dtype=self.dtype)  # (R,)  d loss / d l_r
+        dz_cm = commitment_loss_backward(drow, s["commitment"])  # (R, Dz)  (VQ.5)
+        dz_e = dz_st + dz_cm  # (R, Dz)  two paths into z_e add up
+        if cfg["ema"]:
+            grads["codebook"][...] = 0.0  # (K, Dz)  learned by moving averages, not gradient  (VQ.6)
+        else:
+            grads["codebook"] = codebook_loss_backward(drow, s["codebook"])  # (K, Dz)  (VQ.4)
+        self._encoder_backward(dz_e.reshape(n, self.M, self.Dz), s["enc"], grads)
 
     # -- updates outside the gradient: called by the training loop -------------------
     def on_batch_start(self, x, rng) -> None:
@@ -204,12 +203,10 @@ class VQVAE(Model):
         self.buffers["ema_embed_sum"][...] = es
         self.buffers["initialised"][...] = True
 
-    def after_step(self, rng) -> None:
-        """After the optimizer step: moving-average codebook (VQ.6) and dead-code restarts (VQVAE.3)."""
-        if self._last is None:
-            return
-        rows, idx = self._last
-        self._last = None
+    def after_step(self, fwd: Forward, rng) -> None:
+        """After the optimizer step: moving-average codebook (VQ.6) and dead-code restarts
+        (VQVAE.3), from the encoder rows and codes of the step's forward record ``fwd``."""
+        rows, idx = fwd.saved["rows"], fwd.saved["idx"]  # (R, Dz), (R,)
         cfg, b = self.config, self.buffers
         if cfg["ema"]:
             state = EMAState(b["ema_cluster_size"], b["ema_embed_sum"])
