@@ -79,14 +79,19 @@ def tour_prior(c, model, x) -> float:
                                                  activation_backward), {f"hid.{i}.a": a},
                       formula=f"h = {act}(a)  ({tag})", gradient=f"da = dh * {act}'(a)  ({tag})")
         h_name = f"hid.{i}.out"
-    hx = c.forward(concat_name, ("MADE.3",), (concat_forward, concat_backward),
-                   {h_name: h, "x": x}, formula="[h, x]: the last hidden layer beside the codes  "
-                                                "(MADE.3)",
-                   gradient="dh = d[h, x][:, :H]; x is data") if layers else x
+    concat = layers and model.direct  # the output layer reads [h, x]; else h alone, or x
+    if concat:
+        hx, hx_name = c.forward(concat_name, ("MADE.3",), (concat_forward, concat_backward),
+                                {h_name: h, "x": x},
+                                formula="[h, x]: the last hidden layer beside the codes  (MADE.3)",
+                                gradient="dh = d[h, x][:, :H]; x is data"), "[h, x]"
+    else:
+        hx, hx_name = h, h_name  # h = x when there is no hidden layer
+        out_name = out_name.replace("[h, x]", "h" if layers else "x")
     logits = c.forward(out_name, ("MADE.3", "MADE.5"), masked,
-                       {"[h, x]" if layers else "x": hx, "out.W": p["out.W"],
+                       {hx_name: hx, "out.W": p["out.W"],
                         "out.mask": model.masks[-1], "out.b": p["out.b"]},
-                       formula="logits = [h, x] (W*A) + b, A the strict mask of (MADE.3)  "
+                       formula=f"logits = {hx_name} (W*A) + b, A the strict mask of (MADE.3)  "
                                "(MADE.4)", gradient=masked_backward)
     xent = c.forward(xent_name, ("XENT.2",), (partial(position_xent_forward, num_codes=model.K),
                                               position_xent_backward),
@@ -108,13 +113,16 @@ def tour_prior(c, model, x) -> float:
                             note=f"logits (N, M K) read as (N, {model.M}, {model.K}); dlogits = "
                                  f"softmax - one-hot; the target codes get no gradient")
     dhx, _, _, _ = c.backward(out_name, dlogits, (("dlogits", dlogits),),
-                              ("[h, x]" if layers else None, "out.W", None, "out.b"),
+                              (hx_name if layers else None, "out.W", None, "out.b"),
                               note="dW = ([h, x]^T dlogits) * A: a masked weight gets exactly 0; "
                                    "the mask is a constant")
     if not layers:
         return float(loss)
-    dh, _ = c.backward(concat_name, dhx, (("d[h, x]", dhx),), (h_name, None),
-                       note="x is data: its block of the gradient is not needed")
+    if concat:
+        dh, _ = c.backward(concat_name, dhx, (("d[h, x]", dhx),), (h_name, None),
+                           note="x is data: its block of the gradient is not needed")
+    else:
+        dh = dhx  # the output layer read h alone
     for i in reversed(range(layers)):
         (da,) = c.backward(f"hid.{i} {act}", dh, ((f"d(hid.{i}.out)", dh),), (f"hid.{i}.a",))
         dh, _, _, _ = c.backward(f"hid.{i} masked linear h (W*A) + b", da, ((f"d(hid.{i}.a)", da),),
@@ -140,4 +148,5 @@ def prior_title(model, x) -> str:
     sizes = "-".join(str(s) for s in [model.M * model.K, *model.hidden, model.M * model.K])
     return (f"made: one training step of the learned prior on {n} code sequences, float64\n"
             f"M = {model.M} positions of K = {model.K} codes, one-hot input; masked layers "
-            f"{sizes} plus the direct path, {model.config['activation']}")
+            f"{sizes}{' plus the direct path' if model.direct else ''}, "
+            f"{model.config['activation']}")

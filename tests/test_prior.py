@@ -351,3 +351,18 @@ def test_tour_of_the_prior_checks_every_node(hidden, activation):
     tags = {t for node in nodes for t in node.tags}
     assert {"MADE.1", "XENT.2", "MADE.3", "MADE.5"} <= tags
     assert ("MADE.2" in tags) == bool(hidden)
+
+
+@pytest.mark.parametrize("hidden", [(6,), (5, 4)])
+def test_tour_of_a_prior_without_the_direct_connection(hidden):
+    """The output layer reads h alone: no concatenation node, and every node still checks."""
+    from npvae.tour import format_tour, tour
+
+    model = small_prior(3, 4, hidden, "tanh", seed=4, direct=False)  # tanh: no kinks
+    x = model.one_hot(np.random.default_rng(5).integers(3, size=(3, 4)))
+    nodes = tour(model, x)
+    assert nodes.ok, format_tour(nodes)
+    assert set(nodes.grads) == set(model.params)
+    assert not any("concatenation" in node.name for node in nodes)
+    assert any(node.name == "out masked linear h (W*A) + b" for node in nodes)
+    assert "direct path" not in format_tour(nodes)
