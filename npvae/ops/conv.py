@@ -301,7 +301,8 @@ def _check_transpose(x, w, b, stride, pad, output_pad):
 
 
 class ConvTransposeCache(NamedTuple):
-    x: np.ndarray  # (N, C_in, H, W) kept for dw
+    g: np.ndarray  # (N*H*W, C_in) the input, one row per position, kept for dw
+    x_shape: tuple  # (N, C_in, H, W)
     w: np.ndarray  # (C_in, C_out, KH, KW) kept for dx
     out_shape: tuple  # (N, C_out, OH, OW)
     stride: int
@@ -323,7 +324,7 @@ def conv_transpose2d_forward(x, w, b, stride: int = 1, pad: int = 0, output_pad:
     cols = g @ _as_matrix(w)  # (N*H*W, KH*KW*C_out)  (CONVT.1)
     y = _col2im(cols, (n, c_out, oh, ow), kh, kw, stride, pad, h, wd)  # (N, C_out, OH, OW)
     y += b[None, :, None, None]
-    return y, ConvTransposeCache(x, w, y.shape, stride, pad)
+    return y, ConvTransposeCache(g, x.shape, w, y.shape, stride, pad)
 
 
 def conv_transpose2d_backward(dy, cache: ConvTransposeCache):
@@ -332,12 +333,11 @@ def conv_transpose2d_backward(dy, cache: ConvTransposeCache):
     dx is the conv2d forward of dy with the same w (CONVT.2); dw correlates dy's windows
     with x, as (CONV.3) with the roles of input and output exchanged.
     """
-    x, w, _, stride, pad = cache
+    g, x_shape, w, _, stride, pad = cache
     c_in, c_out, kh, kw = w.shape
-    n, _, h, wd = x.shape
+    n, _, h, wd = x_shape
     cols = _im2col(dy, kh, kw, stride, pad, h, wd)  # (N*H*W, KH*KW*C_out)
     dx = (cols @ _as_matrix(w).T).reshape(n, h, wd, c_in).transpose(0, 3, 1, 2)  # (CONVT.2)
-    g = x.transpose(0, 2, 3, 1).reshape(n * h * wd, c_in)  # (N*H*W, C_in)
     dw = _as_filters(g.T @ cols, w.shape)  # (C_in, C_out, KH, KW)  (CONVT.2)
     db = dy.sum(axis=(0, 2, 3))  # (C_out,)  (CONV.4)
     return np.ascontiguousarray(dx), dw, db
