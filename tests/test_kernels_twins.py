@@ -40,6 +40,15 @@ def test_bernoulli_twins(dtype, n, d, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(batch, dim, seeds)
+def test_scale_rows_twins(dtype, n, d, seed):
+    rng = np.random.default_rng(seed)
+    g, dlogp = rng.normal(size=(n, d)).astype(dtype), rng.normal(size=n).astype(dtype)
+    s1, s2 = both(likelihoods.scale_rows_kernel, g, dlogp)
+    np.testing.assert_array_equal(s1, s2, strict=True)  # one product per entry in both
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(batch, dim, seeds)
 def test_kl_twins(dtype, n, z, seed):
     rng = np.random.default_rng(seed)
     mu, lv = rng.normal(size=(n, z)).astype(dtype), rng.normal(size=(n, z)).astype(dtype)
@@ -183,6 +192,14 @@ def test_bernoulli_twins_on_special_values(dtype):
     assert_twins_match(lp1, lp2, exact=True)
 
 
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_rows_twins_on_special_values(dtype):
+    g, _ = pair_grid(dtype)
+    for dlogp in special_values(dtype), special_values(dtype)[::-1]:  # every pair meets
+        s1, s2 = numba_and_numpy(likelihoods.scale_rows_kernel, g, np.ascontiguousarray(dlogp))
+        assert_twins_match(s1, s2, exact=True)  # the same single product per entry
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
