@@ -178,3 +178,23 @@ def test_col2im_is_the_adjoint_of_im2col(g, seed):
         lhs = np.sum(im2col(x, kh, kw, s, p, oh, ow) * c)
         rhs = np.sum(x * col2im(c, x.shape, kh, kw, s, p, oh, ow))
         assert abs(lhs - rhs) <= 1e-12 * max(1.0, abs(lhs), np.abs(c).sum())
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_im2col_rows_are_windows_in_k_l_c_order(backend):
+    # row (n, i, j) is the window under output (i, j), channels fastest: (k, l, c) order,
+    # the order _as_matrix gives the filters; a strided (non-contiguous) x is read as well
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 6, 3)).transpose(0, 3, 1, 2)  # (N, C, H, W) = (2, 3, 5, 6)
+    kh, kw, s, p = 3, 2, 2, 1
+    oh, ow = conv_output_size(5, kh, s, p), conv_output_size(6, kw, s, p)
+    cols = getattr(conv._im2col, backend)(x, kh, kw, s, p, oh, ow)
+    xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+    for n in range(2):
+        for i in range(oh):
+            for j in range(ow):
+                window = xp[n, :, i * s:i * s + kh, j * s:j * s + kw]  # (C, KH, KW)
+                np.testing.assert_array_equal(cols[(n * oh + i) * ow + j],
+                                              window.transpose(1, 2, 0).ravel())
+    w = rng.standard_normal((4, 3, kh, kw))
+    np.testing.assert_array_equal(conv._as_filters(conv._as_matrix(w), w.shape), w)
