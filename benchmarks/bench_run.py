@@ -17,7 +17,9 @@ Each side is one fresh process per run (the npvae side is the `npvae` command it
 with the compiled kernels already cached), the sides alternate, and the script prints
 per side: the whole process's wall time, the training loop's time (the epochs and their
 validation), the second and the last epoch, and the ratios. The second epoch is the
-reference for drift because the first one includes warming up.
+reference for drift because the first one includes warming up; on a machine whose speed
+wanders from minute to minute, the median of epochs 2-6 against the median of the last
+five says more than two single epochs, and is printed too.
 
 PyTorch is optional (``pip install torch==2.13.0``); without it only npvae is timed.
 """
@@ -169,11 +171,21 @@ def summarize(name, runs) -> dict:
     s = dict(wall=med(r["wall"] for r in runs), loop=med(loop_seconds(r["history"]) for r in runs),
              second=med(r["history"][min(1, len(r["history"]) - 1)]["seconds"] for r in runs),
              last=med(r["history"][-1]["seconds"] for r in runs),
+             early=med(t for r in runs for t in epoch_seconds(r["history"])[1:6]),
+             late=med(t for r in runs for t in epoch_seconds(r["history"])[-5:]),
              elbo=statistics.mean(r["test_elbo"] for r in runs))
     print(f"  {name:<6} process {s['wall']:6.1f} s  training loop {s['loop']:6.1f} s  "
           f"epoch 2 {s['second']:5.2f} s  last epoch {s['last']:5.2f} s "
           f"(last/second {s['last'] / s['second']:.2f})  test ELBO {s['elbo']:.2f}")
+    print(f"  {'':<6} median of epochs 2-6 {s['early']:5.2f} s, of the last five "
+          f"{s['late']:5.2f} s (late/early {s['late'] / s['early']:.2f}: drift, less "
+          f"sensitive to one slow epoch than last/second)")
     return s
+
+
+def epoch_seconds(history) -> list:
+    """Each epoch's training time (without its validation), in order."""
+    return [r["seconds"] for r in history]
 
 
 def main(argv=None) -> int:
