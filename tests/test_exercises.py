@@ -2,8 +2,9 @@
 
 - the grader passes every solution and fails every blank and every bug hunt, each named;
 - it also fails typical wrong answers, one per check it makes;
-- each template is exactly the blank of its solution, and each bug hunt differs from its
-  fixed version in one place;
+- every template differs from its solution: a fill template is its solution with each
+  solution block stripped (checked by a rule written here), a bug hunt differs from its fixed
+  version in one place, and each line a hunt replaces matches exactly once;
 - the solutions' backward passes agree with npvae's own ops;
 - `new` and `solutions` refuse to overwrite; `check` exits 0 only when all pass;
 - a hostile or broken file is a FAIL, never a crash, and leaves sys.modules alone;
@@ -11,6 +12,7 @@
 """
 import difflib
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -19,13 +21,15 @@ import pytest
 
 from npvae.cli import main
 from npvae.exercises import grader
-from npvae.exercises.files import SOLUTIONS, TEMPLATES, blank, exercise_files
+from npvae.exercises.files import SOLUTIONS, exercise_texts, hunt_text, replace_lines, write_out
 from npvae.exercises.grader import EXERCISES, check_folder, grade
+from npvae.exercises.hunts import HUNTS
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [e.name for e in EXERCISES]
 FILL = [e.name for e in EXERCISES if e.kind == "fill"]
 BUGS = [e.name for e in EXERCISES if e.kind == "bugs"]
+TEMPLATE_TEXTS, SOLVED_TEXTS = exercise_texts(solved=False), exercise_texts(solved=True)
 
 
 def by_name(name):
@@ -43,43 +47,100 @@ def solution(name):
     return load(SOLUTIONS / by_name(name).path)
 
 
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory):
+    """A folder as `npvae exercises new` writes it."""
+    folder = tmp_path_factory.mktemp("exercises") / "templates"
+    write_out(False, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def solutions(tmp_path_factory):
+    """A folder as `npvae exercises solutions` writes it."""
+    folder = tmp_path_factory.mktemp("exercises") / "solutions"
+    write_out(True, folder)
+    return folder
+
+
 def test_there_are_enough_exercises():
     assert len(FILL) >= 9 and len(BUGS) >= 6
-    assert sorted(map(str, exercise_files(TEMPLATES))) == sorted(str(e.path) for e in EXERCISES)
-    assert sorted(map(str, exercise_files(SOLUTIONS))) == sorted(str(e.path) for e in EXERCISES)
+    for texts in (TEMPLATE_TEXTS, SOLVED_TEXTS):
+        assert sorted(map(str, texts)) == sorted(["README.md", *(str(e.path) for e in EXERCISES)])
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_grader_passes_the_solution(name):
-    result = grade(by_name(name), SOLUTIONS)
+def test_grader_passes_the_solution(name, solutions):
+    result = grade(by_name(name), solutions)
     assert result.passed, f"{name}: {result.message} (hint: {result.hint})"
 
 
 @pytest.mark.parametrize("name", FILL)
-def test_grader_fails_the_blank(name):
-    result = grade(by_name(name), TEMPLATES)
+def test_grader_fails_the_blank(name, templates):
+    result = grade(by_name(name), templates)
     assert not result.passed
     assert "not written yet" in result.message and result.hint
 
 
 @pytest.mark.parametrize("name", BUGS)
-def test_grader_fails_the_bug_hunt(name):
-    result = grade(by_name(name), TEMPLATES)
+def test_grader_fails_the_bug_hunt(name, templates):
+    result = grade(by_name(name), templates)
     assert not result.passed, name
     assert result.hint and "not written yet" not in result.message
 
 
-@pytest.mark.parametrize("name", FILL)
-def test_template_is_the_blank_of_its_solution(name):
+@pytest.mark.parametrize("name", NAMES)
+def test_every_template_differs_from_its_solution(name):
     path = by_name(name).path
-    assert (TEMPLATES / path).read_text() == blank((SOLUTIONS / path).read_text())
+    assert TEMPLATE_TEXTS[path] != SOLVED_TEXTS[path]
+
+
+def strip_solutions(text):
+    """Each "# BEGIN SOLUTION" ... "# END SOLUTION" block replaced by the stub a student
+    sees, naming the function it stands in: the rule, written apart from files.blank."""
+    def stub(m):
+        function = re.findall(r"def (\w+)\(", text[:m.start()])[-1]
+        return (f"{m['indent']}# Your code here: see the docstring at the top of the file.\n"
+                f'{m["indent"]}raise NotImplementedError("{function} is not written yet")\n')
+    return re.sub(r"^(?P<indent> *)# BEGIN SOLUTION\n.*?^ *# END SOLUTION\n", stub, text,
+                  flags=re.M | re.S)
+
+
+@pytest.mark.parametrize("name", FILL)
+def test_fill_template_is_its_solution_with_the_solution_blocks_stripped(name):
+    path = by_name(name).path
+    assert SOLVED_TEXTS[path].count("# BEGIN SOLUTION") >= 1
+    assert TEMPLATE_TEXTS[path] == strip_solutions(SOLVED_TEXTS[path])
+
+
+@pytest.mark.parametrize("hunt", HUNTS, ids=[h.name for h in HUNTS])
+def test_each_line_a_bug_hunt_replaces_matches_exactly_once(hunt):
+    shared = hunt_text(hunt._replace(variant=()), solved=True)  # before the variant's edits
+    for pairs, text in ((hunt.variant, shared), (hunt.bug, SOLVED_TEXTS[by_name(hunt.name).path])):
+        lines = [line.strip() for line in text.split("\n")]
+        for old, _ in pairs:
+            old = old.split("\n")
+            assert sum(lines[i:i + len(old)] == old for i in range(len(lines))) == 1, old
+    stale = hunt._replace(bug=((hunt.bug[0][0] + " ", "x = 1"), *hunt.bug[1:]))
+    with pytest.raises(ValueError, match="0 places match"):
+        hunt_text(stale, solved=False)
+
+
+def test_a_replacement_must_match_exactly_once():
+    text = "def f():\n    a = 1\n    b = 2\n    b = 2\n"
+    assert replace_lines(text, [("a = 1", "a = 0\nc = 3")], "f") == \
+        "def f():\n    a = 0\n    c = 3\n    b = 2\n    b = 2\n"
+    with pytest.raises(ValueError, match="2 places match"):
+        replace_lines(text, [("b = 2", "b = 3")], "f")
+    with pytest.raises(ValueError, match="0 places match"):
+        replace_lines(text, [("a = 1\nb = 3", "")], "f")
 
 
 @pytest.mark.parametrize("name", BUGS)
 def test_each_bug_hunt_has_one_planted_change(name):
     path = by_name(name).path
-    planted = (TEMPLATES / path).read_text().splitlines()
-    fixed = (SOLUTIONS / path).read_text().splitlines()
+    planted = TEMPLATE_TEXTS[path].splitlines()
+    fixed = SOLVED_TEXTS[path].splitlines()
     changes = [op for op in difflib.SequenceMatcher(None, planted, fixed).get_opcodes()
                if op[0] != "equal"]
     # one bug: one place, or a forward line and the backward line that mirrors it (so
@@ -252,7 +313,7 @@ def test_new_writes_the_templates_and_refuses_to_overwrite(tmp_path, capsys):
     folder = tmp_path / "hw"
     assert main(["exercises", "new", str(folder)]) == 0
     for e in EXERCISES:
-        assert (folder / e.path).read_text() == (TEMPLATES / e.path).read_text()
+        assert (folder / e.path).read_text() == TEMPLATE_TEXTS[e.path]
     assert (folder / "README.md").is_file()
     mine = folder / "fill" / "01_linear.py"
     mine.write_text("# my work\n")

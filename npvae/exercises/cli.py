@@ -40,11 +40,11 @@ def add_exercises_command(sub) -> None:
     lst.set_defaults(func=cmd_list)
 
 
-def _write(tree, dest, what) -> int:
-    from .files import copy_out
+def _write(solved, dest, what) -> int:
+    from .files import write_out
 
     try:
-        written = copy_out(tree, dest)
+        written = write_out(solved, dest)
     except FileExistsError as exc:
         print(f"npvae: error: {exc}", file=sys.stderr)
         return 2
@@ -53,18 +53,14 @@ def _write(tree, dest, what) -> int:
 
 
 def cmd_new(ns) -> int:
-    from .files import TEMPLATES
-
-    code = _write(TEMPLATES, ns.dir, "exercise files")
+    code = _write(False, ns.dir, "exercise files")
     if code == 0:
         print(f"start with {ns.dir / 'README.md'}; grade with: npvae exercises check {ns.dir}")
     return code
 
 
 def cmd_solutions(ns) -> int:
-    from .files import SOLUTIONS
-
-    return _write(SOLUTIONS, ns.dir, "solved files")
+    return _write(True, ns.dir, "solved files")
 
 
 def cmd_list(ns) -> int:

@@ -1,20 +1,22 @@
-"""Where the exercise files live, how a blank is made from a solution, and copying them out.
+"""How the files a student or a teacher receives are made, and writing them into a folder.
 
-The package holds three trees:
+Each piece of exercise text is kept once, beside this module:
 
     solutions/fill/*.py   the fill-in exercises, solved; each student part sits between
-                          a "# BEGIN SOLUTION" and an "# END SOLUTION" line
-    templates/fill/*.py   the same files with every such part replaced by a
-                          NotImplementedError: what a student gets (made by :func:`blank`)
-    templates/bugs/*.py   the bug hunts, one planted bug each; solutions/bugs/ the fixed ones
+                          a "# BEGIN SOLUTION" and an "# END SOLUTION" line, which
+                          :func:`blank` turns into a NotImplementedError for the student
+    solutions/bugs/*.py   the correct programs behind the bug hunts; the story around each
+                          and the lines that plant its bug are in :mod:`npvae.exercises.hunts`
+    templates/README.md   the student's README; solutions/README.md the teacher's
 
-``tests/test_exercises.py`` checks that every template is exactly the blank of its solution.
+``npvae exercises new`` writes :func:`exercise_texts` unsolved, ``solutions`` solved.
 """
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
+
+from .hunts import HUNTS, BugHunt
 
 PACKAGE = Path(__file__).resolve().parent
 TEMPLATES = PACKAGE / "templates"
@@ -50,24 +52,57 @@ def blank(text: str) -> str:
     return "".join(out)
 
 
-def exercise_files(tree: Path) -> list:
-    """The exercise files of a tree (fill/*.py, bugs/*.py), as paths relative to it."""
-    return sorted(p.relative_to(tree) for sub in ("fill", "bugs") for p in (tree / sub).glob("*.py"))
+def replace_lines(text: str, pairs, where: str) -> str:
+    """Swap each (old, new) pair of line groups in ``text``, in order (see
+    :mod:`npvae.exercises.hunts`). Lines match without their indentation; the new lines take
+    the indentation of the first old one. Raises ValueError unless ``old`` matches exactly once."""
+    lines = text.split("\n")
+    for old, new in pairs:
+        old = old.split("\n")
+        hits = [i for i in range(len(lines) - len(old) + 1)
+                if [line.strip() for line in lines[i:i + len(old)]] == old]
+        if len(hits) != 1:
+            raise ValueError(f"{where}: {len(hits)} places match {old[0]!r}, not exactly one")
+        i = hits[0]
+        indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+        lines[i:i + len(old)] = [indent + line for line in new.split("\n")]
+    return "\n".join(lines)
 
 
-def copy_out(tree: Path, dest: Path) -> list:
-    """Copy a tree's exercise files and README.md into ``dest``, which must not exist or be
+def hunt_text(hunt: BugHunt, solved: bool) -> str:
+    """A bug hunt's file: fixed (``solved``) or with its bug planted."""
+    program = (SOLUTIONS / "bugs" / hunt.program).read_text(encoding="utf-8")
+    _, described, code = program.split('"""', 2)  # the program's docstring, then its code
+    text = (f'"""{hunt.opening}\n\n{described.strip()}\n\n{hunt.closing}\n'
+            f'Check it: npvae exercises check DIR {hunt.name}\n"""{code}')
+    text = replace_lines(text, hunt.variant, hunt.name)
+    return text if solved else replace_lines(text, hunt.bug, hunt.name)
+
+
+def exercise_texts(solved: bool) -> dict:
+    """Every file ``npvae exercises new`` (unsolved) or ``solutions`` writes: path -> text."""
+    texts = {Path("README.md"): ((SOLUTIONS if solved else TEMPLATES) / "README.md").read_text(
+        encoding="utf-8")}
+    for path in sorted((SOLUTIONS / "fill").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        texts[Path("fill") / path.name] = text if solved else blank(text)
+    for hunt in HUNTS:
+        texts[Path("bugs") / f"{hunt.name}.py"] = hunt_text(hunt, solved)
+    return texts
+
+
+def write_out(solved: bool, dest: Path) -> list:
+    """Write the exercise files, solved or not, into ``dest``, which must not exist or be
     empty. Returns the paths written. Raises FileExistsError instead of overwriting."""
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise FileExistsError(
             f"{dest} already exists and is not an empty folder; nothing was written. "
             f"Choose a new folder, so no work is overwritten.")
-    files = [Path("README.md"), *exercise_files(tree)]
     written = []
-    for rel in files:
+    for rel, text in exercise_texts(solved).items():
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tree / rel, target)
+        target.write_text(text, encoding="utf-8", newline="\n")
         written.append(target)
     return written

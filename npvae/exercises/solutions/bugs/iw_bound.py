@@ -1,6 +1,4 @@
-"""Bug hunt 4: an importance-weighted bound that trains worse than the ELBO
-
-The IWAE (Burda, Grosse and Salakhutdinov 2015) maximises the k-sample bound instead of
+"""The IWAE (Burda, Grosse and Salakhutdinov 2015) maximises the k-sample bound instead of
 the ELBO. This op computes the bound from the log weights and its gradient; the rest of
 the model sends da back through the decoder and the encoder as a VAE does.
 
@@ -12,10 +10,6 @@ Its gradient, written as the gradient of a weighted sum of log weights: with the
 weights w_i = exp(a_i) / sum_j exp(a_j),
 
     dL/da_i = w_i,   so the bound climbs along sum_i w_i (gradient of log w_i).
-
-A model trained with this op has a higher loss than the same model trained on the ELBO.
-The file has exactly one bug; npvae.gradcheck finds it.
-Check it: npvae exercises check DIR b4_iwae_weights
 """
 import math
 

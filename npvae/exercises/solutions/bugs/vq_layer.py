@@ -1,6 +1,4 @@
-"""Bug hunt 5: a VQ-VAE whose encoder never learns to reconstruct
-
-A vector-quantization layer as a VQ-VAE uses it (van den Oord et al. 2017): each of R
+"""A vector-quantization layer as a VQ-VAE uses it (van den Oord et al. 2017): each of R
 encoder rows z_e (R, Dz) is snapped to the nearest of K codes, the rows of E (K, Dz), and
 two auxiliary losses per row train the codebook and keep the encoder near its codes.
 
@@ -10,11 +8,6 @@ two auxiliary losses per row train the codebook and keep the encoder near its co
 Backward takes dz_q (R, Dz), the decoder's gradient, and daux (R,), and returns
 (dz_e (R, Dz), dE (K, Dz)). The straight-through estimator passes dz_q on as if z_q were
 z_e (VQ.3); the codebook learns from the codebook term only.
-
-Trained with this layer, the codebook follows the decoder's wishes, the encoder's outputs
-only chase their codes, and reconstructions stay poor. The file has exactly one bug;
-npvae.gradcheck finds it, on the straight-through surrogate of docs/derivations.md (VQVAE.4).
-Check it: npvae exercises check DIR b5_straight_through
 """
 import numpy as np
 
@@ -33,8 +26,7 @@ def vq_backward(dz_q, daux, cache):
     """dz_q (R, Dz), daux (R,) -> dz_e (R, Dz), dcodebook (K, Dz)."""
     diff, idx, num_codes, beta = cache
     dcodebook = np.zeros((num_codes, diff.shape[1]))  # (K, Dz)
-    dz_e = np.zeros_like(dz_q)  # (R, Dz)
-    np.add.at(dcodebook, idx, dz_q)  # straight-through: copied, not derived (VQ.3)
+    dz_e = dz_q.copy()  # straight-through: copied, not derived (VQ.3)
     np.add.at(dcodebook, idx, -2.0 * daux[:, None] * diff)  # codebook loss  (VQ.4)
     dz_e += 2.0 * beta * daux[:, None] * diff  # commitment loss  (VQ.5)
     return dz_e, dcodebook

@@ -1,17 +1,9 @@
-"""Bug hunt 1: samples that are too spread out, or too tight
-
-A student's Gaussian VAE trains and its gradient check passes, yet the posterior
-variances it reports do not match the spread of the codes it samples.
-
-The model, a VAE small enough to check by hand (N examples, D data dimensions, Z latents):
+"""The model, a VAE small enough to check by hand (N examples, D data dimensions, Z latents):
 
     encoder   h = x We + be  (N, 2Z);  mu = h[:, :Z], logvar = h[:, Z:]       (VAE.1)
     sample    z = mu + eps * exp(logvar / 2),  eps ~ N(0, I) given            (REP.1)
     decoder   out = z Wd + bd  (N, D), p(x|z) = N(out, I)                  (LIK.1)
     loss      the mean over the batch of -log p(x|z) + KL(q(z|x) || N(0, I))  (OBJ.1)
-
-The file has exactly one bug. A gradient check will not find it; sample many z and look at their moments.
-Check it: npvae exercises check DIR b1_sampling
 """
 import math
 
