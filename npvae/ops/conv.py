@@ -196,15 +196,16 @@ def _col2im_numba(cols, x_shape, kh, kw, stride, pad, oh, ow):
     run = kw * c  # the entries of one window row
     dx = np.empty((x_shape[0], x_shape[1], x_shape[2], x_shape[3]), dtype=cols.dtype)
     dxp = np.empty((h + u(2) * pad, (w + u(2) * pad) * c), dtype=cols.dtype)  # (H', W' C)
+    row = u(0)  # the rows of cols, read in order: example b's windows are consecutive
     for b in range(n):
         dxp[...] = 0
         for i in range(oh):
             for j in range(ow):
-                row = (b * oh + i) * ow + j
-                at = j * stride * c
+                at = j * stride * c  # where window (i, j) starts in its row of dxp
                 for k in range(kh):
                     for m in range(run):
                         dxp[i * stride + k, at + m] += cols[row, k * run + m]  # (CONV.2)
+                row += u(1)
         for ch in range(c):
             for r in range(h):
                 for q in range(w):
