@@ -486,7 +486,7 @@ def tour(model, x, eps=None, *, max_entries: int | None = None) -> Tour:
 
 
 def _title(model, x) -> str:
-    cfg, p = model.config, model.params
+    cfg = model.config
     if cfg["kind"] == "made":
         from .tour_prior import prior_title
         return prior_title(model, x)
