@@ -57,6 +57,7 @@ from .checkpoint import (
     FILENAME, Checkpoint, CheckpointError, NonFiniteState, load_checkpoint, non_finite,
     rng_state, save_checkpoint,
 )
+from .data.rows import bernoulli_rows
 from .optim import clip_grad_norm
 from .runs import (  # noqa: F401  (the run folder's names stay importable from here)
     METRICS_FILE, RunInUse, _DeferredInterrupt, _holding_run_lock, check_writable,
@@ -289,10 +290,14 @@ class _Batches:
         self.dynamic = binarize == "dynamic"
         self.batch = np.empty((min(batch_size, self.n), d), dtype=dtype)
         self.raw = np.empty((min(batch_size, self.n), d), dtype=np.uint8) if self.scale else None
+        self.uniform = np.empty_like(self.batch) if self.dynamic else None
 
     def fill(self, idx, rng) -> np.ndarray:
         """The examples ``idx`` as a (B, D) batch in [0, 1] (a view of the reused array)."""
         xb = self.batch[:idx.size]
+        if self.dynamic and self.scale == 255:  # bytes: gather, scale and sample in one pass
+            u = rng.random(dtype=xb.dtype, out=self.uniform[:idx.size])  # (B, D) in [0, 1)
+            return bernoulli_rows(self.x, idx, u, xb)  # (BIN.1)
         if self.scale is None:
             np.take(self.x, idx, axis=0, out=xb)  # (B, D), contiguous
         else:
