@@ -96,6 +96,8 @@ def test_the_training_loop_draws_the_sample_the_float_route_draws():
     (dict(u=np.zeros((2, 4), np.float64)), "one float dtype"),
     (dict(idx=np.array([0, 3])), r"\[0, 3\)"),
     (dict(idx=np.array([-1, 0])), r"\[0, 3\)"),
+    (dict(idx=np.array([0.0, 1.0])), "integer array"),
+    (dict(u=[[0.0] * 4] * 2), "numpy arrays"),
 ])
 def test_bernoulli_rows_rejects(change, message):
     args = dict(x=np.zeros((3, 4), np.uint8), idx=np.array([0, 2]),
@@ -103,6 +105,16 @@ def test_bernoulli_rows_rejects(change, message):
     args.update(change)
     with pytest.raises(ValueError, match=message):
         rows.bernoulli_rows(**args)
+
+
+def test_bernoulli_rows_reads_strided_images():
+    """Images that are a strided view (every other row) give the rows of that view."""
+    rng = np.random.default_rng(4)
+    full = rng.integers(0, 256, size=(10, 6), dtype=np.uint8)
+    x, idx = full[::2], np.array([4, 0, 2])
+    u = rng.random((3, 6), dtype=np.float32)
+    got = rows.bernoulli_rows(x, idx, u, np.empty_like(u))
+    np.testing.assert_array_equal(got, three_steps(np.ascontiguousarray(x), idx, u))
 
 
 def test_bernoulli_rows_with_an_empty_batch():

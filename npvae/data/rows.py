@@ -40,11 +40,15 @@ _bernoulli_rows = dispatch(_bernoulli_rows_numpy, _bernoulli_rows_numba)
 def bernoulli_rows(x, idx, u, out) -> np.ndarray:
     """Rows ``idx`` of the byte images ``x``, each pixel 1 with probability byte / 255.
 
-    x (N, D) uint8 C-contiguous; idx (B,) integer row numbers in [0, N); u (B, D) uniforms
-    in [0, 1) with the dtype of ``out``; out (B, D) float32 or float64, written and returned.
+    x (N, D) uint8; idx (B,) integer row numbers in [0, N); u (B, D) uniforms in [0, 1)
+    with the dtype of ``out``; out (B, D) float32 or float64, written and returned.
     """
     if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2):
         raise ValueError("x must be a 2-d uint8 array of images")
+    if not (isinstance(idx, np.ndarray) and idx.ndim == 1 and idx.dtype.kind in "iu"):
+        raise ValueError("idx must be a 1-d integer array of row numbers")
+    if not (isinstance(u, np.ndarray) and isinstance(out, np.ndarray)):
+        raise ValueError("u and out must be numpy arrays")
     if out.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"out must be float32 or float64, got {out.dtype}")
     B, D = idx.shape[0], x.shape[1]
@@ -53,4 +57,4 @@ def bernoulli_rows(x, idx, u, out) -> np.ndarray:
                          f"got {u.shape} {u.dtype} and {out.shape} {out.dtype}")
     if B and (idx.min() < 0 or idx.max() >= x.shape[0]):
         raise ValueError(f"idx must lie in [0, {x.shape[0]})")
-    return _bernoulli_rows(np.ascontiguousarray(x), idx, u, out.dtype.type(255), out)
+    return _bernoulli_rows(x, idx, u, out.dtype.type(255), out)
