@@ -928,3 +928,19 @@ def test_debian_package_that_is_not_an_ar_archive(tmp_path, monkeypatch):
     offline_mirrors(monkeypatch)
     with pytest.raises(d.DataUnavailableError, match="not a Debian package"):
         d.load("fashion-mnist", "test")
+
+
+def test_a_gzipped_file_is_parsed_without_copying_and_stays_writable():
+    """The inflated buffer becomes the array (one 47 MB copy fewer for MNIST's images);
+    plain bytes, which are read-only, are copied so that the array is writable either way."""
+    images = np.arange(2 * 28 * 28, dtype=np.int64).astype(np.uint8).reshape(2, 28, 28)
+    raw = idx._idx_bytes(images)
+    inflated = idx._decompress(gzip.compress(raw), "test.gz")
+    assert isinstance(inflated, bytearray) and bytes(inflated) == raw
+    viewed = idx._parse_idx(inflated, "test.gz")
+    copied = idx._parse_idx(raw, "test")
+    for array in (viewed, copied):
+        np.testing.assert_array_equal(array, images)
+        assert array.flags.writeable
+    assert np.shares_memory(viewed, np.frombuffer(inflated, dtype=np.uint8))
+    assert idx._decompress(raw, "test") is raw  # not gzip: passed through

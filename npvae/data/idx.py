@@ -167,12 +167,14 @@ def _claimed_size(header: bytes) -> int | None:
     return 4 + 4 * ndim + int(np.prod(dims, dtype=np.int64))
 
 
-def _decompress(blob: bytes, where: str, limit: int | None = None) -> bytes:
+def _decompress(blob: bytes, where: str, limit: int | None = None) -> bytes | bytearray:
     """The IDX bytes of a file's content, un-gzipping it when it starts as gzip.
 
     The stream is read in chunks and never beyond ``limit`` bytes (by default the size
     the IDX header announces, at most ``MAX_IDX_BYTES``): a damaged file or a gzip bomb
     that inflates past it is refused with ``CorruptFileError``, before it fills memory.
+    A gzipped file's content comes back as the bytearray it was inflated into, not
+    copied (MNIST's training images are 47 MB); ``blob`` itself when it is not gzip.
     """
     if not blob.startswith(_GZIP_MAGIC):
         return blob
@@ -202,7 +204,7 @@ def _decompress(blob: bytes, where: str, limit: int | None = None) -> bytes:
             f"{where}: the gzip stream inflates to more than {limit} bytes, the most this "
             f"IDX file can hold; refused (a damaged file or a decompression bomb)"
         )
-    return bytes(out)
+    return out
 
 
 def _read_bounded(path: Path, limit: int) -> bytes:
@@ -214,8 +216,12 @@ def _read_bounded(path: Path, limit: int) -> bytes:
     return path.read_bytes()
 
 
-def _parse_idx(payload: bytes, where: str) -> np.ndarray:
-    """Array from decompressed IDX bytes; only uint8 labels (1-D) and images (3-D)."""
+def _parse_idx(payload: bytes | bytearray, where: str) -> np.ndarray:
+    """Array from decompressed IDX bytes; only uint8 labels (1-D) and images (3-D).
+
+    The array is writable. It is a view of ``payload`` when that is a bytearray (the
+    buffer :func:`_decompress` inflated, which nothing else holds), else a copy.
+    """
     if len(payload) < 4:
         raise CorruptFileError(f"{where}: only {len(payload)} bytes, too short for an IDX header")
     (magic,) = struct.unpack(">I", payload[:4])
@@ -237,7 +243,8 @@ def _parse_idx(payload: bytes, where: str) -> np.ndarray:
             f"{where}: {what}: header dims {dims} call for {expected} data bytes, "
             f"file has {actual}"
         )
-    return np.frombuffer(payload, dtype=np.uint8, offset=header).reshape(dims).copy()
+    array = np.frombuffer(payload, dtype=np.uint8, offset=header).reshape(dims)
+    return array if isinstance(payload, bytearray) else array.copy()  # bytes: read-only
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
