@@ -289,13 +289,15 @@ class _Batches:
             self.x, self.scale = _static_sample(x, dtype, side_rng(seed, "static")), 1
         self.dynamic = binarize == "dynamic"
         self.batch = np.empty((min(batch_size, self.n), d), dtype=dtype)
-        self.raw = np.empty((min(batch_size, self.n), d), dtype=np.uint8) if self.scale else None
+        self.from_bytes = self.dynamic and self.scale == 255  # sampled straight from the bytes
+        self.raw = np.empty((min(batch_size, self.n), d), dtype=np.uint8) \
+            if self.scale and not self.from_bytes else None
         self.uniform = np.empty_like(self.batch) if self.dynamic else None
 
     def fill(self, idx, rng) -> np.ndarray:
         """The examples ``idx`` as a (B, D) batch in [0, 1] (a view of the reused array)."""
         xb = self.batch[:idx.size]
-        if self.dynamic and self.scale == 255:  # bytes: gather, scale and sample in one pass
+        if self.from_bytes:  # gather, scale and sample in one pass
             u = rng.random(dtype=xb.dtype, out=self.uniform[:idx.size])  # (B, D) in [0, 1)
             return bernoulli_rows(self.x, idx, u, xb)  # (BIN.1)
         if self.scale is None:
