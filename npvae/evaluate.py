@@ -379,17 +379,31 @@ def _map_in_threads(fn, items, workers: int) -> list:
 
     Results come back in order. On an exception or Ctrl-C the batches not yet started
     are cancelled, so the call returns (or raises) as soon as the running ones finish.
+    A worker whose batch fails also tells the others to start no further batch: the
+    main thread, waiting for an earlier batch, may cancel the queue only later.
     """
     if workers == 1:
         return [fn(item) for item in items]
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from .threads import blas_threads
 
+    failed = threading.Event()
+
+    def run(item):
+        if failed.is_set():  # a batch queued before it already failed: its error is raised
+            return None
+        try:
+            return fn(item)
+        except BaseException:
+            failed.set()
+            raise
+
     with blas_threads(1):
         pool = ThreadPoolExecutor(max_workers=workers)
         try:
-            return list(pool.map(fn, items))
+            return list(pool.map(run, items))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
