@@ -45,15 +45,46 @@ from .params import FlatDict
 # Gradient clipping
 
 
-def _sumsq(a):
-    """sum(a**2) accumulated in float64, for a 1-D array, in cache-sized float64 pieces.
-
-    NumPy alone: a compiled twin gained 1.2x (benchmarks/RESULTS.md, M1)."""
+def _sumsq_numpy(a):
+    """sum(a**2) accumulated in float64, for a 1-D array, in cache-sized float64 pieces."""
     total = 0.0
     for start in range(0, a.shape[0], 1 << 15):
         piece = a[start:start + (1 << 15)].astype(np.float64)
         total += float(piece @ piece)
     return total
+
+
+@numba_kernel
+def _sumsq_numba(a):
+    """Same sum, in float64, in one pass with eight partial sums.
+
+    Eight independent sums let the loop overlap its additions, which one running sum
+    serialises: 0.24 against 0.54 ms for the twin over 652,824 float32 entries (M2).
+    The two twins group the sum differently, so they agree to float64 rounding.
+    """
+    n = a.shape[0]
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    whole = n - n % 8
+    for i in range(0, whole, 8):
+        x0, x1 = np.float64(a[i]), np.float64(a[i + 1])
+        x2, x3 = np.float64(a[i + 2]), np.float64(a[i + 3])
+        x4, x5 = np.float64(a[i + 4]), np.float64(a[i + 5])
+        x6, x7 = np.float64(a[i + 6]), np.float64(a[i + 7])
+        s0 += x0 * x0
+        s1 += x1 * x1
+        s2 += x2 * x2
+        s3 += x3 * x3
+        s4 += x4 * x4
+        s5 += x5 * x5
+        s6 += x6 * x6
+        s7 += x7 * x7
+    for i in range(whole, n):
+        x = np.float64(a[i])
+        s0 += x * x
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+sumsq_kernel = dispatch(_sumsq_numpy, _sumsq_numba)
 
 
 def clip_grad_norm(grads, max_norm) -> float:
@@ -73,7 +104,7 @@ def clip_grad_norm(grads, max_norm) -> float:
             raise ValueError("grads must hold floating-point numpy arrays")
     sq = 0.0
     for a in arrays:
-        sq += _sumsq(np.ascontiguousarray(a).reshape(-1))  # in float64 for any dtype
+        sq += sumsq_kernel(np.ascontiguousarray(a).reshape(-1))  # in float64 for any dtype
     norm = math.sqrt(sq)
     if max_norm is not None and math.isfinite(max_norm) and math.isfinite(norm) and norm > max_norm:
         scale = max_norm / norm

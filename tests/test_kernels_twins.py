@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from npvae import optim
 from npvae.ops import activations, kl, likelihoods, vq
 
 from strategies import batch, dim, seeds
@@ -86,10 +87,12 @@ def test_col_sum_twins(dtype, n, d, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(st.integers(0, 200), seeds)
 def test_sum_of_squares_twins(dtype, n, seed):
-    from npvae.optim import _sumsq
+    from npvae.optim import sumsq_kernel
     a = np.random.default_rng(seed).normal(size=n).astype(dtype)
-    exact = float(np.sum(a.astype(np.float64) ** 2))
-    assert abs(_sumsq(a) - exact) <= 1e-12 * max(exact, 1.0)
+    exact = float(np.sum(a.astype(np.float64) ** 2))  # NumPy's pairwise sum, a third grouping
+    for total in both(sumsq_kernel, a):
+        assert isinstance(total, float)
+        assert abs(total - exact) <= 1e-12 * max(exact, 1.0)
 
 
 # ----------------------------------------------------------------------------------
@@ -250,3 +253,23 @@ def test_neg_clamp_twins_on_special_values(dtype):
     assert_twins_match(got, want, exact=True)
     assert np.isnan(got).sum() == np.isnan(a).sum()  # NaN is never clamped away
     assert np.nanmin(got) == cut
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sum_of_squares_twins_on_special_values(dtype):
+    # squares in float64: a float32 subnormal squares to a normal float64; info.max
+    # squares to a finite float64 for float32 and to inf for float64
+    s = special_values(dtype)
+    finite = s[np.isfinite(s) & (np.abs(s.astype(np.float64)) < 1e100)]
+    cases = [s, s[::-1], finite, finite[::-1], s[:1], s[1:2], s[2:3], s[3:5], s[:0]]
+    for a in cases:
+        got, want = numba_and_numpy(optim.sumsq_kernel, a)
+        assert_twins_match(got, want, exact=False)
+        if a.size and np.isnan(a).any():
+            assert np.isnan(got)
+        elif a.size and np.isinf(a).any():
+            assert got == np.inf
+    if dtype is np.float32:  # float32 subnormals and tiny/3: squares normal in float64
+        tiny = s[3:7]
+        got = optim.sumsq_kernel.numba(tiny)
+        assert got == float(np.sum(tiny.astype(np.float64) ** 2)) > 0  # none flushed to zero
