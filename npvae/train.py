@@ -292,7 +292,7 @@ class _Batches:
         self.from_bytes = self.dynamic and self.scale == 255  # sampled straight from the bytes
         self.raw = np.empty((min(batch_size, self.n), d), dtype=np.uint8) \
             if self.scale and not self.from_bytes else None
-        self.uniform = np.empty_like(self.batch) if self.dynamic else None
+        self.uniform = np.empty_like(self.batch) if self.from_bytes else None
 
     def fill(self, idx, rng) -> np.ndarray:
         """The examples ``idx`` as a (B, D) batch in [0, 1] (a view of the reused array)."""
