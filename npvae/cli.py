@@ -165,7 +165,7 @@ def _add_vq_options(q) -> None:
 def _add_training_options(t) -> None:
     """npvae train: the optimizer, its steps and the run's randomness."""
     t.add_argument("--epochs", type=_positive_int, metavar="N",
-                   help="passes over the training set (default 30; 8 for conv-vae and "
+                   help="passes over the training set (default 30; 8 for conv-vae, 6 for "
                         "conv-vqvae)")
     t.add_argument("--batch-size", type=_positive_int, metavar="N", help="default 128")
     t.add_argument("--lr", type=_positive_float, help="learning rate (default 0.001)")

@@ -6,9 +6,48 @@ import numpy as np
 import pytest
 
 from npvae.ops import (
-    bernoulli_loglik_forward, gaussian_kl2_backward, gaussian_kl2_forward, gaussian_kl_forward,
-    gaussian_loglik_forward, reparameterize_forward,
+    ACTIVATIONS, bernoulli_loglik_forward, gaussian_kl2_backward, gaussian_kl2_forward,
+    gaussian_kl_forward, gaussian_loglik_forward, linear_forward, reparameterize_forward,
 )
+from npvae.ops.activations import LEAKY_SLOPE
+from npvae.ops.mlp import mlp_forward, mlp_init, mlp_shapes
+from npvae.params import FlatDict
+
+
+def test_affine_layer_hand_computed():
+    # small integers and halves: every product and sum is exact in float64, so the
+    # comparison is exact by construction (LIN.1)
+    x = np.array([[1.0, 2.0], [3.0, -1.0]])
+    W = np.array([[1.0, 0.0, 2.0], [-1.0, 1.0, 0.0]])
+    b = np.array([0.5, -1.0, 2.0])
+    y, _ = linear_forward(x, W, b)
+    np.testing.assert_array_equal(y, [[-0.5, 1.0, 4.0], [4.5, -2.0, 8.0]])
+
+
+REFERENCE_ACTIVATIONS = {
+    "relu": lambda a: np.maximum(a, 0.0),
+    "leaky_relu": lambda a: np.where(a > 0, a, LEAKY_SLOPE * a),
+    "tanh": np.tanh,
+    "sigmoid": lambda a: 1.0 / (1.0 + np.exp(-a)),
+    "softplus": lambda a: np.log(1.0 + np.exp(a)),
+    "identity": lambda a: a,
+}
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_mlp_forward_composes_its_layers(act, rng):
+    # (MLP.1) written out directly: h1 = f(x W0 + b0), out = h1 W1 + b1, with non-zero
+    # biases so that a dropped or misplaced bias shows
+    params = FlatDict(mlp_shapes("net", (5, 7, 3)), np.float64)
+    mlp_init(params, "net", act, rng)
+    params["net.0.b"][...] = rng.normal(size=7)
+    params["net.1.b"][...] = rng.normal(size=3)
+    x = rng.normal(size=(4, 5))
+    out, _ = mlp_forward(params, "net", x, act)
+    f = REFERENCE_ACTIVATIONS[act]
+    h1 = f(x @ params["net.0.W"] + params["net.0.b"])
+    expected = h1 @ params["net.1.W"] + params["net.1.b"]
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_reparameterized_samples_have_mean_mu_and_variance_exp_logvar(rng):
