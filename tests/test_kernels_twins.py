@@ -168,10 +168,21 @@ def test_activation_twins_on_special_values(dtype, name):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_col_sum_twins_on_special_values(dtype):
     a, w = pair_grid(dtype)  # every column meets every special value, in two orders
-    for m in (a, w, np.ascontiguousarray(a[::-1]), a[:1], a[:0]):
+    info = np.finfo(dtype)
+    sub = info.smallest_subnormal
+    # columns whose sum depends on the order of the additions: max + max overflows before
+    # -max comes; inf meets -inf; a subnormal is absorbed by 1 and not by 0
+    mixed = np.array([[info.max, np.inf, sub, 1.0, sub],
+                      [info.max, -np.inf, 1.0, sub, sub],
+                      [-info.max, 1.0, -1.0, -1.0, -sub]], dtype=dtype)
+    for m in (a, w, np.ascontiguousarray(a[::-1]), a[:1], a[:0], mixed,
+              np.ascontiguousarray(mixed[::-1])):
         s1, s2 = numba_and_numpy(activations.col_sum_kernel, m, np.empty(m.shape[1], dtype))
         # with more than one column NumPy too adds row 0, then the rows in order
         assert_twins_match(s1, s2, exact=True)
+    s1 = activations.col_sum_kernel.numba(mixed, np.empty(5, dtype))
+    with np.errstate(all="ignore"):  # in order: inf, nan, 0, 0 and sub, by hand
+        np.testing.assert_array_equal(s1, np.array([np.inf, np.nan, 0.0, 0.0, sub], dtype))
 
 
 def test_compiled_relu_keeps_nan():
@@ -193,16 +204,34 @@ def test_bernoulli_twins_on_special_values(dtype):
     # the row sums are NumPy's in both
     assert_twins_match(g1, g2, exact=True)
     assert_twins_match(lp1, lp2, exact=True)
+    # every row of the grid holds x = NaN, so its sums are all NaN: the row sums are
+    # compared again on rows of 37 targets in [0, 1] (subnormals and signed zeros among
+    # them) against every logit but NaN, long enough that the order of a sum shows
+    rng = np.random.default_rng(3)
+    s = special_values(dtype)
+    in_unit = s[(s >= 0) & (s <= 1)]  # 0, -0, subnormals, tiny, 1
+    x = rng.random((s.size - 1, 37)).astype(dtype)
+    x[:, :in_unit.size] = in_unit
+    logits = (rng.normal(size=x.shape) * 5).astype(dtype)
+    logits[:, 0] = s[1:]  # one special logit per row, every one but NaN
+    (lp1, g1), (lp2, g2) = numba_and_numpy(likelihoods.bernoulli_kernel, logits, x)
+    assert np.isfinite(lp2).sum() >= s.size - 4  # only the rows with an infinite logit are not
+    assert_twins_match(g1, g2, exact=True)
+    assert_twins_match(lp1, lp2, exact=True)
 
 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_scale_rows_twins_on_special_values(dtype):
-    g, _ = pair_grid(dtype)
+    _, g = pair_grid(dtype)  # g[i, j] runs over every special value along each row i
     for dlogp in special_values(dtype), special_values(dtype)[::-1]:  # every pair meets
         s1, s2 = numba_and_numpy(likelihoods.scale_rows_kernel, g, np.ascontiguousarray(dlogp))
         assert_twins_match(s1, s2, exact=True)  # the same single product per entry
+    # a row scaled by 0 keeps its NaN and turns inf into NaN: no shortcut for a zero scale
+    s1 = likelihoods.scale_rows_kernel.numba(np.array([[np.nan, np.inf, 1.0]], dtype),
+                                             np.zeros(1, dtype))
+    np.testing.assert_array_equal(s1, np.array([[np.nan, np.nan, 0.0]], dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -233,6 +262,22 @@ def test_vq_assign_twins_on_special_values(dtype, metric):
     codebook[2, 1] = np.nan  # a NaN score wins argmin, in both twins
     i1, i2 = numba_and_numpy(vq.assign_kernel, z_e, codebook, metric)
     assert_twins_match(i1, i2, exact=True)
+    # without NaN: infinite and subnormal inputs, and codes with subnormal and huge
+    # entries, so that -inf, +inf and subnormal scores decide the argmin
+    finite_or_inf = s[~np.isnan(s)]
+    z_e = rng.normal(size=(finite_or_inf.size, 2)).astype(dtype)
+    z_e[:, 0] = finite_or_inf
+    codebook = rng.normal(size=(6, 2)).astype(dtype)
+    codebook[4] = s[3:5]  # subnormals
+    codebook[5, 0] = np.finfo(dtype).max ** 0.5 / 4  # large, its square still finite
+    i1, i2 = numba_and_numpy(vq.assign_kernel, z_e, codebook, metric)
+    assert_twins_match(i1, i2, exact=True)
+    # by hand: z = (inf, 1) is nearest to (1, 0) and has the largest product with it
+    for twin in (vq.assign_kernel.numba, vq.assign_kernel.numpy):
+        with np.errstate(all="ignore"):
+            got = twin(np.array([[np.inf, 1.0]], dtype), np.array([[-1.0, 0.0], [1.0, 0.0]], dtype),
+                       metric)
+        np.testing.assert_array_equal(got, [1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -253,6 +298,15 @@ def test_neg_clamp_twins_on_special_values(dtype):
     assert_twins_match(got, want, exact=True)
     assert np.isnan(got).sum() == np.isnan(a).sum()  # NaN is never clamped away
     assert np.nanmin(got) == cut
+    # its one caller passes |l|, but the pair is defined for any input: negative values,
+    # -inf and negative subnormals too, and random values on both sides of the cut
+    signed = pair_grid(dtype)[0]
+    random = (np.random.default_rng(4).normal(size=(9, 31)) * 3 * abs(cut)).astype(dtype)
+    for a in (signed, random):
+        got, want = numba_and_numpy(activations.neg_clamp_kernel, a, cut)
+        assert_twins_match(got, want, exact=True)
+        with np.errstate(invalid="ignore"):
+            np.testing.assert_array_equal(got, np.where(np.isnan(a), a, np.maximum(-a, cut)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
