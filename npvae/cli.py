@@ -18,7 +18,7 @@ from .cli_common import (  # noqa: F401  (_hidden_list: importable from here, as
     DEFAULTS, EVAL_BATCH, UsageError, _add_backend, _announce_compilation, _formatter, _hidden,
     _hidden_list, _load_run, _non_negative_float, _non_negative_int, _positive_float,
     _positive_int, _run_dir_of, _say, _set_backend, _test_set, _wrap, add_command,
-    load_training_data, prepare_run_dir,
+    check_run_dir, load_training_data, nearest_folder, prepare_run_dir,
 )
 from .cli_conv import add_channels_option
 from .cli_results import add_result_commands
@@ -300,8 +300,16 @@ def _kind_of(ns) -> str:
     return ns.kind or ns.model
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are the message and where to read the options, not
+    the whole usage block (the subcommands' parsers are made of the same class)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n({self.prog} --help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="npvae",
         description=_wrap("Variational autoencoders in NumPy with hand-written gradients: train them "
                     "on MNIST, evaluate, sample, plot, and check their gradients."),
@@ -347,15 +355,37 @@ def cmd_train(ns) -> int:
     given = {k: v for k, v in vars(ns).items() if k not in ("command", "func")}
     if "resume" in given:
         _check_resume_options(given)
-        run_dir = _run_dir_of(given["resume"])
+        run_dir = _resume_dir(given["resume"])
     elif given.get("out"):
         run_dir = Path(given["out"])
     else:
         run_dir = _default_run_dir(given.get("model", DEFAULTS["model"]))
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"{run_dir} is a file, not a run directory; choose another --out")
-    with run_lock(run_dir):  # held until the figures are written
+    # An existing folder is locked at once, so that a command already using it refuses
+    # this one before any work; a new folder is made only once the options, the data and
+    # the model have passed their checks, so that a mistake leaves nothing behind.
+    with run_lock(run_dir, create=False):
         return _train_run(given, run_dir)
+
+
+def _resume_dir(resume) -> Path:
+    """The folder `train --resume RESUME` writes into: the run folder, or the folder of
+    its ``checkpoint.npz``. Any other file is refused, since training on from it would
+    replace that folder's own checkpoint, metrics and figures."""
+    from . import pretrained
+    from .checkpoint import FILENAME, checkpoint_path
+
+    if pretrained.is_pretrained(resume):
+        raise UsageError(f"--resume takes a run folder; {resume} is a model shipped with npvae, "
+                         f"which has no training state to continue. Start a run with npvae train")
+    path = checkpoint_path(resume)
+    if path.name != FILENAME:
+        raise UsageError(f"--resume takes a run folder or its {FILENAME}, not {path}: training "
+                         f"on from it would replace the files of {path.parent}. To branch from "
+                         f"it, copy it into a new folder: mkdir NEW && cp {path} NEW/{FILENAME} "
+                         f"&& npvae train --resume NEW")
+    return path.parent
 
 
 def _check_resume_options(given: dict) -> None:
@@ -371,11 +401,10 @@ def _check_resume_options(given: dict) -> None:
 
 
 def _train_run(given: dict, run_dir: Path) -> int:
-    """`npvae train` once the run folder is locked: data, model, training, test ELBO, figures."""
-    from . import evaluate
+    """`npvae train`: the settings, the run folder, the data and the model are checked first,
+    deleting and creating nothing; then, in the locked folder, training, the ELBO, figures."""
     from .models import build
-    from .figures import make_figures
-    from .train import check_writable, side_rng, train
+    from .train import check_writable, run_lock
 
     if "resume" in given:
         ck = _load_run(given["resume"])
@@ -384,8 +413,8 @@ def _train_run(given: dict, run_dir: Path) -> int:
     else:
         s = new_run_settings(given)
         ck = None
-        prepare_run_dir(run_dir, s.get("overwrite", False))
-    check_writable(run_dir)  # before loading data and building the model
+        check_run_dir(run_dir, s.get("overwrite", False))  # refuses now; deletes nothing yet
+    check_writable(nearest_folder(run_dir))  # before loading data and building the model
     _set_backend(s["backend"])
     _announce_compilation()
 
@@ -398,6 +427,19 @@ def _train_run(given: dict, run_dir: Path) -> int:
             model = build(config, rng=s["seed"])
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    with run_lock(run_dir):  # made now if new, and held until the figures are written
+        if ck is None:  # every check passed: only now may an old run's files go (--overwrite)
+            prepare_run_dir(run_dir, s.get("overwrite", False))
+        check_writable(run_dir)
+        return _train_and_report(given, run_dir, s, ck, model, x_train, x_val)
+
+
+def _train_and_report(given, run_dir, s, ck, model, x_train, x_val) -> int:
+    """`npvae train` in its locked run folder: training, the test ELBO, the figures."""
+    from . import evaluate
+    from .figures import make_figures
+    from .train import side_rng, train
+
     if ck is not None and ck.epoch >= s["epochs"]:
         _say(f"npvae: {run_dir} has already trained for {ck.epoch} epochs; pass --epochs N "
              f"with N > {ck.epoch} to train further")

@@ -233,8 +233,25 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     An empty or new folder is used as it is. A folder holding a run is refused, with the
     way to continue it, unless ``overwrite``: then that run's files are deleted, with its
     learned prior (fitted to codes the new run will change). Files npvae did not write are
-    never deleted, and make it refuse.
+    never deleted, and make it refuse. Call it once every option, the data and the model
+    have been checked (after :func:`check_run_dir`), so that a mistake never costs the old run.
     """
+    ours = check_run_dir(run_dir, overwrite)
+    for path in ours:  # a prior's files before its folder
+        path.rmdir() if path.is_dir() else path.unlink()
+
+
+def nearest_folder(path: Path) -> Path:
+    """``path`` if it is a folder, else its nearest existing ancestor (where it would be made)."""
+    path = Path(path).absolute()
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_run_dir(run_dir: Path, overwrite: bool) -> list:
+    """The refusals of :func:`prepare_run_dir`, deleting nothing: the files of the run that
+    ``overwrite`` would replace."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file, not a directory; choose another --out")
     ours, others = _run_files(run_dir) if run_dir.exists() else ([], [])
@@ -247,8 +264,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
         raise UsageError(f"{run_dir} already holds a run ({names}). Continue it with "
                          f"npvae train --resume {run_dir}, pass --overwrite to replace it, "
                          f"or choose another --out")
-    for path in ours:  # a prior's files before its folder
-        path.rmdir() if path.is_dir() else path.unlink()
+    return ours
 
 
 
@@ -276,8 +292,68 @@ def _load_run(run):
 
     if pretrained.is_pretrained(run):  # a model shipped inside the package
         return pretrained.load(run)
-    ck = load_checkpoint(run)
+    ck = refuse_prior(load_checkpoint(run))
     missing = [k for k in ("dataset", "dtype", "binarize", "seed") if k not in ck.args]
     if missing:
         raise UsageError(f"{ck.path}: was not written by `npvae train` (its settings lack {missing})")
+    problem = _bad_setting(ck.args) or _bad_history(ck.history)
+    if problem:
+        raise UsageError(f"{ck.path}: {problem}; the file was damaged or not written by npvae")
     return ck
+
+
+def refuse_prior(ck):
+    """``ck``, unless it is the learned prior of a VQ-VAE run (RUN/prior/), which the
+    commands take through its VQ-VAE's folder."""
+    if ck.model.config.get("kind") == "made":
+        raise UsageError(f"{ck.path} holds the learned prior of a VQ-VAE run, not a run of its "
+                         f"own; give the VQ-VAE's folder instead, e.g. npvae sample "
+                         f"{ck.path.parent.parent}")
+    return ck
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bad_setting(args: dict) -> str | None:
+    """What is wrong with a checkpoint's stored settings (the ones later commands use), or None."""
+    from .data import DATASETS
+    from .train import BINARIZE
+
+    rules = {
+        "dataset": (lambda v: v in DATASETS, f"one of {DATASETS}"),
+        "dtype": (lambda v: v in ("float32", "float64"), "float32 or float64"),
+        "binarize": (lambda v: v in BINARIZE, f"one of {BINARIZE}"),
+        "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "epochs": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "lr": (lambda v: _is_real(v) and v > 0, "a positive number"),
+        "optimizer": (lambda v: v in ("adam", "sgd"), "adam or sgd"),
+        "clip": (lambda v: v is None or (_is_real(v) and v > 0), "null or a positive number"),
+        "val": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "limit": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+        "data_dir": (lambda v: v is None or isinstance(v, str), "null or a path"),
+        "schedule": (lambda v: isinstance(v, str), "a schedule name"),
+    }
+    for key, (ok, wanted) in rules.items():
+        if key in args and not ok(args[key]):
+            return f"its setting {key} is {args[key]!r}, not {wanted}"
+    return None
+
+
+def _bad_history(history: list) -> str | None:
+    """What is wrong with a checkpoint's per-epoch metrics, or None: each row has an integer
+    epoch >= 1, and its other entries are numbers, null or (for a resume's changes) objects."""
+    for i, row in enumerate(history):
+        if not (_is_int(row.get("epoch")) and row["epoch"] >= 1):
+            return f"row {i} of its history has epoch {row.get('epoch')!r}, not an integer >= 1"
+        for key, value in row.items():
+            if not (value is None or isinstance(value, dict) or _is_int(value)
+                    or isinstance(value, float)):
+                return f"row {i} of its history has {key} = {value!r}, not a number"
+    return None

@@ -18,6 +18,7 @@ import numpy as np
 from .cli_common import (
     EVAL_BATCH, UsageError, _add_backend, _announce_compilation, _load_run, _non_negative_int,
     _positive_float, _positive_int, _run_dir_of, _set_backend, _test_set, add_command,
+    refuse_prior,
 )
 from .kinds import is_vq
 
@@ -195,7 +196,8 @@ def _sample_run(ns) -> int:
     from . import plots
     from .checkpoint import load_checkpoint
 
-    ck = _load_run(ns.run) if _is_pretrained(ns.run) else load_checkpoint(ns.run)
+    # a checkpoint from the Python API needs no run settings to be sampled: loaded as it is
+    ck = _load_run(ns.run) if _is_pretrained(ns.run) else refuse_prior(load_checkpoint(ns.run))
     prior = "the prior"
     if is_vq(ck.model):  # a learned prior if the run has one (npvae train-prior)
         from .prior_cli import sample_images
@@ -217,6 +219,10 @@ def cmd_plot(ns) -> int:
     from .figures import make_figures
     from .train import run_lock, side_rng
 
+    if _is_pretrained(ns.run):
+        raise UsageError(f"npvae plot redraws a run's figures from its checkpoint and metrics; "
+                         f"{ns.run} is a model shipped with npvae, with no run folder or "
+                         f"metrics: use npvae sample {ns.run} or npvae eval {ns.run}")
     _set_backend(ns.backend)
     _announce_compilation()
     with run_lock(_run_dir_of(ns.run), create=False):  # the figures are written into the run

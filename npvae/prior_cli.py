@@ -171,9 +171,8 @@ def _train_prior(ns, run_dir: Path) -> int:
         if not direct and not hidden:
             raise cli.UsageError("--no-direct needs hidden layers: without them the direct "
                                  "connection is the whole prior")
-        pdir.mkdir(exist_ok=True)
-        cli.prepare_run_dir(pdir, overwrite=True)  # deletes a former prior's files, nothing else
-    check_writable(pdir)
+        cli.check_run_dir(pdir, overwrite=True)  # refuses foreign files now; deletes nothing yet
+    check_writable(cli.nearest_folder(pdir))
     cli._set_backend(ns.backend)
     cli._announce_compilation()
 
@@ -190,6 +189,9 @@ def _train_prior(ns, run_dir: Path) -> int:
     if ck is None:
         prior = MADEPrior(num_codes=vq.K, num_vectors=vq.M, hidden=hidden, direct=direct,
                           dtype=vq.dtype, rng=s["seed"])
+        pdir.mkdir(exist_ok=True)  # the data and the prior are ready: only now may a former
+        cli.prepare_run_dir(pdir, overwrite=True)  # prior's files go (nothing else is deleted)
+        check_writable(pdir)
     else:
         prior = ck.model
     x1_train, x1_val = prior.one_hot(codes_train), prior.one_hot(codes_val)  # (N, M K)

@@ -247,6 +247,96 @@ def test_data_unavailable_exits_2(capsys, tmp_path, monkeypatch):
     assert "could not load MNIST" in err
 
 
+# ----------------------------------------------------------------------------- mistakes cost nothing
+
+
+def files_of(folder):
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+
+
+def test_resume_from_another_checkpoint_file_is_refused(capsys, trained_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for p in Path(trained_run).iterdir():
+        if p.is_file():
+            (run / p.name).write_bytes(p.read_bytes())
+    (run / "epoch1.npz").write_bytes((run / "checkpoint.npz").read_bytes())  # a user's backup
+    (run / "samples.png").write_bytes(b"a user's own figure")
+    before = files_of(run)
+    code, _, err = run_cli(capsys, "train", "--resume", str(run / "epoch1.npz"), "--epochs", "3",
+                           "--no-progress")
+    one_line_error(code, err)
+    assert "cp " in err and "checkpoint.npz" in err  # says how to branch from it
+    assert files_of(run) == before
+    # the run's own checkpoint file, named directly, is the run
+    code, _, err = run_cli(capsys, "train", "--resume", str(run / "checkpoint.npz"), "--epochs",
+                           "3", "--no-progress")
+    assert code == 0, err
+
+
+def test_a_shipped_model_cannot_be_resumed_or_plotted(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for argv in (["train", "--resume", "pretrained:vae-bernoulli"],
+                 ["plot", "pretrained:vae-bernoulli"]):
+        code, _, err = run_cli(capsys, *argv)
+        one_line_error(code, err)
+        assert "shipped with npvae" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written into the current folder
+
+
+@pytest.mark.parametrize("bad", [["--val", "1000"], ["--hidden", "16", "--latent", "3",
+                                                    "--model", "vqvae"]])
+def test_overwrite_with_a_bad_option_keeps_the_old_run(capsys, trained_run, tmp_path, bad):
+    run = tmp_path / "run"
+    run.mkdir()
+    for p in Path(trained_run).iterdir():
+        if p.is_file():
+            (run / p.name).write_bytes(p.read_bytes())
+    before = files_of(run)
+    code, _, err = run_cli(capsys, "train", *TINY, "--out", str(run), "--overwrite", *bad)
+    one_line_error(code, err)
+    assert files_of(run) == before
+
+
+def test_a_failed_train_leaves_no_folder(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for argv in (["train", "--k", "3"], ["train", *TINY, "--val", "1000", "--out", "new"],
+                 ["train", "--resume", "nope/checkpoint.npz"]):
+        code, _, err = run_cli(capsys, *argv)
+        one_line_error(code, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("key, value", [("seed", "abc"), ("dataset", "cifar"), ("dtype", "int8"),
+                                        ("binarize", "weird"), ("lr", -1.0), ("batch_size", 0)])
+def test_a_checkpoint_with_bad_settings_is_refused(capsys, trained_run, tmp_path, key, value):
+    ck = load_checkpoint(trained_run)
+    bad = tmp_path / "run"
+    bad.mkdir()
+    from npvae.checkpoint import save_checkpoint
+    from npvae.optim import Adam
+    save_checkpoint(bad / "checkpoint.npz", ck.model, Adam(ck.model.params), np.random.default_rng(0),
+                    ck.epoch, ck.step, ck.history, {**ck.args, key: value})
+    for argv in (["eval", str(bad), "--k", "0"], ["plot", str(bad)],
+                 ["train", "--resume", str(bad), "--epochs", "3"]):
+        code, _, err = run_cli(capsys, *argv)
+        one_line_error(code, err)
+        assert f"setting {key}" in err, err
+
+
+def test_a_checkpoint_with_a_bad_history_is_refused(capsys, trained_run, tmp_path):
+    ck = load_checkpoint(trained_run)
+    bad = tmp_path / "run"
+    bad.mkdir()
+    from npvae.checkpoint import save_checkpoint
+    from npvae.optim import Adam
+    save_checkpoint(bad / "checkpoint.npz", ck.model, Adam(ck.model.params), np.random.default_rng(0),
+                    ck.epoch, ck.step, [*ck.history[:-1], {"epoch": "x"}], ck.args)
+    code, _, err = run_cli(capsys, "plot", str(bad))
+    one_line_error(code, err)
+    assert "history" in err
+
+
 # ----------------------------------------------------------------------------- eval, sample, plot
 
 

@@ -184,6 +184,32 @@ def test_overwriting_a_vqvae_run_removes_its_prior_but_never_foreign_files(run, 
     assert (prior_dir(run) / "checkpoint.npz").is_file() and (run / "checkpoint.npz").is_file()
 
 
+def test_the_prior_folder_is_refused_with_the_way_to_its_run(run, capsys):
+    assert main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")[0] == 0
+    pdir = prior_dir(run)
+    for argv in (["sample", pdir, "--n", "4"], ["eval", pdir], ["plot", pdir],
+                 ["train", "--resume", pdir]):
+        code, _, err = main(capsys, *argv)
+        assert code == 2 and "Traceback" not in err, (argv, err)
+        assert "learned prior of a VQ-VAE run" in err and str(run) in err, err
+
+
+def test_overwriting_a_prior_that_cannot_be_made_keeps_the_old_prior(run, capsys, monkeypatch):
+    assert main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")[0] == 0
+    before = {p.name: p.read_bytes() for p in prior_dir(run).iterdir()}
+    code, _, err = main(capsys, "train-prior", run, "--no-direct", "--hidden", "none",
+                        "--overwrite", "--no-progress")  # refused with the options
+    assert code == 2 and "--no-direct" in err
+
+    def unavailable(*args, **kwargs):
+        raise data.DataUnavailableError("could not load MNIST; every route failed")
+
+    monkeypatch.setattr(data, "load", unavailable)  # refused once the data is read
+    code, _, err = main(capsys, "train-prior", run, *PRIOR, "--overwrite")
+    assert code == 2 and "could not load MNIST" in err
+    assert {p.name: p.read_bytes() for p in prior_dir(run).iterdir()} == before
+
+
 def test_the_direct_connection_is_chosen_by_the_rule_or_by_the_flag(run, capsys):
     """M K = 24 against 16 hidden units: the default keeps MADE's direct connection
     (576 weights against 808 on the hidden path); --no-direct leaves it out, is saved in the

@@ -7,6 +7,7 @@ code sequence), because a gradient check cannot see a wrong forward pass.
 """
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -307,6 +308,18 @@ def test_temperature_sharpens_and_flattens():
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="temperature"):
             model.sample(2, rng, temperature=bad)
+
+
+@pytest.mark.parametrize("t", [1e-300, 1e-320, 5e-324])
+def test_a_vanishing_temperature_draws_the_most_likely_code(t):
+    # logits / T would overflow to inf, and inf - inf is NaN: sample() divides the logits
+    # less their largest, so T -> 0 is the argmax limit, with no warning
+    model = small_prior(4, 3, (5,), "tanh", seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        codes = model.sample(50, np.random.default_rng(0), temperature=t)
+    greedy = model.sample(1, np.random.default_rng(1), temperature=1e-6)  # practically argmax
+    assert (codes == greedy).all()
 
 
 def test_prior_refuses_what_is_not_one_hot():

@@ -303,7 +303,11 @@ class MADEPrior(Model):
                 inputs = x
             block = slice(m * K, (m + 1) * K)
             logits = inputs @ W_out[:, block] + p["out.b"][block]  # (n, K)  (MADE.4)
-            probs = np.exp(log_softmax(logits.astype(np.float64) / temperature))  # (n, K)  (MADE.6)
+            l64 = logits.astype(np.float64)  # (n, K)
+            l64 -= l64.max(axis=1, keepdims=True)  # <= 0: for a tiny T, l / T is -inf at worst
+            with np.errstate(over="ignore"):  # -inf: probability 0, the T -> 0 limit
+                l64 /= temperature  # (n, K)
+            probs = np.exp(log_softmax(l64))  # (n, K)  (MADE.6)
             u = rng.random((n, 1))  # (n, 1)  one uniform per draw: inverse CDF
             c = np.minimum((np.cumsum(probs, axis=1) < u).sum(axis=1), K - 1)  # (n,)
             idx[:, m] = c
