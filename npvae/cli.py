@@ -204,10 +204,12 @@ def _add_data_options(d) -> None:
                         "holds a run is refused, unless --overwrite is given")
     d.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out: its checkpoint, metrics, eval.json "
-                        "and figures are deleted first (files npvae did not write are never "
+                        "and figures are deleted once the new run's options, data and model "
+                        "have passed their checks (files npvae did not write are never "
                         "touched, and make it refuse)")
     d.add_argument("--resume", metavar="RUN",
-                   help="continue the run in RUN from its checkpoint, with its saved settings "
+                   help="continue the run in folder RUN (or RUN/checkpoint.npz) from its "
+                        "checkpoint, with its saved settings "
                         "(only --epochs, --lr, --clip, --backend, --data-dir and --no-progress "
                         "may be given; a new --lr or --clip is recorded in metrics.jsonl)")
 
