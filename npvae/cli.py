@@ -443,8 +443,9 @@ def _train_and_report(given, run_dir, s, ck, model, x_train, x_val) -> int:
     from .train import side_rng, train
 
     if ck is not None and ck.epoch >= s["epochs"]:
-        _say(f"npvae: {run_dir} has already trained for {ck.epoch} epochs; pass --epochs N "
-             f"with N > {ck.epoch} to train further")
+        _say(f"npvae: {run_dir} has already trained for {ck.epoch} epochs; nothing to do. "
+             f"Pass --epochs N with N > {ck.epoch} to train further")
+        return 0
     if ck is not None:
         for key in ("lr", "clip"):
             if key in given and ck.args.get(key) != s[key]:

@@ -274,6 +274,19 @@ def test_resume_from_another_checkpoint_file_is_refused(capsys, trained_run, tmp
     assert code == 0, err
 
 
+def test_resuming_a_finished_run_changes_nothing(capsys, trained_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for p in Path(trained_run).iterdir():
+        if p.is_file():
+            (run / p.name).write_bytes(p.read_bytes())
+    before = files_of(run)
+    code, out, err = run_cli(capsys, "train", "--resume", str(run), "--epochs", "2")
+    assert code == 0 and "nothing to do" in err and "--epochs N with N > 2" in err
+    assert "continuing" not in err and out == ""
+    assert files_of(run) == before
+
+
 def test_a_shipped_model_cannot_be_resumed_or_plotted(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for argv in (["train", "--resume", "pretrained:vae-bernoulli"],
