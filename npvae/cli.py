@@ -541,6 +541,17 @@ def cmd_tour(ns) -> int:
 # ----------------------------------------------------------------------------- entry point
 
 
+# what to make smaller when a command runs out of memory, in that command's own options
+_MEMORY_HINTS = {
+    "train": "choose a smaller model (--hidden, --latent) or a smaller --batch-size",
+    "train-prior": "choose a smaller prior (--hidden) or a smaller --batch-size",
+    "eval": "choose a smaller --k or --limit",
+    "sample": "choose a smaller --n",
+    "gradcheck": "choose a smaller --batch",
+    "tour": "choose a smaller --batch",
+}
+
+
 def main(argv=None) -> int:
     """Run the command line; returns the exit status."""
     from .backend import check_environment
@@ -580,8 +591,7 @@ def main(argv=None) -> int:
         _say(f"npvae: error: {exc}")
         return 2
     except MemoryError:
-        _say("npvae: error: out of memory; choose a smaller model (--hidden, --latent), a "
-             "smaller --batch-size or, for eval, a smaller --k or --limit")
+        _say(f"npvae: error: out of memory; {_MEMORY_HINTS.get(ns.command, _MEMORY_HINTS['train'])}")
         return 1
     except OSError as exc:
         _say(f"npvae: error: {exc}")

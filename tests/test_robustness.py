@@ -472,7 +472,12 @@ def test_out_of_memory_is_a_message(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr("npvae.models.build", no_memory)
     code, _, err = run_cli(capsys, "train", *TINY, "--out", str(tmp_path / "run"))
     one_line_error(code, err, status=1)
-    assert "out of memory" in err
+    assert "out of memory" in err and "--hidden" in err
+    # each command names its own options to make smaller
+    monkeypatch.setattr("npvae.tour.tour_model", no_memory)
+    code, _, err = run_cli(capsys, "gradcheck", "ae", "--batch", "100000000")
+    one_line_error(code, err, status=1)
+    assert "out of memory" in err and "--batch" in err and "--hidden" not in err
 
 
 def test_an_unknown_backend_in_the_environment(capsys, monkeypatch):
