@@ -542,7 +542,10 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                 epoch_rng, sums, seen = here.epoch_rng, dict(here.sums), here.seen
                 t0 = time.perf_counter() - here.seconds
 
-                with _progress_bar(n_batches, here.batch, epoch, epochs, progress) as bar:
+                # overflow on the way to a divergence is reported by the checks below, once,
+                # with what to do: NumPy's warnings for each overflowing op would only precede it
+                with _progress_bar(n_batches, here.batch, epoch, epochs, progress) as bar, \
+                        np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                     for b in range(here.batch, n_batches):
                         if stop.requested:
                             raise KeyboardInterrupt

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -376,6 +377,15 @@ def test_a_run_that_diverges_in_its_first_epoch_leaves_no_empty_metrics(tmp_path
     with pytest.raises(TrainingDiverged, match="no checkpoint had been saved yet"):
         train(model, *small_data(), epochs=2, run_dir=tmp_path, **LOOP)
     assert list(tmp_path.iterdir()) == []  # neither a checkpoint nor an empty metrics.jsonl
+
+
+def test_a_real_divergence_is_one_message_not_a_stream_of_warnings(tmp_path):
+    model = build(SMALL, rng=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TrainingDiverged, match="smaller learning rate"):
+            train(model, *small_data(), epochs=2, run_dir=tmp_path, **{**LOOP, "lr": 1e4})
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
 
 
 def test_the_divergence_advice_can_be_followed(capsys, tmp_path, monkeypatch):
