@@ -107,16 +107,30 @@ axes[1].set_xlabel("code, by usage"); axes[1].set_ylabel("share of rows"); axes[
 plt.show()
 
 # %% [markdown]
-# Under the dot product, the codes that win grow long, and a long code wins every row
-# that points roughly its way, so a few codes take most rows. Code lengths:
+# Under the dot product a longer code wins every row that points roughly its way, so the
+# codes in use are the longer ones. In a run this short, without restarts, that is all:
+# the plain dot product's codes are no longer than the Euclidean ones. Restarts place
+# codes on encoder outputs, far longer than the small initial codes; under the dot
+# product the codes then grow several-fold, and a few of them take most rows. Code
+# lengths, of all codes and of the codes in use against the others:
 
 # %%
+median_norm = {}
 for name, run in runs.items():
     norms = np.linalg.norm(run["model"].params["codebook"], axis=1)
-    print(f"{name:24s} code norms: median {np.median(norms):.2f}, largest {norms.max():.2f}")
+    in_use = np.zeros(64, bool)
+    in_use[run["model"].assign(x[:1000]).ravel()] = True
+    median_norm[name] = (np.median(norms), np.median(norms[in_use]), np.median(norms[~in_use]))
+    print(f"{name:24s} code norms: median {median_norm[name][0]:.2f}, largest {norms.max():.2f};"
+          f" median of the codes in use {median_norm[name][1]:.2f}, of the others "
+          f"{median_norm[name][2]:.2f}")
 used = {name: run["stats"]["used_fraction"] for name, run in runs.items()}
 assert used["euclidean + restarts"] > used["euclidean"]  # restarts revive codes
 assert used["euclidean + restarts"] > used["dot product + restarts"]
+for name in ("dot product", "dot product + restarts"):  # the longer codes win
+    assert median_norm[name][1] > median_norm[name][2]
+assert median_norm["dot product + restarts"][0] > 1.5 * median_norm["dot product"][0]
+assert used["dot product + restarts"] < used["dot product"]  # and fewer codes are used
 
 # %% [markdown]
 # A restarted code sits on an encoder output. Under the Euclidean choice that makes it

@@ -188,6 +188,49 @@ def test_grader_fails_typical_wrong_answers(tmp_path, name, old, new):
     assert not result.passed and result.hint, result
 
 
+# A forward pass changed together with its backward (a gradient check cannot see these),
+# and answers whose mistake needs its own hint: (name, [(old, new), ...], words of the hint).
+WRONG_TOGETHER = [
+    ("07_gaussian_kl", [("kl = 0.5 * (mu * mu + var - logvar - 1.0)", "kl = (mu * mu + var - logvar - 1.0)"),
+                        ("dmu = dkl * mu", "dmu = 2.0 * dkl * mu"),
+                        ("dlogvar = 0.5 * dkl * (var - 1.0)", "dlogvar = dkl * (var - 1.0)")],
+     "KL.1"),
+    ("08_bernoulli_loglik", [("logp = np.sum(x * logits - softplus(logits), axis=1)",
+                              "logp = np.sum(-softplus(logits), axis=1)"),
+                             ("dlogits = dlogp[:, None] * (x - sigmoid(logits))",
+                              "dlogits = -dlogp[:, None] * sigmoid(logits)")], "LIK.3"),
+    ("09_gaussian_loglik", [(" - 0.5 * d * math.log(2.0 * math.pi * s2)", "")], "LIK.1"),
+    ("10_vector_quantization", [("return beta * np.sum(diff * diff, axis=1), (diff, beta)",
+                                 "return np.sum(diff * diff, axis=1), (diff, beta)"),
+                                ("dz_e = 2.0 * beta * dl[:, None] * diff",
+                                 "dz_e = 2.0 * dl[:, None] * diff")], "VQ.5"),
+    ("12_iw_loglik", [(" - math.log(a.shape[1])", "")], "log k"),
+    ("11_adam", [("p -= lr * m_hat / (np.sqrt(v_hat) + eps)",
+                  "p += lr * m_hat / (np.sqrt(v_hat) + eps)")], "against the gradient"),
+    # the naive fix of bug hunt 6: right for small logits, NaN once the decoder is confident
+    ("b6_bce_logits", [("softplus = np.maximum(out, 0.0) + np.log1p(np.exp(-np.abs(out)))  # (N, D)\n",
+                        "prob = 1.0 / (1.0 + np.exp(-out))  # (N, D)\n"),
+                       ("logp = np.sum(x * out - softplus, axis=1)",
+                        "logp = np.sum(x * np.log(prob) + (1.0 - x) * np.log(1.0 - prob), axis=1)")],
+     "softplus"),
+]
+
+
+@pytest.mark.parametrize("name, edits, words", WRONG_TOGETHER,
+                         ids=[w[0] for w in WRONG_TOGETHER])
+def test_grader_fails_wrong_answers_a_gradient_check_cannot_see(tmp_path, name, edits, words):
+    exercise = by_name(name)
+    text = SOLVED_TEXTS[exercise.path]
+    for old, new in edits:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    target = tmp_path / exercise.path
+    target.parent.mkdir(parents=True)
+    target.write_text(text)
+    result = grade(exercise, tmp_path)
+    assert not result.passed and words in result.hint, result
+
+
 def test_an_answer_that_reuses_its_inputs_in_place_is_graded_on_its_values(tmp_path):
     """Scaling dy or x in place inside backward must not corrupt the grader's own arrays."""
     text = (SOLUTIONS / "fill" / "01_linear.py").read_text().replace(

@@ -256,6 +256,11 @@ def check_reparameterize(m):
 def check_gaussian_kl(m):
     rng = np.random.default_rng(5)
     mu, logvar = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    from ..ops import gaussian_kl_forward
+
+    close("gaussian_kl_forward", function(m, "gaussian_kl_forward")(mu, logvar)[0],
+          gaussian_kl_forward(mu, logvar)[0], "the forward pass is given; restore it from "
+          "the template (KL.1)")
     gradient_check(function(m, "gaussian_kl_forward"), function(m, "gaussian_kl_backward"),
                    [mu, logvar], {0: 0, 1: 1}, ["dmu", "dlogvar"],
                    ["d/dmu of mu^2 / 2 is mu, times the upstream dkl (KL.2)",
@@ -266,6 +271,10 @@ def check_bernoulli(m):
     rng = np.random.default_rng(6)
     logits, x = rng.normal(scale=2.0, size=(4, 5)), rng.uniform(size=(4, 5))
     fwd, bwd = function(m, "bernoulli_loglik_forward"), function(m, "bernoulli_loglik_backward")
+    from ..ops import bernoulli_loglik_forward
+
+    close("bernoulli_loglik_forward", fwd(logits, x)[0], bernoulli_loglik_forward(logits, x)[0],
+          "the forward pass is given; restore it from the template (LIK.3)")
     hint = ("dlogits = dlogp[:, None] * (x - sigmoid(logits)): one upstream number per "
             "example multiplies its whole row (LIK.4)")
     gradient_check(fwd, bwd, [logits, x], {0: 0}, ["dlogits", "dx"], [hint, ""], rng, n_out=1)
@@ -282,6 +291,11 @@ def check_gaussian(m):
     rng = np.random.default_rng(7)
     mean, x = rng.normal(size=(4, 5)), rng.normal(size=(4, 5))
     fwd = function(m, "gaussian_loglik_forward")
+    from ..ops import gaussian_loglik_forward
+
+    close("gaussian_loglik_forward", fwd(mean, x, 0.5)[0],
+          gaussian_loglik_forward(mean, x, 0.5)[0],
+          "the forward pass is given; restore it from the template (LIK.1)")
     gradient_check(lambda mean, x: fwd(mean, x, 0.5), function(m, "gaussian_loglik_backward"),
                    [mean, x], {0: 0}, ["dmean", "dx"],
                    ["dmean = dlogp[:, None] * (x - mean) / s2: mind the sign, the variance "
@@ -295,6 +309,15 @@ def check_vq(m):
     z_e = codebook[idx] + 0.1 * rng.normal(size=(6, 3))
     zq, idx_got, cache = function(m, "quantize_forward")(z_e, codebook)
     close("quantize_forward", zq, codebook[idx], "the forward pass is given; restore it")
+    from ..ops import vq as ops_vq
+
+    close("codebook_loss_forward", function(m, "codebook_loss_forward")(z_e, codebook, idx)[0],
+          ops_vq.codebook_loss_forward(z_e, codebook, idx)[0],
+          "the forward pass is given; restore it from the template (VQ.4)")
+    close("commitment_loss_forward",
+          function(m, "commitment_loss_forward")(z_e, codebook, idx, 0.4)[0],
+          ops_vq.commitment_loss_forward(z_e, codebook, idx, 0.4)[0],
+          "the forward pass is given; restore it from the template (VQ.5)")
     dz_q = rng.standard_normal(zq.shape)
     dz_e = same_shape("quantize_backward", function(m, "quantize_backward")(dz_q, cache), z_e)
     # the straight-through surrogate z_e + sg[e - z_e] has the derivative 1 in z_e  (VQ.3)
@@ -335,6 +358,10 @@ def check_adam(m):
             raise Fail("after the first step the entries did not each move by about lr",
                        "update p, m and v in place (p -= ..., m *= ...); with the bias "
                        "correction (ADAM.3) the first step is lr g / (|g| + eps) (ADAM.4)")
+        if t == 1 and not np.all(np.sign(p - start) == -np.sign(g)):
+            raise Fail("after the first step the entries moved along the gradient",
+                       "a descent step goes against the gradient: p -= lr m_hat / "
+                       "(sqrt(v_hat) + eps) (ADAM.4)")
         for name, got, want in (("m", m_, opt.buffers["m"]["p"]), ("v", v_, opt.buffers["v"]["p"]),
                                 ("p", p, ref["p"])):
             if not np.allclose(got, want, rtol=1e-10, atol=1e-300):
@@ -349,6 +376,9 @@ def check_iw(m):
     rng = np.random.default_rng(10)
     a = rng.normal(scale=3.0, size=(3, 5))
     fwd, bwd = function(m, "iw_loglik_forward"), function(m, "iw_loglik_backward")
+    close("iw_loglik_forward", fwd(a)[0], np.log(np.mean(np.exp(a), axis=1)),
+          "the forward pass is given; restore it from the template: the log of the mean "
+          "weight, so minus log k (IW.5)")
     gradient_check(fwd, bwd, [a], {0: 0}, ["da"],
                    ["dL/da_i is the normalised weight exp(a_i) / sum_j exp(a_j), times dL"], rng)
     huge = np.array([[-1000.0, -1001.0, -1003.0], [1000.0, 999.0, 0.0]])
@@ -422,6 +452,21 @@ def _tiny_vae_checks(likelihood, hints):
             if not err < TOL:
                 raise Fail(f"grads[{key!r}]: relative error {err:.1e} against central "
                            f"differences (needs < {TOL:.0e})", hints["gradient"])
+
+        # 4. Bernoulli: a confident decoder, logits near +-40, where sigmoid rounds to 1
+        if likelihood == "bernoulli":
+            far = dict(params, **{"dec.b": params["dec.b"] + np.where(np.arange(d) % 2, -40.0, 40.0)})
+            loss, grads = loss_and_grads(far, x, eps)
+            want = _tiny_vae_reference(far, x, eps, likelihood)
+            if not (np.isfinite(loss) and math.isclose(loss, want, rel_tol=1e-9, abs_tol=1e-9)):
+                raise Fail(f"with logits near +-40 the loss is {loss:.6g}, but the negative "
+                           f"ELBO of this batch is {want:.6g}", hints["confident"])
+            for key, p in far.items():
+                analytic = np.asarray(grads.get(key) if isinstance(grads, dict) else None)
+                numeric = numerical_gradient(lambda: float(loss_and_grads(far, x, eps)[0]), p)
+                if analytic.shape != p.shape or not rel_error(analytic, numeric) < TOL:
+                    raise Fail(f"with logits near +-40, grads[{key!r}] disagrees with central "
+                               f"differences", hints["confident"])
 
     return check
 
@@ -511,7 +556,10 @@ EXERCISES = (
     Exercise("b6_bce_logits", "bugs", "a Bernoulli VAE's cross-entropy",
              _tiny_vae_checks("bernoulli", dict(
                  _GAUSS_HINTS, value="the decoder outputs logits, any real number; the pixel "
-                                     "probabilities are sigmoid(logits) (LIK.3)"))),
+                                     "probabilities are sigmoid(logits) (LIK.3)",
+                 confident="in float64 sigmoid(40) is exactly 1, and log(1 - 1) is -inf: write "
+                           "x log p + (1 - x) log(1 - p) as x l - softplus(l), with softplus "
+                           "computed without overflow (LIK.3)"))),
 )
 BY_NAME = {e.name: e for e in EXERCISES}
 

@@ -122,16 +122,16 @@ npvae.gradcheck finds it, on the straight-through surrogate of docs/derivations.
         opening="""\
 Bug hunt 6: a cross-entropy that goes NaN
 
-This Bernoulli VAE (binary pixels, tutorial section 4) trains for a few steps, then
-its loss turns NaN; with small weights it seems fine.""",
+This Bernoulli VAE (binary pixels, tutorial section 4) gives the right loss and the right
+gradients while its weights are small. Once training makes the decoder confident, with
+logits of a few tens, its loss becomes NaN or inf and the run stops.""",
         closing="""\
-The file has exactly one bug. Compare the reconstruction term with the cross-entropy you \
-expect for a few logits.""",
+The file has exactly one bug. Work out the reconstruction term of one pixel with x = 0 and \
+a logit of 40, in float64, the way the file does and the way docs/derivations.md does (LIK.3).""",
         variant=_BERNOULLI,
         bug=(
             (_BCE,
-             "logp = np.sum(x * np.log(out) + (1.0 - x) * np.log(1.0 - out), axis=1)  "
-             "# (N,)  (LIK.3)"),
-            (_BCE_GRAD,
-             "dout = dlogp[:, None] * (x / out - (1.0 - x) / (1.0 - out))  # (N, D)  (LIK.4)"))),
+             "prob = 1.0 / (1.0 + np.exp(-out))  # (N, D)  sigmoid(out), the pixel probabilities\n"
+             "logp = np.sum(x * np.log(prob) + (1.0 - x) * np.log(1.0 - prob), axis=1)  "
+             "# (N,)  (LIK.3)"),)),
 )
