@@ -77,8 +77,27 @@ def checkpoint_path(path) -> Path:
 # ----------------------------------------------------------------------------- saving
 
 
-def _json_array(value) -> np.ndarray:
-    return np.array(json.dumps(value, allow_nan=True))
+def _plain(value):
+    """A NumPy scalar or array as the Python number(s) json can write (json's default hook)."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-friendly")
+
+
+def _json_array(value, name: str) -> np.ndarray:
+    """``value`` as JSON in a 0-d unicode array; NumPy numbers are written as Python ones."""
+    try:
+        return np.array(json.dumps(value, allow_nan=True, default=_plain))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must hold only JSON-friendly values (dicts, lists, strings, "
+                         f"numbers, booleans, None): {exc}") from None
+
+
+def _count(value, name: str) -> int:
+    """``value`` as an int, or a ValueError naming ``name`` unless it is an integer >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
 
 
 def rng_state(rng: np.random.Generator) -> dict:
@@ -104,21 +123,29 @@ def save_checkpoint(path, model, optimizer, rng, epoch: int, step: int, history,
                     *, position: dict | None = None) -> Path:
     """Write a checkpoint to ``path`` atomically; returns the path.
 
-    ``optimizer`` is an optimizer (its ``state_dict()`` is saved), a state dict, or None.
-    ``rng`` is the run's numpy Generator. ``history`` and ``args`` must be JSON-friendly.
+    ``path`` is a file, or a run directory (then ``path/checkpoint.npz``, as
+    :func:`load_checkpoint` reads it). ``optimizer`` is an optimizer (its ``state_dict()``
+    is saved), a state dict, or None. ``rng`` is the run's numpy Generator. ``epoch`` and
+    ``step`` are integers >= 0. ``history`` and ``args`` must be JSON-friendly; NumPy
+    numbers in them are saved as Python numbers. Bad arguments raise ValueError before
+    anything is written.
     """
-    path = Path(os.fspath(path))
+    path = checkpoint_path(path)
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"rng must be the run's numpy.random.Generator (its state is saved, so "
+                         f"a resumed run draws what it would have drawn), got {type(rng).__name__}")
+    epoch, step = _count(epoch, "epoch"), _count(step, "step")
     optimizer_state = _optimizer_state(optimizer)
     _check_finite_state(path, model, optimizer_state)
     arrays = {
         "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
-        "config": _json_array(model.config),
-        "rng": _json_array(rng_state(rng)),
-        "epoch": np.array(int(epoch), dtype=np.int64),
-        "step": np.array(int(step), dtype=np.int64),
-        "history": _json_array(list(history)),
-        "args": _json_array(dict(args)),
-        "position": _json_array(position),
+        "config": _json_array(model.config, "the model's config"),
+        "rng": _json_array(rng_state(rng), "rng"),
+        "epoch": np.array(epoch, dtype=np.int64),
+        "step": np.array(step, dtype=np.int64),
+        "history": _json_array(list(history), "history"),
+        "args": _json_array(dict(args), "args"),
+        "position": _json_array(position, "position"),
     }
     arrays.update({f"param/{k}": np.asarray(v) for k, v in model.params.items()})
     arrays.update({f"optim/{k}": v for k, v in optimizer_state.items()})

@@ -86,6 +86,17 @@ def _sumsq_numba(a):
 
 sumsq_kernel = dispatch(_sumsq_numpy, _sumsq_numba)
 
+# The dtypes the compiled kernel takes. Any other floating array (float16, longdouble,
+# a non-native byte order) is summed by the NumPy twin under either backend.
+_COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _sumsq(a) -> float:
+    """sum(a**2) in float64 for a 1-D floating array of any dtype (the kernel where it can)."""
+    if a.dtype in _COMPILED_DTYPES:
+        return sumsq_kernel(a)
+    return _sumsq_numpy(a)
+
 
 def clip_grad_norm(grads, max_norm) -> float:
     """Scale all gradients together so their global L2 norm is at most ``max_norm`` (CLIP.1).
@@ -104,7 +115,7 @@ def clip_grad_norm(grads, max_norm) -> float:
             raise ValueError("grads must hold floating-point numpy arrays")
     sq = 0.0
     for a in arrays:
-        sq += sumsq_kernel(np.ascontiguousarray(a).reshape(-1))  # in float64 for any dtype
+        sq += _sumsq(np.ascontiguousarray(a).reshape(-1))  # in float64 for any dtype
     norm = math.sqrt(sq)
     if max_norm is not None and math.isfinite(max_norm) and math.isfinite(norm) and norm > max_norm:
         scale = max_norm / norm

@@ -55,6 +55,8 @@ and the routes that fetch the files in :mod:`npvae.data.fetch`.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .fetch import (  # noqa: F401  (the errors and settings a caller may need)
@@ -114,7 +116,7 @@ def to_unit(images: np.ndarray, dtype=np.float32) -> np.ndarray:
     target = np.dtype(dtype)
     if target not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"dtype must be float32 or float64, got {target}")
-    flat = images.reshape(images.shape[0], -1)
+    flat = images.reshape(images.shape[0], math.prod(images.shape[1:]))  # -1 fails for N = 0
     return flat.astype(target) / target.type(255)
 
 
