@@ -40,10 +40,29 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 
 
 def as_rng(rng) -> np.random.Generator:
-    """A Generator from a Generator, a seed, or None (a fresh seed from the OS)."""
+    """A Generator from a Generator, a seed (an int >= 0), or None (a fresh seed from the OS)."""
     if isinstance(rng, np.random.Generator):
         return rng
-    return np.random.default_rng(rng)
+    seed = isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) and rng >= 0
+    if rng is None or seed:
+        return np.random.default_rng(rng)
+    raise ValueError(f"rng must be None, a seed (an int >= 0) or a numpy Generator, got {rng!r}")
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` as an int >= 1: a Python or NumPy integer (a bool, float or string is refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def image_shape_chw(image_shape) -> tuple[int, int, int]:
+    """``image_shape`` as three ints (C, H, W); the callers check that they are positive."""
+    try:
+        c, h, w = (int(s) for s in image_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"image_shape must be (C, H, W), got {image_shape!r}") from None
+    return c, h, w
 
 
 class Forward(NamedTuple):
@@ -238,7 +257,8 @@ class ContinuousLatentModel(Model):
 
     def sample(self, n: int, rng):
         """n draws of z ~ p(z) = N(0, I), decoded to E[x|z] (n, D)."""
-        z = as_rng(rng).standard_normal((int(n), self.latent), dtype=self.dtype)
+        n = positive_int("n", n)
+        z = as_rng(rng).standard_normal((n, self.latent), dtype=self.dtype)
         return self.decode(z)
 
 
@@ -274,8 +294,8 @@ def check_likelihood(name: str, sigma2: float, dtype=np.float32) -> float:
 
 def kl_weight(beta: float, warmup_steps: int, step) -> float:
     """beta * min(1, step / warmup_steps); the full beta when step is None or no warm-up (OBJ.2)."""
+    if step is not None and step < 0:
+        raise ValueError(f"step must be >= 0 (or None), got {step}")
     if step is None or warmup_steps <= 0:
         return float(beta)
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
     return float(beta) * min(1.0, float(step) / float(warmup_steps))

@@ -23,8 +23,9 @@ import math
 
 import numpy as np
 
+from .. import _validate as v
 from ..ops import activation_backward, activation_forward, linear_backward, linear_forward
-from .base import ContinuousLatentModel, as_rng, check_likelihood
+from .base import ContinuousLatentModel, as_rng, check_likelihood, image_shape_chw
 from .conv_nets import (
     STRIDE, down_backward, down_forward, down_shapes, fan_in, up_backward, up_forward, up_shapes,
 )
@@ -46,7 +47,7 @@ class ConvVAE(VAE):
                  free_bits: float = 0.0, activation: str = "relu", hidden=()):
         # data_dim, free_bits, activation and hidden are in the config so that code written
         # for the MLP VAE finds them; here they are fixed by the architecture
-        c, h, w = (int(s) for s in image_shape)
+        c, h, w = image_shape_chw(image_shape)
         if data_dim is not None and int(data_dim) != c * h * w:
             raise ValueError(f"data_dim {data_dim} does not match image_shape {image_shape}")
         if free_bits or activation != "relu" or list(hidden):
@@ -59,10 +60,10 @@ class ConvVAE(VAE):
         if h % side_factor or w % side_factor:
             raise ValueError(f"with {len(channels)} stride-2 layers the image sides must be "
                              f"divisible by {side_factor}, got {h}x{w}")
-        if not (math.isfinite(beta) and beta >= 0) or int(warmup_steps) < 0:
-            raise ValueError(f"beta must be finite and >= 0 and warmup_steps >= 0, got "
-                             f"{beta}, {warmup_steps}")
-        sigma2 = check_likelihood(likelihood, sigma2)
+        beta = v.nonnegative("beta", beta)
+        if int(warmup_steps) < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        sigma2 = check_likelihood(likelihood, sigma2, dtype)
         self.latent = int(latent)
         self.image_shape = (c, h, w)
         self.map_shape = (channels[-1], h // side_factor, w // side_factor)  # (K, h', w')

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..ops import activation_backward, activation_forward
 from ..ops.conv import conv2d_backward, conv2d_forward
-from .base import Model, as_rng
+from .base import Model, as_rng, image_shape_chw
 from .conv_nets import (
     STRIDE, down_backward, down_forward, down_shapes, fan_in, up_backward, up_forward, up_shapes,
 )
@@ -63,9 +63,7 @@ class ConvVQVAE(VQVAE):
                  activation: str = "relu", hidden=()):
         # data_dim, num_vectors, activation and hidden are in the config so that code written
         # for the MLP VQ-VAE finds them; here the architecture fixes them
-        if len(image_shape) != 3:
-            raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
-        c, h, w = (int(s) for s in image_shape)
+        c, h, w = image_shape_chw(image_shape)
         channels = tuple(int(k) for k in channels)
         if min(c, h, w) < 1 or not channels or min(channels) < 1:
             raise ValueError(f"image_shape and channels must be positive, got {image_shape}, "

@@ -49,6 +49,7 @@ from ..ops.vq import (
 )
 from .base import (
     Forward, Model, trusted, as_rng, check_likelihood, likelihood_backward, likelihood_forward, likelihood_mean,
+    positive_int,
 )
 
 
@@ -300,6 +301,8 @@ class VQVAE(Model):
         idx = np.asarray(idx)
         if idx.ndim != 2 or idx.shape[1] != self.M:
             raise ValueError(f"idx must have shape (N, {self.M}), got {idx.shape}")
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(f"idx must have an integer dtype (code indices), got {idx.dtype}")
         if idx.size and (idx.min() < 0 or idx.max() >= self.K):
             raise ValueError(f"idx must lie in [0, {self.K}), got values from {idx.min()} to {idx.max()}")
         z_q = self.params["codebook"][idx]  # (N, M, Dz)
@@ -311,5 +314,6 @@ class VQVAE(Model):
 
     def sample(self, n: int, rng):
         """Codes drawn from the uniform prior, decoded: (n, D)."""
-        idx = as_rng(rng).integers(self.K, size=(int(n), self.M))
+        n = positive_int("n", n)
+        idx = as_rng(rng).integers(self.K, size=(n, self.M))
         return self.decode_indices(idx)
