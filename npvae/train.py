@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -161,8 +162,19 @@ def _static_sample(x, dtype, rng, rows: int = 4096) -> np.ndarray:
     return out
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_positive_real(v) -> bool:
+    return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+            and math.isfinite(v) and v > 0)
+
+
 def _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip, binarize,
-                  schedule):
+                  schedule, seed=0, log_every=1, args=None):
+    """Every argument of :func:`train`, and every value of the data, before any work: each
+    mistake is named, with the row of the caller's array where the data is at fault."""
     for name, x in (("x_train", x_train), ("x_val", x_val)):
         if not isinstance(x, np.ndarray) or x.ndim != 2:
             raise ValueError(f"{name} must be a 2-D numpy array (N, D), got {type(x).__name__}"
@@ -172,17 +184,48 @@ def _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip
                              f"or be uint8 images (values 0-255), got {x.dtype}")
         if x.shape[0] < 1:
             raise ValueError(f"{name} must hold at least one example")
-    if int(epochs) < 1 or int(batch_size) < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-    if not (float(lr) > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr}")
+        if x.dtype == np.uint8:  # bytes are read as v / 255: in [0, 1] by construction
+            width = model.config.get("data_dim")
+            if width is not None and x.shape[1] != width:
+                raise ValueError(f"{name} must have {width} features per example, got {x.shape}")
+        else:
+            model.check_x(x, name)  # the width, NaN and inf, [0, 1] for a Bernoulli decoder
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("log_every", log_every)):
+        if not (_is_count(value) and value >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not (_is_count(seed) and seed >= 0):
+        raise ValueError(f"seed must be an integer >= 0 (the run's streams derive from it), "
+                         f"got {seed!r}")
+    if not _is_positive_real(lr):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if clip is not None and not float(clip) > 0:
-        raise ValueError(f"clip must be > 0 or None, got {clip}")
+    if clip is not None and not _is_positive_real(clip):
+        raise ValueError(f"clip must be a positive number or None, got {clip!r}")
     if binarize not in BINARIZE:
         raise ValueError(f"binarize must be one of {BINARIZE}, got {binarize!r}")
     schedules.parse(schedule)  # a clear error for an unknown schedule, before any work
+    try:
+        json.dumps(args or {})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"args must be JSON-friendly (it is stored in checkpoints): {exc}") from None
+
+
+def _check_run_dir(run_dir, resume_from, overwrite: bool) -> Path:
+    """A new run must not silently replace another one: a folder holding a checkpoint or
+    metrics is refused unless the call resumes from a checkpoint or asks to overwrite."""
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise ValueError(f"run_dir must be a folder path (it receives metrics.jsonl and "
+                         f"checkpoint.npz), got {run_dir!r}")
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir {run_dir} is a file, not a folder")
+    held = [name for name in (FILENAME, METRICS_FILE) if (run_dir / name).exists()]
+    if held and resume_from is None and not overwrite:
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(held)}); pass "
+                         f"resume_from={str(run_dir)!r} to continue it, overwrite=True to "
+                         f"replace it, or another run_dir")
+    return run_dir
 
 
 def _restore(model, opt, ck: Checkpoint, settings: dict) -> None:
@@ -219,6 +262,12 @@ def validation_metrics(model, x_val, seed, batch_size) -> dict:
     rng = side_rng(seed, "val-noise")  # the same draws every epoch
     res = evaluate.elbo(model, x_val, rng, batch_size=batch_size)
     row = {f"val_{k}": float(res[k]) for k in ("loss", "elbo", "recon", "kl") if k in res}
+    if model.config.get("kind") == "iwae":  # its objective is -L_k (IWAE.1): val as train
+        total = 0.0
+        for start in range(0, len(x_val), batch_size):
+            xb = x_val[start:start + batch_size]
+            total += model.loss(xb, rng=rng) * len(xb)
+        row["val_loss"] = total / len(x_val)
     if is_vq(model):
         cb = evaluate.codebook_stats(model, x_val, batch_size=batch_size)
         row["val_perplexity"] = float(cb["perplexity"])
@@ -492,13 +541,12 @@ def _save_on_stop(exc, stop, here, ckpt_path, model, opt, rng, start_epoch, step
                                signum=signum)
 
 
-@_holding_run_lock
 def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
           optimizer: str = "adam", clip: float | None = None, seed: int = 0,
           binarize: str = "none", run_dir, log_every: int = 10, progress: bool = True,
           verbose: bool = True, resume_from=None, checkpoint_every_epoch: bool = True,
           on_epoch_end=None, on_first_step=None, args: dict | None = None,
-          schedule: str = "constant") -> list:
+          schedule: str = "constant", overwrite: bool = False) -> list:
     """Train ``model`` in place for ``epochs`` epochs in total; returns the metrics history.
 
     x_train (N, D), x_val (V, D): the model's dtype with values in [0, 1], or uint8 images
@@ -506,16 +554,35 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
         "static" draws one binary sample of the training set, "dynamic" a fresh one of
         every batch. optimizer "adam" or "sgd" (momentum 0.9); clip: max gradient norm.
     run_dir: receives metrics.jsonl and checkpoint.npz; locked for the whole call
-        (:class:`RunInUse`), cleared of stale temporary files, checked to be writable.
+        (:class:`RunInUse`), cleared of stale temporary files, checked to be writable. A
+        folder that already holds a run is refused unless ``resume_from`` continues it or
+        ``overwrite`` replaces it (its metrics are then rewritten, its checkpoint replaced).
     log_every: steps between progress-bar updates; progress: a tqdm bar (on a terminal);
         verbose: a summary line per epoch; on_epoch_end(row) and on_first_step() callbacks.
     resume_from: a checkpoint path, run directory or :class:`Checkpoint` of the same run
         (``epochs`` may grow, ``lr`` and ``clip`` change, recorded in the metrics).
     args: extra JSON-friendly settings stored in checkpoints. schedule: the learning-rate
         schedule (:mod:`npvae.schedule`): "constant", "burda" or "burda:P" (SCHED.1).
+
+    Every argument and the data's values are checked before the folder is made or touched.
     """
-    _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip, binarize, schedule)
-    ckpt_path, metrics_path = _open_run(Path(run_dir))  # locked by _holding_run_lock
+    _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip, binarize,
+                  schedule, seed, log_every, args)
+    run_dir = _check_run_dir(run_dir, resume_from, overwrite)
+    with run_lock(run_dir):
+        return _train(model, x_train, x_val, epochs=epochs, batch_size=batch_size, lr=lr,
+                      optimizer=optimizer, clip=clip, seed=seed, binarize=binarize,
+                      run_dir=run_dir, log_every=log_every, progress=progress, verbose=verbose,
+                      resume_from=resume_from, checkpoint_every_epoch=checkpoint_every_epoch,
+                      on_epoch_end=on_epoch_end, on_first_step=on_first_step, args=args,
+                      schedule=schedule)
+
+
+def _train(model, x_train, x_val, *, epochs, batch_size, lr, optimizer, clip, seed, binarize,
+           run_dir, log_every, progress, verbose, resume_from, checkpoint_every_epoch,
+           on_epoch_end, on_first_step, args, schedule) -> list:
+    """:func:`train` once its arguments are checked and its run folder is locked."""
+    ckpt_path, metrics_path = _open_run(Path(run_dir))
     settings = dict(args or {}, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
                     optimizer=optimizer, clip=clip, seed=int(seed), binarize=binarize,
                     data=fingerprint(x_train), schedule=schedule)

@@ -256,3 +256,18 @@ def test_cli_trains_an_iwae_and_refuses_misplaced_options(tmp_path, monkeypatch,
     ]:
         assert cli.main(["train", *TINY, *argv, "--out", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_training_reports_the_same_objective_on_training_and_validation_data(tmp_path):
+    # an IWAE trains on -L_k; its validation loss must be -L_k too, not the negative ELBO,
+    # which is larger (L_k >= ELBO, IW.2): on this data the gap is several nats
+    from npvae.train import train
+
+    rng = np.random.default_rng(0)
+    x = (rng.random((64, 16)) < 0.3).astype(np.float32)
+    model = IWAE(data_dim=16, hidden=[8], latent=3, k=5)
+    row = train(model, x, x[:32], epochs=1, batch_size=16, run_dir=tmp_path, progress=False,
+                verbose=False)[-1]
+    assert row["val_loss"] < -row["val_elbo"] - 0.5
+    # and it is the model's own objective on the validation data, up to its noise
+    assert abs(row["val_loss"] - model.loss(x[:32], rng=1)) < 1.0

@@ -583,3 +583,52 @@ def test_an_ignored_hang_up_stays_ignored_as_under_nohup():
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # restored on exit
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+# ----------------------------------------------------------------------------------
+# train() from Python: its arguments and data are checked before any work, and it never
+# silently replaces another run
+
+
+def test_train_refuses_a_folder_holding_a_run_unless_told(tmp_path):
+    x, xv = small_data()
+    train(build(SMALL, rng=0), x, xv, epochs=2, run_dir=tmp_path, **LOOP)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match="already holds a run.*resume_from.*overwrite=True"):
+        train(build(SMALL, rng=1), x, xv, epochs=1, run_dir=tmp_path, **LOOP)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    history = train(build(SMALL, rng=1), x, xv, epochs=1, run_dir=tmp_path, overwrite=True, **LOOP)
+    assert [r["epoch"] for r in history] == [1] and load_checkpoint(tmp_path).epoch == 1
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["x_train", "x_val"])
+def test_bad_data_values_are_named_by_array_and_row_before_any_step(tmp_path, where):
+    x, xv = small_data()
+    x, xv = x.astype(np.float32), xv.astype(np.float32)
+    bad = x if where == "x_train" else xv
+    row = len(bad) - 1
+    bad[row, 5] = np.nan
+    run = tmp_path / "run"
+    steps = []
+    with pytest.raises(ValueError, match=rf"{where} must be finite.*index \({row}, 5\)"):
+        train(build(SMALL, rng=0), x, xv, epochs=2, run_dir=run,
+              on_first_step=lambda: steps.append(1), **LOOP)
+    bad[row, 5] = 1.5  # outside [0, 1] for a Bernoulli decoder
+    with pytest.raises(ValueError, match=rf"{where} must lie in \[0, 1\]"):
+        train(build(SMALL, rng=0), x, xv, epochs=2, run_dir=run, **LOOP)
+    assert steps == [] and not run.exists()
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(epochs=2.0), "epochs must be an integer"), (dict(batch_size=16.0), "batch_size"),
+    (dict(log_every=0), "log_every"), (dict(seed=None), "seed"), (dict(seed=-1), "seed"),
+    (dict(lr="a"), "lr"), (dict(clip=0.0), "clip"), (dict(args={"a": object()}), "args"),
+    (dict(run_dir=None), "run_dir"),
+])
+def test_train_names_a_bad_argument_and_makes_no_folder(tmp_path, monkeypatch, change, words):
+    monkeypatch.chdir(tmp_path)
+    kwargs = {**LOOP, "epochs": 1, "run_dir": "run", **change}
+    with pytest.raises(ValueError, match=words):
+        train(build(SMALL, rng=0), *small_data(), **kwargs)
+    assert list(tmp_path.iterdir()) == []

@@ -149,7 +149,12 @@ class Model:
 
     def backward(self, fwd: Forward, out=None) -> FlatDict:
         """The gradients of ``fwd.loss`` with respect to every parameter, written into
-        ``out`` (a FlatDict laid out like ``params``) or a new buffer."""
+        ``out`` (a FlatDict laid out like ``params``) or a new buffer.
+
+        The caches in ``fwd`` hold the parameters and x themselves, not copies (a copy of
+        every weight per step would cost as much as a layer's product): call ``backward``
+        before an optimizer step or any change to the batch array, as a training step does.
+        """
         grads = self.new_grads(out)
         with trusted():  # the forward pass checked x: the ops need not scan again
             self._reverse(fwd.saved, grads)
