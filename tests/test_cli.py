@@ -254,12 +254,17 @@ def files_of(folder):
     return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
 
 
+def copy_of_run(run, tmp_path):
+    """A copy of the files of ``run`` in tmp_path/run, for a test that writes into it."""
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name, content in files_of(run).items():
+        (copy / name).write_bytes(content)
+    return copy
+
+
 def test_resume_from_another_checkpoint_file_is_refused(capsys, trained_run, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    for p in Path(trained_run).iterdir():
-        if p.is_file():
-            (run / p.name).write_bytes(p.read_bytes())
+    run = copy_of_run(trained_run, tmp_path)
     (run / "epoch1.npz").write_bytes((run / "checkpoint.npz").read_bytes())  # a user's backup
     (run / "samples.png").write_bytes(b"a user's own figure")
     before = files_of(run)
@@ -275,11 +280,7 @@ def test_resume_from_another_checkpoint_file_is_refused(capsys, trained_run, tmp
 
 
 def test_resuming_a_finished_run_changes_nothing(capsys, trained_run, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    for p in Path(trained_run).iterdir():
-        if p.is_file():
-            (run / p.name).write_bytes(p.read_bytes())
+    run = copy_of_run(trained_run, tmp_path)
     before = files_of(run)
     code, out, err = run_cli(capsys, "train", "--resume", str(run), "--epochs", "2")
     assert code == 0 and "nothing to do" in err and "--epochs N with N > 2" in err
@@ -300,11 +301,7 @@ def test_a_shipped_model_cannot_be_resumed_or_plotted(capsys, tmp_path, monkeypa
 @pytest.mark.parametrize("bad", [["--val", "1000"], ["--hidden", "16", "--latent", "3",
                                                     "--model", "vqvae"]])
 def test_overwrite_with_a_bad_option_keeps_the_old_run(capsys, trained_run, tmp_path, bad):
-    run = tmp_path / "run"
-    run.mkdir()
-    for p in Path(trained_run).iterdir():
-        if p.is_file():
-            (run / p.name).write_bytes(p.read_bytes())
+    run = copy_of_run(trained_run, tmp_path)
     before = files_of(run)
     code, _, err = run_cli(capsys, "train", *TINY, "--out", str(run), "--overwrite", *bad)
     one_line_error(code, err)

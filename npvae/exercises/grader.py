@@ -409,6 +409,25 @@ def _tiny_vae_reference(params, x, eps, likelihood):
     return float(np.mean(-logp + kl.sum(axis=1)))
 
 
+def _value_and_gradients(loss_and_grads, params, x, eps, likelihood, value_hint, gradient_hint,
+                         where=""):
+    """The tiny VAE's loss against npvae's own ops, then each gradient against central
+    differences; ``where`` opens the failure messages."""
+    loss, grads = loss_and_grads(params, x, eps)
+    want = _tiny_vae_reference(params, x, eps, likelihood)
+    if not (np.isfinite(loss) and math.isclose(loss, want, rel_tol=1e-9, abs_tol=1e-9)):
+        raise Fail(f"{where}the loss is {loss:.6g}, but the negative ELBO of this batch is "
+                   f"{want:.6g}", value_hint)
+    for key, p in params.items():
+        analytic = same_shape(f"grads[{key!r}]", grads.get(key) if isinstance(grads, dict)
+                              else None, p)
+        numeric = numerical_gradient(lambda: float(loss_and_grads(params, x, eps)[0]), p)
+        err = rel_error(analytic, numeric)
+        if not err < TOL:
+            raise Fail(f"{where}grads[{key!r}]: relative error {err:.1e} against central "
+                       f"differences (needs < {TOL:.0e})", gradient_hint)
+
+
 def _tiny_vae_checks(likelihood, hints):
     """Sampling, value and gradient checks of a tiny-VAE bug hunt, in that order; hints per check."""
 
@@ -436,37 +455,15 @@ def _tiny_vae_checks(likelihood, hints):
             raise Fail(f"samples of z have variance {np.round(zs.var(axis=0), 3)} where "
                        f"exp(logvar) is {np.exp(logvar)}", hints["sampling"])
 
-        # 2. the value: the negative ELBO, a batch mean
-        loss, grads = loss_and_grads(params, x, eps)
-        want = _tiny_vae_reference(params, x, eps, likelihood)
-        if not (np.isfinite(loss) and math.isclose(loss, want, rel_tol=1e-9, abs_tol=1e-9)):
-            raise Fail(f"the loss is {loss:.6g}, but the negative ELBO of this batch is "
-                       f"{want:.6g}", hints["value"])
-
-        # 3. gradients, with the noise held fixed
-        for key, p in params.items():
-            analytic = same_shape(f"grads[{key!r}]", grads.get(key) if isinstance(grads, dict)
-                                  else None, p)
-            numeric = numerical_gradient(lambda: float(loss_and_grads(params, x, eps)[0]), p)
-            err = rel_error(analytic, numeric)
-            if not err < TOL:
-                raise Fail(f"grads[{key!r}]: relative error {err:.1e} against central "
-                           f"differences (needs < {TOL:.0e})", hints["gradient"])
-
+        # 2. the value, the negative ELBO as a batch mean, then 3. the gradients (noise fixed)
+        _value_and_gradients(loss_and_grads, params, x, eps, likelihood, hints["value"],
+                             hints["gradient"])
         # 4. Bernoulli: a confident decoder, logits near +-40, where sigmoid rounds to 1
         if likelihood == "bernoulli":
-            far = dict(params, **{"dec.b": params["dec.b"] + np.where(np.arange(d) % 2, -40.0, 40.0)})
-            loss, grads = loss_and_grads(far, x, eps)
-            want = _tiny_vae_reference(far, x, eps, likelihood)
-            if not (np.isfinite(loss) and math.isclose(loss, want, rel_tol=1e-9, abs_tol=1e-9)):
-                raise Fail(f"with logits near +-40 the loss is {loss:.6g}, but the negative "
-                           f"ELBO of this batch is {want:.6g}", hints["confident"])
-            for key, p in far.items():
-                analytic = np.asarray(grads.get(key) if isinstance(grads, dict) else None)
-                numeric = numerical_gradient(lambda: float(loss_and_grads(far, x, eps)[0]), p)
-                if analytic.shape != p.shape or not rel_error(analytic, numeric) < TOL:
-                    raise Fail(f"with logits near +-40, grads[{key!r}] disagrees with central "
-                               f"differences", hints["confident"])
+            shift = np.where(np.arange(d) % 2, -40.0, 40.0)
+            far = dict(params, **{"dec.b": params["dec.b"] + shift})
+            _value_and_gradients(loss_and_grads, far, x, eps, likelihood, hints["confident"],
+                                 hints["confident"], where="with logits near +-40, ")
 
     return check
 
