@@ -7,6 +7,7 @@ from npvae.models.base import as_rng, kl_weight
 from npvae.models.conv_vae import ConvVAE
 from npvae.models.conv_vqvae import ConvVQVAE
 from npvae.models.iwae import IWAE
+from npvae.models.prior import MADEPrior
 from npvae.models.vqvae import VQVAE
 
 SMALL_CONV = dict(image_shape=(1, 8, 8), channels=(4,))
@@ -59,6 +60,20 @@ def test_conv_models_want_image_shape_as_c_h_w(cls, bad):
 def test_sample_wants_a_positive_integer_n(model, bad):
     with pytest.raises(ValueError, match=r"n must be a positive integer"):
         model.sample(bad, 0)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "3", True])
+def test_the_learned_prior_samples_a_positive_integer_number_of_sequences(bad):
+    prior = MADEPrior(num_codes=3, num_vectors=2, hidden=(4,))
+    assert prior.sample(np.int64(2), 0).shape == (2, 2)
+    with pytest.raises(ValueError, match=r"n must be a positive integer"):
+        prior.sample(bad, 0)
+
+
+def test_a_seed_sequence_or_bit_generator_is_a_seed():
+    a = as_rng(np.random.SeedSequence(5)).random()
+    assert a == np.random.default_rng(np.random.SeedSequence(5)).random()
+    assert as_rng(np.random.PCG64(5)).random() == np.random.default_rng(5).random()
 
 
 @pytest.mark.parametrize("model", MODELS, ids=IDS)

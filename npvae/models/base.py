@@ -40,11 +40,12 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 
 
 def as_rng(rng) -> np.random.Generator:
-    """A Generator from a Generator, a seed (an int >= 0), or None (a fresh seed from the OS)."""
+    """A Generator from a Generator, a seed (an int >= 0, a SeedSequence or a BitGenerator),
+    or None (a fresh seed from the OS)."""
     if isinstance(rng, np.random.Generator):
         return rng
     seed = isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) and rng >= 0
-    if rng is None or seed:
+    if rng is None or seed or isinstance(rng, (np.random.SeedSequence, np.random.BitGenerator)):
         return np.random.default_rng(rng)
     raise ValueError(f"rng must be None, a seed (an int >= 0) or a numpy Generator, got {rng!r}")
 

@@ -44,7 +44,7 @@ from ..ops.activations import activation_backward, activation_code, activation_f
 from ..ops.masked import masked_linear_backward, masked_linear_forward
 from ..ops.mlp import init_scale
 from ..ops.softmax import log_softmax, softmax_xent_backward, softmax_xent_forward
-from .base import Forward, Model, as_rng, trusted
+from .base import Forward, Model, as_rng, positive_int, trusted
 
 
 def input_degrees(num_vectors: int, num_codes: int) -> np.ndarray:
@@ -282,7 +282,7 @@ class MADEPrior(Model):
         """
         temperature = v.positive("temperature", temperature)
         rng = as_rng(rng)
-        n, K, act = int(n), self.K, self.config["activation"]
+        n, K, act = positive_int("n", n), self.K, self.config["activation"]
         p = self.params
         idx = np.zeros((n, self.M), dtype=np.int64)
         x = np.zeros((n, self.M * K), dtype=self.dtype)  # (n, M K)  the codes drawn so far
