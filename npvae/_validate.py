@@ -102,6 +102,17 @@ def in_unit_interval(name: str, value: np.ndarray, always: bool = False) -> None
         )
 
 
+def is_integer(value) -> bool:
+    """A Python or NumPy integer, not a bool (True is 1 to Python, never a count here)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_positive_real(value) -> bool:
+    """A finite number > 0, given as a number (not a bool, not a string)."""
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_)) and bool(np.isfinite(value)) and value > 0)
+
+
 def positive(name: str, value) -> float:
     v = float(value)
     if not (v > 0.0) or not np.isfinite(v):

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._validate import is_integer
 from .atomic import write_atomic
 
 FORMAT_VERSION = 1
@@ -95,7 +96,7 @@ def _json_array(value, name: str) -> np.ndarray:
 
 def _count(value, name: str) -> int:
     """``value`` as an int, or a ValueError naming ``name`` unless it is an integer >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    if not (is_integer(value) and value >= 0):
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     return int(value)
 

@@ -312,16 +312,9 @@ def refuse_prior(ck):
     return ck
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _bad_setting(args: dict) -> str | None:
     """What is wrong with a checkpoint's stored settings (the ones later commands use), or None."""
+    from ._validate import is_integer, is_positive_real
     from .data import DATASETS
     from .train import BINARIZE
 
@@ -329,14 +322,14 @@ def _bad_setting(args: dict) -> str | None:
         "dataset": (lambda v: v in DATASETS, f"one of {DATASETS}"),
         "dtype": (lambda v: v in ("float32", "float64"), "float32 or float64"),
         "binarize": (lambda v: v in BINARIZE, f"one of {BINARIZE}"),
-        "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-        "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-        "epochs": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-        "lr": (lambda v: _is_real(v) and v > 0, "a positive number"),
+        "seed": (lambda v: is_integer(v) and v >= 0, "an integer >= 0"),
+        "batch_size": (lambda v: is_integer(v) and v >= 1, "an integer >= 1"),
+        "epochs": (lambda v: is_integer(v) and v >= 0, "an integer >= 0"),
+        "lr": (lambda v: is_positive_real(v), "a positive number"),
         "optimizer": (lambda v: v in ("adam", "sgd"), "adam or sgd"),
-        "clip": (lambda v: v is None or (_is_real(v) and v > 0), "null or a positive number"),
-        "val": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-        "limit": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+        "clip": (lambda v: v is None or (is_positive_real(v)), "null or a positive number"),
+        "val": (lambda v: is_integer(v) and v >= 0, "an integer >= 0"),
+        "limit": (lambda v: v is None or (is_integer(v) and v >= 1), "null or an integer >= 1"),
         "data_dir": (lambda v: v is None or isinstance(v, str), "null or a path"),
         "schedule": (lambda v: isinstance(v, str), "a schedule name"),
     }
@@ -349,11 +342,13 @@ def _bad_setting(args: dict) -> str | None:
 def _bad_history(history: list) -> str | None:
     """What is wrong with a checkpoint's per-epoch metrics, or None: each row has an integer
     epoch >= 1, and its other entries are numbers, null or (for a resume's changes) objects."""
+    from ._validate import is_integer
+
     for i, row in enumerate(history):
-        if not (_is_int(row.get("epoch")) and row["epoch"] >= 1):
+        if not (is_integer(row.get("epoch")) and row["epoch"] >= 1):
             return f"row {i} of its history has epoch {row.get('epoch')!r}, not an integer >= 1"
         for key, value in row.items():
-            if not (value is None or isinstance(value, dict) or _is_int(value)
+            if not (value is None or isinstance(value, dict) or is_integer(value)
                     or isinstance(value, float)):
                 return f"row {i} of its history has {key} = {value!r}, not a number"
     return None

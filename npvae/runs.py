@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import signal
@@ -202,13 +201,3 @@ class _DeferredInterrupt:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         return False
-
-
-def _holding_run_lock(fn):
-    """Run ``fn`` while holding :func:`run_lock` on its ``run_dir`` argument."""
-    @functools.wraps(fn)
-    def locked(*args, run_dir, **kwargs):
-        with run_lock(run_dir):
-            return fn(*args, run_dir=run_dir, **kwargs)
-
-    return locked

@@ -58,10 +58,11 @@ from .checkpoint import (
     FILENAME, Checkpoint, CheckpointError, NonFiniteState, load_checkpoint, non_finite,
     rng_state, save_checkpoint,
 )
+from ._validate import is_integer, is_positive_real
 from .data.rows import bernoulli_rows
 from .optim import clip_grad_norm
 from .runs import (  # noqa: F401  (the run folder's names stay importable from here)
-    METRICS_FILE, RunInUse, _DeferredInterrupt, _holding_run_lock, check_writable,
+    METRICS_FILE, RunInUse, _DeferredInterrupt, check_writable,
     clean_temp_files, is_run_file, is_temp_file, run_lock, signal_name, stop_on_signals,
 )
 from .threads import blas_threads, blas_threads_for
@@ -162,15 +163,6 @@ def _static_sample(x, dtype, rng, rows: int = 4096) -> np.ndarray:
     return out
 
 
-def _is_count(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _is_positive_real(v) -> bool:
-    return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-            and math.isfinite(v) and v > 0)
-
-
 def _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip, binarize,
                   schedule, seed=0, log_every=1, args=None):
     """Every argument of :func:`train`, and every value of the data, before any work: each
@@ -191,16 +183,16 @@ def _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip
         else:
             model.check_x(x, name)  # the width, NaN and inf, [0, 1] for a Bernoulli decoder
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("log_every", log_every)):
-        if not (_is_count(value) and value >= 1):
+        if not (is_integer(value) and value >= 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not (_is_count(seed) and seed >= 0):
+    if not (is_integer(seed) and seed >= 0):
         raise ValueError(f"seed must be an integer >= 0 (the run's streams derive from it), "
                          f"got {seed!r}")
-    if not _is_positive_real(lr):
+    if not is_positive_real(lr):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if clip is not None and not _is_positive_real(clip):
+    if clip is not None and not is_positive_real(clip):
         raise ValueError(f"clip must be a positive number or None, got {clip!r}")
     if binarize not in BINARIZE:
         raise ValueError(f"binarize must be one of {BINARIZE}, got {binarize!r}")
@@ -263,11 +255,9 @@ def validation_metrics(model, x_val, seed, batch_size) -> dict:
     res = evaluate.elbo(model, x_val, rng, batch_size=batch_size)
     row = {f"val_{k}": float(res[k]) for k in ("loss", "elbo", "recon", "kl") if k in res}
     if model.config.get("kind") == "iwae":  # its objective is -L_k (IWAE.1): val as train
-        total = 0.0
-        for start in range(0, len(x_val), batch_size):
-            xb = x_val[start:start + batch_size]
-            total += model.loss(xb, rng=rng) * len(xb)
-        row["val_loss"] = total / len(x_val)
+        row["val_loss"] = sum(model.loss(x_val[start:stop], rng=rng) * (stop - start)
+                              for start, stop in evaluate._batches(len(x_val), batch_size)
+                              ) / len(x_val)
     if is_vq(model):
         cb = evaluate.codebook_stats(model, x_val, batch_size=batch_size)
         row["val_perplexity"] = float(cb["perplexity"])

@@ -44,7 +44,7 @@ def as_rng(rng) -> np.random.Generator:
     or None (a fresh seed from the OS)."""
     if isinstance(rng, np.random.Generator):
         return rng
-    seed = isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) and rng >= 0
+    seed = v.is_integer(rng) and rng >= 0
     if rng is None or seed or isinstance(rng, (np.random.SeedSequence, np.random.BitGenerator)):
         return np.random.default_rng(rng)
     raise ValueError(f"rng must be None, a seed (an int >= 0) or a numpy Generator, got {rng!r}")
@@ -52,7 +52,7 @@ def as_rng(rng) -> np.random.Generator:
 
 def positive_int(name: str, value) -> int:
     """``value`` as an int >= 1: a Python or NumPy integer (a bool, float or string is refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not (v.is_integer(value) and value >= 1):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
