@@ -345,6 +345,45 @@ def test_full_size_file_must_have_the_official_content(tmp_path):
         np.testing.assert_array_equal(back, labels)
 
 
+def official_test_split(monkeypatch, dataset, images, labels):
+    """Make ``images`` and ``labels`` the official test files of ``dataset`` (by content)."""
+    table = dict(d.KNOWN_FILES[dataset])
+    for stem, array in ((IMAGE_STEM["test"], images), (LABEL_STEM["test"], labels)):
+        raw_digest = hashlib.sha256(idx._idx_bytes(array)).hexdigest()
+        table[stem] = d.KnownFile(array.shape[0], "0" * 64, raw_digest)
+    monkeypatch.setitem(d.KNOWN_FILES, dataset, table)
+
+
+def test_a_manifest_does_not_let_another_dataset_pass(tmp_path, monkeypatch):
+    """MNIST and Fashion-MNIST share file names. An MNIST folder, manifest included, read
+    as Fashion-MNIST (data_dir pointing at the folder itself) must fail the official
+    content check; the manifest once made its files pass unchecked."""
+    official_test_split(monkeypatch, "mnist", *fake_split(3, seed=1))
+    official_test_split(monkeypatch, "fashion-mnist", *fake_split(3, seed=2))
+    mnist = d.cache_dir("mnist")
+    images, labels = fake_split(3, seed=1)
+    fetch._store(mnist, "mnist", {IMAGE_STEM["test"]: images, LABEL_STEM["test"]: labels}, "test")
+    d.load("mnist", "test", download=False)  # leaves recorded raw copies too
+    with pytest.raises(d.DataUnavailableError) as info:
+        d.load("fashion-mnist", "test", data_dir=mnist, download=False)
+    assert f"files directly in data_dir {mnist}: ChecksumError" in str(info.value)
+    assert "is not the official" in str(info.value)
+
+
+def test_official_content_is_not_refused_for_a_digest_the_manifest_remembers(monkeypatch):
+    """A full-size file is judged by the official content alone: one recompressed (other
+    gzip framing, same IDX bytes) loads although the manifest recorded the old .gz."""
+    images, labels = fake_split(3, seed=1)
+    official_test_split(monkeypatch, "mnist", images, labels)
+    cache = d.cache_dir("mnist")
+    fetch._store(cache, "mnist", {IMAGE_STEM["test"]: images, LABEL_STEM["test"]: labels}, "test")
+    gz = cache / (LABEL_STEM["test"] + ".gz")
+    gz.write_bytes(gzip.compress(idx._idx_bytes(labels), 9, mtime=7))
+    x, y = d.load("mnist", "test", download=False)
+    np.testing.assert_array_equal(x, images)
+    np.testing.assert_array_equal(y, labels)
+
+
 # --------------------------------------------------------------------------- load: mirrors
 
 

@@ -40,14 +40,14 @@ interrupted download or conversion never leaves a file that a later load trusts.
 Verification of a file, besides its structure (magic number, header sizes against
 payload length, 28 x 28 images, labels below 10, image and label counts equal):
 
-* a file written by this module is listed with its SHA-256 in ``MANIFEST_NAME``
-  in its folder, and must still match that digest;
-* an official gzipped file is recognised by its published SHA-256;
-* any other file holding the official number of examples (60000 or 10000) must
-  have the SHA-256 of the official *decompressed* IDX bytes, whatever gzip
-  framing it came in (Debian's copies, for example, are recompressed);
-* a file with another number of examples (a subset you made) is checked on
-  structure alone.
+* a file holding the official number of examples (60000 or 10000) must be the
+  official file of the dataset asked for: the published SHA-256 of the gzipped
+  file, or else the SHA-256 of the official *decompressed* IDX bytes, whatever
+  gzip framing it came in (Debian's copies, for example, are recompressed). The
+  manifest cannot vouch for such a file, since both datasets use the same names;
+* a file with another number of examples (a subset) that this module wrote is
+  listed with its SHA-256 in ``MANIFEST_NAME`` in its folder, and must still match
+  that digest; a subset you made is checked on structure alone.
 
 The package holds what training reads (:func:`load`, :func:`to_unit`, binarization and
 the validation split) here, the IDX format and its checksums in :mod:`npvae.data.idx`,

@@ -3,9 +3,10 @@
 An IDX file is a big-endian header (a magic number giving the type and the number of
 dimensions, then each dimension's size) followed by the raw uint8 values. A file is
 trusted when its structure is right (magic number, header sizes against the payload
-length, 28 x 28 images, labels below 10) and its SHA-256 is one that npvae knows: the
-official gzipped file, the official decompressed bytes, or the digest this package
-recorded in the folder's manifest (``MANIFEST_NAME``) when it wrote the file.
+length, 28 x 28 images, labels below 10) and its SHA-256 is one that npvae knows. A file
+with the official number of examples must be the official gzipped file or hold the
+official decompressed bytes; a smaller one (a subset) must still have the digest this
+package recorded in the folder's manifest (``MANIFEST_NAME``) when it wrote the file.
 """
 from __future__ import annotations
 
@@ -357,6 +358,11 @@ def _official_size(dataset: str, stem: str) -> int:
 def _read_checked(path: Path, dataset: str, stem: str) -> np.ndarray:
     """Read one dataset file, checking structure and every SHA-256 that applies.
 
+    A file with the official number of examples must be the official file of
+    ``dataset`` (its ``.gz`` digest or its content digest), whatever the manifest says:
+    MNIST and Fashion-MNIST share file names, so a manifest entry cannot vouch for one.
+    A smaller file (a subset) must match the digest the manifest recorded, if any.
+
     Neither the file nor its decompressed content may exceed the official file's size
     (subsets are smaller), so a hostile file cannot exhaust memory.
     """
@@ -364,25 +370,27 @@ def _read_checked(path: Path, dataset: str, stem: str) -> np.ndarray:
     limit = _official_size(dataset, stem)
     blob = _read_bounded(path, limit + limit // 100 + 1024)  # gzip may add a little
     digest = _sha256(blob)
-    recorded = _read_manifest(path.parent).get(path.name)
-    if recorded is not None and recorded != digest:
-        raise ChecksumError(
-            f"{where}: SHA-256 {digest} differs from {recorded} recorded in "
-            f"{MANIFEST_NAME} when it was written; the file changed or is damaged"
-        )
     known = KNOWN_FILES[dataset][stem]
     payload = _decompress(blob, where, limit)
     array = _parse_idx(payload, where)
     _check_kind(array, stem, where)
-    vouched = recorded is not None or digest == known.gz_sha256
-    if not vouched and array.shape[0] == known.count:
-        content = _sha256(payload)
+    if array.shape[0] == known.count:
+        if digest == known.gz_sha256:
+            return array
+        content = digest if payload is blob else _sha256(payload)  # a raw file: hashed once
         if content != known.raw_sha256:
             raise ChecksumError(
                 f"{where}: holds {known.count} examples like the official "
                 f"{_PRETTY[dataset]} file, but its content SHA-256 {content} is not "
                 f"the official {known.raw_sha256}"
             )
+        return array
+    recorded = _read_manifest(path.parent).get(path.name)
+    if recorded is not None and recorded != digest:
+        raise ChecksumError(
+            f"{where}: SHA-256 {digest} differs from {recorded} recorded in "
+            f"{MANIFEST_NAME} when it was written; the file changed or is damaged"
+        )
     return array
 
 
