@@ -241,6 +241,18 @@ def load_checkpoint(path) -> Checkpoint:
     return _parse(path, members)
 
 
+def saved_progress(path) -> tuple:
+    """(epoch, step) of the checkpoint at ``path``, read without building its model."""
+    path = checkpoint_path(path)
+    _check_zip_magic(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            members = {name: npz[name] for name in ("epoch", "step")}
+    except _READ_ERRORS as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint: {_reason(exc)}") from None
+    return _int_member(path, members, "epoch"), _int_member(path, members, "step")
+
+
 # How every .npz (a zip archive) begins: a local file header, or an empty archive's end record.
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 

@@ -55,8 +55,8 @@ from . import data as npdata
 from . import schedule as schedules
 from .atomic import write_text_atomic
 from .checkpoint import (
-    FILENAME, Checkpoint, CheckpointError, NonFiniteState, load_checkpoint, non_finite,
-    rng_state, save_checkpoint,
+    FILENAME, Checkpoint, CheckpointError, NonFiniteState, checkpoint_path, load_checkpoint,
+    non_finite, rng_state, save_checkpoint, saved_progress,
 )
 from ._validate import is_integer, is_positive_real
 from .data.rows import bernoulli_rows
@@ -204,8 +204,9 @@ def _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip
 
 
 def _check_run_dir(run_dir, resume_from, overwrite: bool) -> Path:
-    """A new run must not silently replace another one: a folder holding a checkpoint or
-    metrics is refused unless the call resumes from a checkpoint or asks to overwrite."""
+    """A call must not silently replace another run: a folder holding a checkpoint or
+    metrics is refused unless the call continues that very run (``resume_from`` is its
+    checkpoint as it is on disk now) or asks to overwrite it."""
     if not isinstance(run_dir, (str, os.PathLike)):
         raise ValueError(f"run_dir must be a folder path (it receives metrics.jsonl and "
                          f"checkpoint.npz), got {run_dir!r}")
@@ -213,11 +214,34 @@ def _check_run_dir(run_dir, resume_from, overwrite: bool) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run_dir {run_dir} is a file, not a folder")
     held = [name for name in (FILENAME, METRICS_FILE) if (run_dir / name).exists()]
-    if held and resume_from is None and not overwrite:
+    if not held or overwrite:
+        return run_dir
+    if resume_from is None:
         raise ValueError(f"{run_dir} already holds a run ({', '.join(held)}); pass "
                          f"resume_from={str(run_dir)!r} to continue it, overwrite=True to "
                          f"replace it, or another run_dir")
+    problem = _not_continued_by(run_dir, resume_from)
+    if problem:
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(held)}), and {problem}. "
+                         f"Pass resume_from={str(run_dir)!r} to continue the run in it, "
+                         f"overwrite=True to replace it, or a new or empty run_dir to branch off")
     return run_dir
+
+
+def _not_continued_by(run_dir: Path, resume_from) -> str | None:
+    """Why training on from ``resume_from`` would not continue the run in ``run_dir``
+    (it would replace that run, or roll it back), or None when it continues it."""
+    ours = run_dir / FILENAME
+    is_ck = isinstance(resume_from, Checkpoint)
+    source = resume_from.path if is_ck else checkpoint_path(resume_from)
+    if source is None or not ours.exists() or os.path.realpath(source) != os.path.realpath(ours):
+        return f"resume_from is another checkpoint ({source}): training on from it would replace that run"
+    if is_ck and saved_progress(ours) != (resume_from.epoch, resume_from.step):
+        epoch, step = saved_progress(ours)
+        return (f"resume_from is its checkpoint as loaded at step {resume_from.step} (epoch "
+                f"{resume_from.epoch}), but the run has since reached step {step} (epoch "
+                f"{epoch}): training on from it would roll the run back")
+    return None
 
 
 def _restore(model, opt, ck: Checkpoint, settings: dict) -> None:
@@ -545,12 +569,13 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
         every batch. optimizer "adam" or "sgd" (momentum 0.9); clip: max gradient norm.
     run_dir: receives metrics.jsonl and checkpoint.npz; locked for the whole call
         (:class:`RunInUse`), cleared of stale temporary files, checked to be writable. A
-        folder that already holds a run is refused unless ``resume_from`` continues it or
-        ``overwrite`` replaces it (its metrics are then rewritten, its checkpoint replaced).
+        folder that already holds a run is refused unless ``resume_from`` continues it (is
+        that folder's checkpoint, as it is on disk now) or ``overwrite`` replaces it.
     log_every: steps between progress-bar updates; progress: a tqdm bar (on a terminal);
         verbose: a summary line per epoch; on_epoch_end(row) and on_first_step() callbacks.
     resume_from: a checkpoint path, run directory or :class:`Checkpoint` of the same run
-        (``epochs`` may grow, ``lr`` and ``clip`` change, recorded in the metrics).
+        (``epochs`` may grow, ``lr`` and ``clip`` change, recorded in the metrics): the
+        run in ``run_dir``, or any run when ``run_dir`` is new or empty (a branch).
     args: extra JSON-friendly settings stored in checkpoints. schedule: the learning-rate
         schedule (:mod:`npvae.schedule`): "constant", "burda" or "burda:P" (SCHED.1).
 

@@ -602,6 +602,38 @@ def test_train_refuses_a_folder_holding_a_run_unless_told(tmp_path):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_resume_from_another_run_into_a_folder_holding_a_run_is_refused(tmp_path):
+    x, xv = small_data()
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(build(SMALL, rng=0), x, xv, epochs=1, run_dir=a, **LOOP)
+    train(build(SMALL, rng=1), x, xv, epochs=3, seed=1, run_dir=b, **LOOP)
+    before = {p.name: p.read_bytes() for p in b.iterdir()}
+    for source in (a, a / "checkpoint.npz", load_checkpoint(a)):
+        with pytest.raises(ValueError, match="b already holds a run.*another checkpoint.*"
+                                             "overwrite=True.*new or empty run_dir"):
+            train(build(SMALL, rng=0), x, xv, epochs=2, run_dir=b, resume_from=source, **LOOP)
+    assert {p.name: p.read_bytes() for p in b.iterdir()} == before
+    # into a new folder, a run may branch off from another one
+    history = train(build(SMALL, rng=0), x, xv, epochs=2, run_dir=tmp_path / "c",
+                    resume_from=a, **LOOP)
+    assert [r["epoch"] for r in history] == [1, 2]
+
+
+def test_a_stale_checkpoint_object_does_not_roll_the_run_back(tmp_path):
+    x, xv = small_data()
+    train(build(SMALL, rng=0), x, xv, epochs=1, run_dir=tmp_path, **LOOP)
+    ck = load_checkpoint(tmp_path)
+    train(build(SMALL, rng=0), x, xv, epochs=2, run_dir=tmp_path, resume_from=ck, **LOOP)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=r"as loaded at step 4 \(epoch 1\).*step 8 \(epoch 2\)"
+                                         r".*roll the run back"):
+        train(build(SMALL, rng=0), x, xv, epochs=3, run_dir=tmp_path, resume_from=ck, **LOOP)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    history = train(build(SMALL, rng=0), x, xv, epochs=3, run_dir=tmp_path,
+                    resume_from=load_checkpoint(tmp_path), **LOOP)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("where", ["x_train", "x_val"])
 def test_bad_data_values_are_named_by_array_and_row_before_any_step(tmp_path, where):
     x, xv = small_data()
