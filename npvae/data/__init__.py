@@ -12,9 +12,10 @@ else ``$NPVAE_DATA``, else ``$XDG_CACHE_HOME/npvae``, else ``~/.cache/npvae``.
 When ``data_dir`` is given, the four files may also sit directly in it.
 
 A ``.gz`` read from the cache folder leaves its inflated IDX file beside it (recorded in
-the manifest as inflated from it: 55 MB for MNIST, against 11 MB gzipped), and later
-loads read that copy first, since inflating is most of a load (0.21 of 0.25 s for
-MNIST's training images on M2, benchmarks/RESULTS.md). A raw file npvae did not write
+the manifest as inflated from it, with its SHA-256: 55 MB for MNIST, against 11 MB
+gzipped), and later loads read that copy first while the ``.gz`` is still the one it came
+from, since inflating is most of a load (0.21 of 0.25 s for MNIST's training images on
+M2, benchmarks/RESULTS.md). A raw file npvae did not write
 is never replaced, a damaged copy is written again from its ``.gz``, and a cache folder
 that cannot take the copy (read-only, full) only keeps loads inflating.
 
