@@ -380,15 +380,14 @@ def _open_run(run_dir: Path) -> tuple:
     return run_dir / FILENAME, run_dir / METRICS_FILE
 
 
-def _resume(resume_from, model, opt, rng, settings, n_batches, lr, clip):
-    """Restore a checkpoint into this run, if there is one to resume from: (start epoch,
+def _resume(ck, model, opt, rng, settings, n_batches, lr, clip):
+    """Restore checkpoint ``ck`` into this run, if there is one: (start epoch,
     step, history, position inside an epoch or None, changes for the first epoch's row).
 
     The changes are None, or {"lr": [before, now], ..., "step": where the resume happened}.
     """
-    if resume_from is None:
+    if ck is None:
         return 0, 0, [], None, None
-    ck = resume_from if isinstance(resume_from, Checkpoint) else load_checkpoint(resume_from)
     _restore(model, opt, ck, settings)
     rng.bit_generator.state = rng_state(ck.rng)
     resume = None
@@ -576,7 +575,8 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
     resume_from: a checkpoint path, run directory or :class:`Checkpoint` of the same run
         (``epochs`` may grow, ``lr`` and ``clip`` change, recorded in the metrics): the
         run in ``run_dir``, or any run when ``run_dir`` is new or empty (a branch).
-    args: extra JSON-friendly settings stored in checkpoints. schedule: the learning-rate
+    args: extra JSON-friendly settings stored in checkpoints (a resumed run keeps the
+        stored ones ``args`` does not give). schedule: the learning-rate
         schedule (:mod:`npvae.schedule`): "constant", "burda" or "burda:P" (SCHED.1).
 
     Every argument and the data's values are checked before the folder is made or touched.
@@ -598,9 +598,13 @@ def _train(model, x_train, x_val, *, epochs, batch_size, lr, optimizer, clip, se
            on_epoch_end, on_first_step, args, schedule) -> list:
     """:func:`train` once its arguments are checked and its run folder is locked."""
     ckpt_path, metrics_path = _open_run(Path(run_dir))
-    settings = dict(args or {}, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
-                    optimizer=optimizer, clip=clip, seed=int(seed), binarize=binarize,
-                    data=fingerprint(x_train), schedule=schedule)
+    ck = resume_from if isinstance(resume_from, Checkpoint) or resume_from is None \
+        else load_checkpoint(resume_from)
+    # a resumed run keeps the stored settings this call does not give (dataset, model, ...)
+    settings = dict({**(ck.args if ck else {}), **(args or {})}, epochs=int(epochs),
+                    batch_size=int(batch_size), lr=float(lr), optimizer=optimizer, clip=clip,
+                    seed=int(seed), binarize=binarize, data=fingerprint(x_train),
+                    schedule=schedule)
     batches = _Batches(x_train, model.dtype, batch_size, binarize, seed)
     x_val = binarize_for_eval(_as_unit(x_val, model.dtype), binarize, seed, "val")
     n_batches = batches.per_epoch
@@ -609,7 +613,7 @@ def _train(model, x_train, x_val, *, epochs, batch_size, lr, optimizer, clip, se
     rng = np.random.default_rng(seed)
     opt = make_optimizer(optimizer, model.params, lr, eps=schedules.adam_eps(schedule))
     start_epoch, step, history, resume, changed = _resume(
-        resume_from, model, opt, rng, settings, n_batches, lr, clip)
+        ck, model, opt, rng, settings, n_batches, lr, clip)
     _write_metrics(metrics_path, history)  # forget epochs the checkpoint does not hold
     # What a checkpoint written now would hold (None while the parameters change)
     here = _between_epochs(start_epoch, rng) if resume is None else None

@@ -225,6 +225,16 @@ def test_resume_refuses_a_different_run(data, tmp_path):
               resume_from=tmp_path, **LOOP)
 
 
+def test_a_resume_keeps_the_stored_settings_it_does_not_override(data, tmp_path):
+    """A command-line run continued from Python stays usable by the command line."""
+    run(data, tmp_path, epochs=1, args={"dataset": "mnist", "dtype": "float32", "model": "x"})
+    train(build(VAE, rng=0), *data, epochs=2, seed=1, run_dir=tmp_path, resume_from=tmp_path,
+          args={"model": "y"}, **LOOP)
+    args = load_checkpoint(tmp_path).args
+    assert (args["dataset"], args["dtype"], args["model"], args["epochs"]) == ("mnist", "float32",
+                                                                              "y", 2)
+
+
 def test_bad_arguments(data, tmp_path):
     model = build(VAE, rng=0)
     with pytest.raises(ValueError, match="x_train must have the model's dtype float32"):
