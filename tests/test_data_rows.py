@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from npvae import data as npdata
+from npvae.backend import use_backend
 from npvae.data import rows
 from npvae.train import _Batches
 
@@ -105,6 +106,33 @@ def test_bernoulli_rows_rejects(change, message):
     args.update(change)
     with pytest.raises(ValueError, match=message):
         rows.bernoulli_rows(**args)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_bernoulli_rows_may_write_over_its_uniforms(backend):
+    """out=u gives the sample a separate out gives, in both twins; the compiled loop once
+    overwrote each uniform with its byte before comparing, and returned all zeros."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, size=(7, 30), dtype=np.uint8)
+    idx = np.array([3, 0, 6, 3])
+    u = rng.random((4, 30), dtype=np.float32)
+    want = three_steps(x, idx, u)
+    with use_backend(backend):
+        got = rows.bernoulli_rows(x, idx, u, u)
+    assert got is u and want.any()
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_bernoulli_rows_refuses_an_out_that_partly_overlaps_u(backend):
+    buf = np.zeros((5, 4), np.float32)
+    u, out = buf[:4], buf[1:]  # row r of out is row r + 1 of u
+    x = np.zeros((3, 4), np.uint8)
+    with use_backend(backend), pytest.raises(ValueError, match="u itself or not overlap"):
+        rows.bernoulli_rows(x, np.array([0, 1, 2, 0]), u, out)
+    halves = np.zeros((4, 8), np.float32)  # side by side in one buffer: no overlap
+    got = rows.bernoulli_rows(x, np.array([0, 1, 2, 0]), halves[:, :4], halves[:, 4:])
+    assert got.shape == (4, 4)
 
 
 def test_bernoulli_rows_reads_strided_images():

@@ -29,8 +29,9 @@ def _bernoulli_rows_numba(x, idx, u, scale, out):
     for r in range(idx.shape[0]):
         src, noise, dst = x[idx[r]], u[r], out[r]  # (D,) each
         for d in range(dst.shape[0]):
+            ud = noise[d]  # read first: out may be u itself
             dst[d] = src[d]  # the byte, widened to out's dtype
-            dst[d] = noise[d] < dst[d] / scale  # (BIN.1)
+            dst[d] = ud < dst[d] / scale  # (BIN.1)
     return out
 
 
@@ -41,7 +42,8 @@ def bernoulli_rows(x, idx, u, out) -> np.ndarray:
     """Rows ``idx`` of the byte images ``x``, each pixel 1 with probability byte / 255.
 
     x (N, D) uint8; idx (B,) integer row numbers in [0, N); u (B, D) uniforms in [0, 1)
-    with the dtype of ``out``; out (B, D) float32 or float64, written and returned.
+    with the dtype of ``out``; out (B, D) float32 or float64, written and returned. ``out``
+    may be ``u`` itself, but not overlap it otherwise.
     """
     if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2):
         raise ValueError("x must be a 2-d uint8 array of images")
@@ -55,6 +57,10 @@ def bernoulli_rows(x, idx, u, out) -> np.ndarray:
     if out.shape != (B, D) or u.shape != (B, D) or u.dtype != out.dtype:
         raise ValueError(f"u and out must both be ({B}, {D}) arrays of one float dtype, "
                          f"got {u.shape} {u.dtype} and {out.shape} {out.dtype}")
+    same = u.ctypes.data == out.ctypes.data and u.strides == out.strides
+    if not same and np.may_share_memory(u, out) and np.shares_memory(u, out):
+        raise ValueError("out must be u itself or not overlap it; pass a separate array "
+                         "or u as out")
     if B and (idx.min() < 0 or idx.max() >= x.shape[0]):
         raise ValueError(f"idx must lie in [0, {x.shape[0]})")
     return _bernoulli_rows(x, idx, u, out.dtype.type(255), out)
