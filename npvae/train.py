@@ -524,7 +524,8 @@ def _save_position(here, ckpt_path, model, opt, rng, epochs_done, step, history,
             rng.bit_generator.state = here.rng  # undo draws of a step cut short
             position = dict(batch=here.batch, epoch_rng=here.epoch_rng, sums=here.sums,
                             seen=here.seen, seconds=here.seconds)
-            saved = save_checkpoint(ckpt_path, model, opt, rng, here.epoch, step, history,
+            done = [row for row in history if row["epoch"] <= here.epoch]  # not this epoch's
+            saved = save_checkpoint(ckpt_path, model, opt, rng, here.epoch, step, done,
                                     settings, position=position)
             where = f"in epoch {here.epoch + 1} after {here.batch} of {n_batches} batches"
         elif here is not None:  # between epochs

@@ -133,6 +133,32 @@ def test_ctrl_c_finishes_the_step_then_saves(data, tmp_path, reference):
     assert np.array_equal(resumed.params.flat, reference["vae"][0].params.flat)
 
 
+def test_a_second_ctrl_c_during_the_epochs_save_does_not_repeat_the_epoch(data, tmp_path,
+                                                                          reference, monkeypatch):
+    """Stopped at once while epoch 2's checkpoint is written: the state saved instead is
+    "epoch 2 after all its batches", without epoch 2's row, which the resume then adds once."""
+    import npvae.train as train_module
+
+    real, calls = train_module.save_checkpoint, [0]
+
+    def save(*args, **kw):
+        calls[0] += 1
+        if calls[0] == 2:  # the end of epoch 2
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    with pytest.raises(TrainingInterrupted, match="epoch 2 after 5 of 5 batches"):
+        run(data, tmp_path, epochs=3)
+    ck = load_checkpoint(tmp_path)
+    assert (ck.epoch, ck.position["batch"], [r["epoch"] for r in ck.history]) == (1, 5, [1])
+    model = build(VAE, rng=0)
+    history = train(model, *data, epochs=3, seed=1, run_dir=tmp_path, resume_from=tmp_path, **LOOP)
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert without_times(history) == without_times(reference["vae"][1])
+    assert np.array_equal(model.params.flat, reference["vae"][0].params.flat)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     one_epoch, _ = run(data, tmp_path / "one", epochs=1)
     model = build(VAE, rng=0)
