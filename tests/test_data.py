@@ -391,6 +391,25 @@ def test_official_content_is_not_refused_for_a_digest_the_manifest_remembers(mon
     np.testing.assert_array_equal(y, labels)
 
 
+def test_a_load_removes_the_temporary_files_a_killed_write_left(tmp_path):
+    """npvae's own temporary files in the cache folder, once an hour old, are removed by
+    the next load (no code removed them before); a fresh one, which a load running beside
+    this one may be writing, and other files stay."""
+    cache = d.cache_dir("mnist")
+    put_split(cache, "test", *fake_split(3))
+    stale = [".train-images-idx3-ubyte.p5kgscon.tmp", ".t10k-labels-idx1-ubyte.gz.x1.tmp",
+             f".{d.MANIFEST_NAME}.abc123.tmp"]
+    kept = [".t10k-images-idx3-ubyte.fresh.tmp",  # being written right now
+            ".notes.old.tmp", "train-images-idx3-ubyte.old.tmp"]  # not npvae's
+    old = fetch.time.time() - fetch.STALE_TEMPORARY_SECONDS - 60
+    for name in stale + kept:
+        (cache / name).write_bytes(b"partial")
+        if name != kept[0]:
+            os.utime(cache / name, (old, old))
+    d.load("mnist", "test", download=False)
+    assert sorted(leftovers(cache)) == sorted(kept)
+
+
 # --------------------------------------------------------------------------- load: mirrors
 
 

@@ -36,7 +36,8 @@ that cannot take the copy (read-only, full) only keeps loads inflating.
 
 Every file written to the cache goes to a temporary file in the same folder, is
 flushed to disk, read back and checked, and only then renamed into place, so an
-interrupted download or conversion never leaves a file that a later load trusts.
+interrupted download or conversion never leaves a file that a later load trusts. A
+temporary file that a killed write left behind is removed by a load an hour later.
 
 Verification of a file, besides its structure (magic number, header sizes against
 payload length, 28 x 28 images, labels below 10, image and label counts equal):
@@ -61,8 +62,8 @@ import math
 import numpy as np
 
 from .fetch import (  # noqa: F401  (the errors and settings a caller may need)
-    MIRRORS, SYSTEM_DIRS, DataUnavailableError, UnsafePickleError, _ROUTE_ERRORS, _routes,
-    _unavailable_message, cache_dir,
+    MIRRORS, SYSTEM_DIRS, DataUnavailableError, UnsafePickleError, _ROUTE_ERRORS,
+    _remove_stale_temporaries, _routes, _unavailable_message, cache_dir,
 )
 from .idx import (  # noqa: F401
     DATASETS, KNOWN_FILES, MANIFEST_NAME, SPLITS, ChecksumError, CorruptFileError, KnownFile,
@@ -91,6 +92,7 @@ def load(
         raise ValueError(f"progress must be a callable taking a str, got {type(progress).__name__}")
     say = progress if progress is not None else (lambda message: None)
     cache = cache_dir(dataset, data_dir)
+    _remove_stale_temporaries(cache)  # left by a write that was killed
     failures = []
     for description, networked, fetch in _routes(dataset, data_dir):
         if networked and not download:

