@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 import subprocess
 import urllib.error
 import urllib.request
@@ -140,6 +141,17 @@ def test_truncated_payload_is_rejected(tmp_path, gz):
     path = tmp_path / "cut"
     path.write_bytes(gzip.compress(cut) if gz else cut)
     with pytest.raises(d.CorruptFileError, match="truncated"):
+        d.read_idx(path)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_header_dims_whose_product_overflows_int64_are_reported(tmp_path, gz):
+    """2^22 * 2^22 * 2^20 wraps to 0 in int64, so an empty payload once passed the length
+    check and reshape raised a bare ValueError that did not name the file."""
+    header = struct.pack(">IIII", 2051, 1 << 22, 1 << 22, 1 << 20)
+    path = tmp_path / "wrap.idx"
+    path.write_bytes(gzip.compress(header) if gz else header)
+    with pytest.raises(d.CorruptFileError, match=f"{path}: .*(truncated|MAX_IDX_BYTES)"):
         d.read_idx(path)
 
 

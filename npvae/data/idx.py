@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -188,7 +189,7 @@ def _claimed_size(header: bytes) -> int | None:
     if ndim is None or len(header) < 4 + 4 * ndim:
         return None
     dims = struct.unpack(f">{ndim}I", header[4:4 + 4 * ndim])
-    return 4 + 4 * ndim + int(np.prod(dims, dtype=np.int64))
+    return 4 + 4 * ndim + math.prod(dims)  # Python ints: no overflow
 
 
 def _decompress(blob: bytes, where: str, limit: int | None = None) -> bytes | bytearray:
@@ -267,7 +268,7 @@ def _parse_idx(payload: bytes | bytearray, where: str) -> np.ndarray:
     if len(payload) < header:
         raise CorruptFileError(f"{where}: header cut short ({len(payload)} of {header} bytes)")
     dims = struct.unpack(f">{ndim}I", payload[4:header])
-    expected = int(np.prod(dims, dtype=np.int64))
+    expected = math.prod(dims)  # Python ints: int64 would wrap for dims such as 2^22, 2^22, 2^20
     actual = len(payload) - header
     if actual != expected:
         what = "truncated" if actual < expected else "has trailing bytes"
