@@ -569,8 +569,12 @@ def main(argv=None) -> int:
             return int(ns.func(ns) or 0)
     except TrainingInterrupted as exc:
         _say(f"npvae: {exc}")
-        if exc.checkpoint is not None:
-            _say(f"npvae: continue with: npvae train --resume {Path(exc.checkpoint).parent}")
+        run = Path(exc.checkpoint).parent if exc.checkpoint is not None else None
+        if run is not None and exc.finished:  # stopped before the test ELBO and the figures
+            _say(f"npvae: training is complete; for its test ELBO and figures: npvae eval {run} "
+                 f"&& npvae plot {run}")
+        elif run is not None:
+            _say(f"npvae: continue with: npvae train --resume {run}")
         return 128 + exc.signum
     except KeyboardInterrupt as exc:
         return _interrupted(exc)

@@ -87,12 +87,14 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C, SIGTERM or SIGHUP stopped training; ``checkpoint`` is where the state was
-    saved (or None), ``signum`` which signal it was (the exit status is 128 + signum)."""
+    saved (or None), ``signum`` which signal it was (the exit status is 128 + signum).
+    ``finished``: the stop came after the last epoch's steps, so the run is complete."""
 
-    def __init__(self, message, *, checkpoint, epoch, step, signum=signal.SIGINT):
+    def __init__(self, message, *, checkpoint, epoch, step, signum=signal.SIGINT,
+                 finished=False):
         super().__init__(message)
         self.message, self.checkpoint, self.epoch, self.step = message, checkpoint, epoch, step
-        self.signum = signum
+        self.signum, self.finished = signum, finished
 
     def __str__(self):
         return self.message
@@ -541,7 +543,7 @@ def _save_position(here, ckpt_path, model, opt, rng, epochs_done, step, history,
 
 
 def _save_on_stop(exc, stop, here, ckpt_path, model, opt, rng, start_epoch, step, history,
-                  settings, n_batches) -> TrainingInterrupted:
+                  settings, n_batches, epochs) -> TrainingInterrupted:
     """Ctrl-C, SIGTERM or SIGHUP stopped the loop at ``here``: save that state, and return
     what :func:`train` raises, saying where the state was saved, if anywhere."""
     signum = getattr(exc, "signum", None) or stop.signum or signal.SIGINT
@@ -549,10 +551,16 @@ def _save_on_stop(exc, stop, here, ckpt_path, model, opt, rng, start_epoch, step
     saved, where = _save_position(here, ckpt_path, model, opt, rng, epochs_done, step, history,
                                   settings, n_batches)
     name = signal_name(signum)
-    msg = (f"stopped by {name}; the state {where} is saved in {saved}" if saved
-           else f"stopped by {name} before anything could be saved")
+    finished = saved is not None and here is not None and here.batch is None \
+        and here.epoch == epochs
+    if finished:  # during the last epoch's validation or save: the run is complete
+        msg = f"stopped by {name} once training was complete; the state {where} is saved in {saved}"
+    elif saved:
+        msg = f"stopped by {name}; the state {where} is saved in {saved}"
+    else:
+        msg = f"stopped by {name} before anything could be saved"
     return TrainingInterrupted(msg, checkpoint=saved, epoch=epochs_done, step=step,
-                               signum=signum)
+                               signum=signum, finished=finished)
 
 
 def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
@@ -667,11 +675,11 @@ def _train(model, x_train, x_val, *, epochs, batch_size, lr, optimizer, clip, se
                     _save(ckpt_path, model, opt, rng, epoch + 1, step, history, settings)
                 here = _between_epochs(epoch + 1, rng)
                 _report(row, metrics_path, epochs, verbose, on_epoch_end)
-                if stop.requested and epoch + 1 < epochs:
+                if stop.requested:  # in the last epoch too: the caller must hear of it
                     raise KeyboardInterrupt
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: save the last consistent state
         raise _save_on_stop(exc, stop, here, ckpt_path, model, opt, rng, start_epoch, step,
-                            history, settings, n_batches) from None
+                            history, settings, n_batches, epochs) from None
     return history
 
 

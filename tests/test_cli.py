@@ -1,6 +1,7 @@
 """The npvae command line, on a tiny fake dataset (no network)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from npvae import cli, data
 from npvae.checkpoint import load_checkpoint
 from npvae.tour import tour_model
+from npvae.train import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"train": 300, "test": 60}
@@ -181,6 +183,29 @@ def test_ctrl_c_saves_and_exits_130(capsys, tmp_path, monkeypatch):
     code, _, err = run_cli(capsys, "train", "--resume", str(run), "--no-progress")
     assert code == 0, err
     assert load_checkpoint(run).epoch == 3
+
+
+@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
+                    reason="Ctrl-C is handled elsewhere in this process")
+def test_ctrl_c_during_the_last_validation_stops_too(capsys, tmp_path, monkeypatch):
+    import npvae.train as train_module
+
+    original, calls = train_module.validation_metrics, [0]
+
+    def validation(*args, **kw):
+        calls[0] += 1
+        if calls[0] == 2:  # epoch 2 of 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(train_module, "validation_metrics", validation)
+    run = tmp_path / "r"
+    code, out, err = run_cli(capsys, "train", *TINY, "--epochs", "2", "--out", str(run))
+    assert code == 130, err
+    assert "once training was complete; the state after epoch 2 is saved in" in err
+    assert f"npvae eval {run} && npvae plot {run}" in err
+    assert "test ELBO" not in out and not (run / "samples.png").exists()
+    assert load_checkpoint(run).epoch == 2 and len(read_metrics(run)) == 2
 
 
 def test_divergence_exits_1_with_the_step(capsys, tmp_path, monkeypatch):
