@@ -422,6 +422,30 @@ def test_a_load_removes_the_temporary_files_a_killed_write_left(tmp_path):
     assert sorted(leftovers(cache)) == sorted(kept)
 
 
+def test_concurrent_records_lose_no_manifest_entry(tmp_path):
+    """Writers recording into one manifest at once (two loads filling one cache) keep every
+    entry. Without a lock, one writer's read-modify-write dropped another's entries (here
+    most runs lost some), and a raw copy whose entry was lost was never used again."""
+    import threading
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    names = [[f"w{w}-{i}" for i in range(15)] for w in range(4)]
+    start = threading.Barrier(len(names))
+
+    def writer(batch):
+        start.wait()
+        for name in batch:
+            idx._record(folder, name, "0" * 64, "test")
+
+    threads = [threading.Thread(target=writer, args=(batch,)) for batch in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(idx._read_manifest(folder)) == sorted(n for batch in names for n in batch)
+
+
 # --------------------------------------------------------------------------- load: mirrors
 
 

@@ -10,6 +10,7 @@ package recorded in the folder's manifest (``MANIFEST_NAME``) when it wrote the 
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -23,6 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import write_atomic
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover  (not POSIX)
+    fcntl = None
 
 DATASETS = ("mnist", "fashion-mnist")
 SPLITS = ("train", "test")
@@ -167,15 +173,35 @@ def _file_sha256(path: Path, limit: int) -> str | None:
 
 
 def _record(directory: Path, name: str, digest: str, source: str) -> None:
-    """Add or replace one file's SHA-256 in the folder's manifest (atomically)."""
+    """Add or replace one file's SHA-256 in the folder's manifest (atomically).
+
+    The read, change and rewrite happen under the folder's lock, so that loads recording
+    into one manifest at once (two runs filling a fresh cache) keep each other's entries.
+    """
+    with _folder_locked(directory):
+        try:
+            doc = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
+            files = dict(doc["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            files = {}
+        files[name] = {"sha256": digest, "source": source}
+        text = json.dumps({"version": 1, "files": files}, indent=2, sort_keys=True) + "\n"
+        write_atomic(directory / MANIFEST_NAME, lambda f: f.write(text.encode("utf-8")))
+
+
+@contextlib.contextmanager
+def _folder_locked(directory: Path):
+    """Hold an exclusive ``flock`` on ``directory``, waiting for it; the kernel releases it
+    however the process ends. Where flock is missing, nothing is locked."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
     try:
-        doc = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
-        files = dict(doc["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        files = {}
-    files[name] = {"sha256": digest, "source": source}
-    text = json.dumps({"version": 1, "files": files}, indent=2, sort_keys=True) + "\n"
-    write_atomic(directory / MANIFEST_NAME, lambda f: f.write(text.encode("utf-8")))
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # --------------------------------------------------------------------------- IDX
