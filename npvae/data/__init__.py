@@ -15,9 +15,11 @@ A ``.gz`` read from the cache folder leaves its inflated IDX file beside it (rec
 the manifest as inflated from it, with its SHA-256: 55 MB for MNIST, against 11 MB
 gzipped), and later loads read that copy first while the ``.gz`` is still the one it came
 from, since inflating is most of a load (0.21 of 0.25 s for MNIST's training images on
-M2, benchmarks/RESULTS.md). A raw file npvae did not write
-is never replaced, a damaged copy is written again from its ``.gz``, and a cache folder
-that cannot take the copy (read-only, full) only keeps loads inflating.
+M2, benchmarks/RESULTS.md). A raw file npvae did not write is never replaced, a damaged
+copy is written again from its ``.gz``, and a cache folder that cannot take the copy
+(read-only, full) only keeps loads inflating. A route that fetches the files (4 and 5
+below) writes the split asked for, and of the other split only the files that are
+missing: a subset you keep in the cache stays.
 
 :func:`load` tries these routes in order and uses the first that works:
 
