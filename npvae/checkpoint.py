@@ -375,6 +375,8 @@ def _check_position(path, position) -> None:
         rng_from_state(position["epoch_rng"])
     except (TypeError, KeyError, ValueError, AttributeError):
         problems.append("epoch_rng must be a numpy bit generator state")
+    if not isinstance(position.get("changed", {}), dict):
+        problems.append("changed must be a JSON object")
     if problems:
         _fail(path, f"member 'position' is malformed: {'; '.join(problems)}")
 

@@ -386,13 +386,15 @@ def _resume(ck, model, opt, rng, settings, n_batches, lr, clip):
     """Restore checkpoint ``ck`` into this run, if there is one: (start epoch,
     step, history, position inside an epoch or None, changes for the first epoch's row).
 
-    The changes are None, or {"lr": [before, now], ..., "step": where the resume happened}.
+    The changes are None, or {"lr": [before, now], ..., "step": where the resume happened},
+    with the changes of an earlier resume stopped inside the same epoch first (their
+    "then": these).
     """
     if ck is None:
         return 0, 0, [], None, None
     _restore(model, opt, ck, settings)
     rng.bit_generator.state = rng_state(ck.rng)
-    resume = None
+    resume, earlier = None, None
     if ck.position is not None:
         p = ck.position
         if p["batch"] > n_batches:
@@ -400,9 +402,17 @@ def _resume(ck, model, opt, rng, settings, n_batches, lr, clip):
                                   f"lies beyond the {n_batches} batches of an epoch")
         resume = Position(ck.epoch, p["batch"], p["epoch_rng"], p["sums"], p["seen"],
                           p["seconds"], rng_state(ck.rng))
+        earlier = p.get("changed")  # a resume into this epoch that was stopped in it
     changes = _setting_changes(opt, ck, lr, clip)
-    changed = dict(changes, step=ck.step) if changes else None
+    changed = _then(earlier, dict(changes, step=ck.step) if changes else None)
     return ck.epoch, ck.step, list(ck.history), resume, changed
+
+
+def _then(earlier, later):
+    """Two resumes' changes within one epoch, in order: ``earlier`` with "then": ``later``."""
+    if earlier is None or later is None:
+        return earlier or later
+    return dict(earlier, then=_then(earlier.get("then"), later))
 
 
 def _as_unit(x, dtype) -> np.ndarray:
@@ -518,14 +528,19 @@ def _save(ckpt_path, model, opt, rng, epochs_done, step, history, settings, posi
 
 
 def _save_position(here, ckpt_path, model, opt, rng, epochs_done, step, history, settings,
-                   n_batches) -> tuple:
-    """Save the state at ``here`` after a stop: (the file, where in the run), or (None, "")."""
+                   n_batches, changed=None) -> tuple:
+    """Save the state at ``here`` after a stop: (the file, where in the run), or (None, "").
+
+    ``changed``: a resume's changes to record in the row of the epoch stopped in.
+    """
     saved, where = None, ""
     try:
         if here is not None and here.batch is not None:  # between two steps
             rng.bit_generator.state = here.rng  # undo draws of a step cut short
             position = dict(batch=here.batch, epoch_rng=here.epoch_rng, sums=here.sums,
                             seen=here.seen, seconds=here.seconds)
+            if changed:  # until the epoch's row records it
+                position["changed"] = changed
             done = [row for row in history if row["epoch"] <= here.epoch]  # not this epoch's
             saved = save_checkpoint(ckpt_path, model, opt, rng, here.epoch, step, done,
                                     settings, position=position)
@@ -543,13 +558,14 @@ def _save_position(here, ckpt_path, model, opt, rng, epochs_done, step, history,
 
 
 def _save_on_stop(exc, stop, here, ckpt_path, model, opt, rng, start_epoch, step, history,
-                  settings, n_batches, epochs) -> TrainingInterrupted:
+                  settings, n_batches, epochs, changed) -> TrainingInterrupted:
     """Ctrl-C, SIGTERM or SIGHUP stopped the loop at ``here``: save that state, and return
     what :func:`train` raises, saying where the state was saved, if anywhere."""
     signum = getattr(exc, "signum", None) or stop.signum or signal.SIGINT
     epochs_done = history[-1]["epoch"] if history else start_epoch
+    pending = changed if here is not None and here.epoch == start_epoch else None
     saved, where = _save_position(here, ckpt_path, model, opt, rng, epochs_done, step, history,
-                                  settings, n_batches)
+                                  settings, n_batches, pending)
     name = signal_name(signum)
     finished = saved is not None and here is not None and here.batch is None \
         and here.epoch == epochs
@@ -679,7 +695,7 @@ def _train(model, x_train, x_val, *, epochs, batch_size, lr, optimizer, clip, se
                     raise KeyboardInterrupt
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: save the last consistent state
         raise _save_on_stop(exc, stop, here, ckpt_path, model, opt, rng, start_epoch, step,
-                            history, settings, n_batches, epochs) from None
+                            history, settings, n_batches, epochs, changed) from None
     return history
 
 

@@ -449,6 +449,8 @@ def test_a_config_far_larger_than_the_file_is_a_checkpoint_error(tmp_path):
     ({"batch": -1, "epoch_rng": {}, "sums": {}, "seen": 0, "seconds": 0},
      "batch and seen must be integers >= 0; epoch_rng must be a numpy bit generator state"),
     ([1, 2], "must be null or a JSON object"),
+    ({"batch": 1, "epoch_rng": np.random.default_rng(0).bit_generator.state, "sums": {},
+      "seen": 1, "seconds": 0, "changed": [1]}, "changed must be a JSON object"),
 ])
 def test_a_malformed_position_is_named(tmp_path, position, problem):
     model, opt, rng = adam_state()

@@ -261,6 +261,22 @@ def test_a_resume_keeps_the_stored_settings_it_does_not_override(data, tmp_path)
                                                                               "y", 2)
 
 
+def test_a_new_lr_is_recorded_even_if_its_first_epoch_is_interrupted(data, tmp_path):
+    run(data, tmp_path, epochs=1)  # lr 3e-3
+    model = build(VAE, rng=0)
+    fail_at(model, 2, KeyboardInterrupt())  # after one step of epoch 2
+    with pytest.raises(TrainingInterrupted):
+        train(model, *data, epochs=3, seed=1, run_dir=tmp_path, resume_from=tmp_path,
+              **{**LOOP, "lr": 1e-3})
+    # resumed again inside epoch 2, with yet another rate
+    train(build(VAE, rng=0), *data, epochs=3, seed=1, run_dir=tmp_path, resume_from=tmp_path,
+          **{**LOOP, "lr": 5e-4})
+    rows = read_metrics(tmp_path)
+    assert rows[1]["changed"] == {"lr": [3e-3, 1e-3], "step": 5,
+                                  "then": {"lr": [1e-3, 5e-4], "step": 6}}
+    assert "changed" not in rows[0] and "changed" not in rows[2]
+
+
 def test_bad_arguments(data, tmp_path):
     model = build(VAE, rng=0)
     with pytest.raises(ValueError, match="x_train must have the model's dtype float32"):
