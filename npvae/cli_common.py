@@ -205,28 +205,6 @@ def _hidden_list(text) -> list:
 
 
 
-def _run_files(run_dir: Path) -> tuple[list, list]:
-    """(paths npvae wrote, anything else) in ``run_dir``, by name.
-
-    A VQ-VAE run's learned prior, RUN/prior/, counts as the run's own when it holds only
-    run files: its files come first in the list, then the folder itself.
-    """
-    from .codeprior import PRIOR_DIR
-    from .train import is_run_file, is_temp_file
-
-    ours, others = [], []
-    for path in sorted(run_dir.iterdir()):
-        if path.is_dir() and path.name == PRIOR_DIR and not path.is_symlink():
-            inner, foreign = _run_files(path)
-            if not foreign:
-                ours += inner + [path]
-                continue
-        mine = path.is_file() and (is_run_file(path.name) or is_temp_file(path.name))
-        (ours if mine else others).append(path)
-    return ours, others
-
-
-
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Make sure a new run does not mix its files with another run's (hold the run's lock).
 
@@ -254,7 +232,9 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> list:
     ``overwrite`` would replace."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file, not a directory; choose another --out")
-    ours, others = _run_files(run_dir) if run_dir.exists() else ([], [])
+    from .runs import run_files
+
+    ours, others = run_files(run_dir) if run_dir.exists() else ([], [])
     if others:
         names = ", ".join(p.name for p in others[:5]) + (", ..." if len(others) > 5 else "")
         raise UsageError(f"{run_dir} holds files that are not part of an npvae run ({names}); "

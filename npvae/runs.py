@@ -100,6 +100,33 @@ def is_temp_file(name: str) -> bool:
     return bool(m) and is_run_file(m.group("name"))
 
 
+def run_files(run_dir: Path) -> tuple[list, list]:
+    """(paths npvae wrote, anything else) in ``run_dir``, by name.
+
+    A VQ-VAE run's learned prior, RUN/prior/, counts as the run's own when it holds only
+    run files: its files come first in the list, then the folder itself.
+    """
+    from .codeprior import PRIOR_DIR
+
+    ours, others = [], []
+    for path in sorted(Path(run_dir).iterdir()):
+        if path.is_dir() and path.name == PRIOR_DIR and not path.is_symlink():
+            inner, foreign = run_files(path)
+            if not foreign:
+                ours += inner + [path]
+                continue
+        mine = path.is_file() and (is_run_file(path.name) or is_temp_file(path.name))
+        (ours if mine else others).append(path)
+    return ours, others
+
+
+def remove_run_files(run_dir) -> None:
+    """Delete the files npvae wrote in ``run_dir`` (a prior's files before its folder);
+    anything else stays. Call it only while holding :func:`run_lock`."""
+    for path in run_files(run_dir)[0]:
+        path.rmdir() if path.is_dir() else path.unlink()
+
+
 @contextlib.contextmanager
 def run_lock(run_dir, create: bool = True):
     """Hold an exclusive ``flock`` on the run folder while writing into it.

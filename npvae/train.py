@@ -62,8 +62,8 @@ from ._validate import is_integer, is_positive_real
 from .data.rows import bernoulli_rows
 from .optim import clip_grad_norm
 from .runs import (  # noqa: F401  (the run folder's names stay importable from here)
-    METRICS_FILE, RunInUse, _DeferredInterrupt, check_writable,
-    clean_temp_files, is_run_file, is_temp_file, run_lock, signal_name, stop_on_signals,
+    METRICS_FILE, RunInUse, _DeferredInterrupt, check_writable, clean_temp_files, is_run_file,
+    is_temp_file, remove_run_files, run_lock, signal_name, stop_on_signals,
 )
 from .threads import blas_threads, blas_threads_for
 
@@ -594,7 +594,9 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
     run_dir: receives metrics.jsonl and checkpoint.npz; locked for the whole call
         (:class:`RunInUse`), cleared of stale temporary files, checked to be writable. A
         folder that already holds a run is refused unless ``resume_from`` continues it (is
-        that folder's checkpoint, as it is on disk now) or ``overwrite`` replaces it.
+        that folder's checkpoint, as it is on disk now) or ``overwrite`` replaces it: the
+        old run's files (checkpoint, metrics, eval.json, figures, learned prior) are then
+        deleted before the first step; files npvae did not write stay.
     log_every: steps between progress-bar updates; progress: a tqdm bar (on a terminal);
         verbose: a summary line per epoch; on_epoch_end(row) and on_first_step() callbacks.
     resume_from: a checkpoint path, run directory or :class:`Checkpoint` of the same run
@@ -615,16 +617,18 @@ def train(model, x_train, x_val, *, epochs: int = 10, batch_size: int = 128, lr:
                       run_dir=run_dir, log_every=log_every, progress=progress, verbose=verbose,
                       resume_from=resume_from, checkpoint_every_epoch=checkpoint_every_epoch,
                       on_epoch_end=on_epoch_end, on_first_step=on_first_step, args=args,
-                      schedule=schedule)
+                      schedule=schedule, overwrite=overwrite)
 
 
 def _train(model, x_train, x_val, *, epochs, batch_size, lr, optimizer, clip, seed, binarize,
            run_dir, log_every, progress, verbose, resume_from, checkpoint_every_epoch,
-           on_epoch_end, on_first_step, args, schedule) -> list:
+           on_epoch_end, on_first_step, args, schedule, overwrite) -> list:
     """:func:`train` once its arguments are checked and its run folder is locked."""
     ckpt_path, metrics_path = _open_run(Path(run_dir))
     ck = resume_from if isinstance(resume_from, Checkpoint) or resume_from is None \
         else load_checkpoint(resume_from)
+    if overwrite and (ck is None or _not_continued_by(Path(run_dir), ck)):
+        remove_run_files(run_dir)  # the old run goes whole, not its metrics alone
     # a resumed run keeps the stored settings this call does not give (dataset, model, ...)
     settings = dict({**(ck.args if ck else {}), **(args or {})}, epochs=int(epochs),
                     batch_size=int(batch_size), lr=float(lr), optimizer=optimizer, clip=clip,

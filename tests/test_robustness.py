@@ -604,6 +604,20 @@ def test_train_refuses_a_folder_holding_a_run_unless_told(tmp_path):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_overwrite_removes_the_old_run_whole_before_the_first_step(tmp_path):
+    """A new run that fails at once leaves no checkpoint of the old one called its own."""
+    x, xv = small_data()
+    train(build(SMALL, rng=0), x, xv, epochs=2, run_dir=tmp_path, **LOOP)
+    (tmp_path / "samples.png").write_bytes(b"old figure")
+    (tmp_path / "notes.txt").write_text("mine")
+    model = build({**SMALL, "hidden": [4]}, rng=0)
+    original = model.forward
+    model.forward = lambda xb, **kw: original(xb, **kw)._replace(loss=float("nan"))
+    with pytest.raises(TrainingDiverged, match="no checkpoint had been saved yet"):
+        train(model, x, xv, epochs=2, run_dir=tmp_path, overwrite=True, **LOOP)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_resume_from_another_run_into_a_folder_holding_a_run_is_refused(tmp_path):
     x, xv = small_data()
     a, b = tmp_path / "a", tmp_path / "b"
