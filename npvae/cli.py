@@ -381,6 +381,9 @@ def _resume_dir(resume) -> Path:
     if pretrained.is_pretrained(resume):
         raise UsageError(f"--resume takes a run folder; {resume} is a model shipped with npvae, "
                          f"which has no training state to continue. Start a run with npvae train")
+    if not Path(resume).exists():
+        raise UsageError(f"--resume {resume}: no such run folder or checkpoint file; give the "
+                         f"folder a run was written into (by default under runs/)")
     path = checkpoint_path(resume)
     if path.name != FILENAME:
         raise UsageError(f"--resume takes a run folder or its {FILENAME}, not {path}: training "

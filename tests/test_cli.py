@@ -240,6 +240,12 @@ def test_bad_checkpoint_path_exits_2(capsys, tmp_path):
         assert "no such checkpoint" in err
 
 
+def test_resume_of_a_missing_folder_says_it_does_not_exist(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--resume", str(tmp_path / "runs" / "vae-typo"))
+    one_line_error(code, err)
+    assert "no such run folder or checkpoint file" in err and "cp " not in err
+
+
 def test_corrupt_checkpoint_exits_2(capsys, tmp_path):
     (tmp_path / "checkpoint.npz").write_bytes(b"not a zip file at all")
     code, _, err = run_cli(capsys, "eval", str(tmp_path))
