@@ -1144,7 +1144,8 @@ def test_debian_route_extracts_verifies_caches_and_is_not_needed_again(tmp_path,
     assert len(calls) == 1 and any("apt-get download" in m for m in messages)
     cache = d.cache_dir("fashion-mnist")
     manifest = json.loads((cache / d.MANIFEST_NAME).read_text())["files"]
-    assert manifest_parts(cache) == (sorted(stem + ".gz" for stem in truth), inflated(cache, "test"))
+    stored = sorted(stem + ".gz" for stem in truth)
+    assert manifest_parts(cache) == (stored, inflated(cache, "test"))
     assert all("Debian package" in manifest[stem + ".gz"]["source"] for stem in truth)  # all four kept
     monkeypatch.setattr(subprocess, "run", _forbidden)
     monkeypatch.setattr(urllib.request, "urlopen", _forbidden)
