@@ -9,6 +9,7 @@ training and exit with 128 + the signal's number: 130, 143 and 129.
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 import time
@@ -388,8 +389,8 @@ def _resume_dir(resume) -> Path:
     if path.name != FILENAME:
         raise UsageError(f"--resume takes a run folder or its {FILENAME}, not {path}: training "
                          f"on from it would replace the files of {path.parent}. To branch from "
-                         f"it, copy it into a new folder: mkdir NEW && cp {path} NEW/{FILENAME} "
-                         f"&& npvae train --resume NEW")
+                         f"it, copy it into a new folder: mkdir NEW && cp "
+                         f"{shlex.quote(str(path))} NEW/{FILENAME} && npvae train --resume NEW")
     return path.parent
 
 
@@ -478,7 +479,8 @@ def _train_and_report(given, run_dir, s, ck, model, x_train, x_val) -> int:
     print(f"  {Path(run_dir) / 'metrics.jsonl'}   one JSON line of metrics per epoch")
     print(f"  {Path(run_dir) / 'checkpoint.npz'}  model, optimizer and RNG state")
     print(f"  figures: {', '.join(Path(p).name for p in figures.values())}")
-    print(f"next: npvae eval {run_dir}   |   npvae sample {run_dir}")
+    run = shlex.quote(str(run_dir))  # pasted into a shell as it is
+    print(f"next: npvae eval {run}   |   npvae sample {run}")
     return 0
 
 
@@ -572,11 +574,11 @@ def main(argv=None) -> int:
             return int(ns.func(ns) or 0)
     except TrainingInterrupted as exc:
         _say(f"npvae: {exc}")
-        run = Path(exc.checkpoint).parent if exc.checkpoint is not None else None
-        if run is not None and exc.finished:  # stopped before the test ELBO and the figures
+        run = exc.checkpoint and shlex.quote(str(Path(exc.checkpoint).parent))
+        if run and exc.finished:  # stopped before the test ELBO and the figures
             _say(f"npvae: training is complete; for its test ELBO and figures: npvae eval {run} "
                  f"&& npvae plot {run}")
-        elif run is not None:
+        elif run:
             _say(f"npvae: continue with: npvae train --resume {run}")
         return 128 + exc.signum
     except KeyboardInterrupt as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 import textwrap
 from pathlib import Path
@@ -242,8 +243,8 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> list:
     if ours and not overwrite:
         names = ", ".join(p.name for p in ours[:4]) + (", ..." if len(ours) > 4 else "")
         raise UsageError(f"{run_dir} already holds a run ({names}). Continue it with "
-                         f"npvae train --resume {run_dir}, pass --overwrite to replace it, "
-                         f"or choose another --out")
+                         f"npvae train --resume {shlex.quote(str(run_dir))}, pass --overwrite "
+                         f"to replace it, or choose another --out")
     return ours
 
 
@@ -288,7 +289,7 @@ def refuse_prior(ck):
     if ck.model.config.get("kind") == "made":
         raise UsageError(f"{ck.path} holds the learned prior of a VQ-VAE run, not a run of its "
                          f"own; give the VQ-VAE's folder instead, e.g. npvae sample "
-                         f"{ck.path.parent.parent}")
+                         f"{shlex.quote(str(ck.path.parent.parent))}")
     return ck
 
 

@@ -42,6 +42,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -716,7 +717,7 @@ def _what_next(ckpt_path: Path) -> str:
     if ckpt_path.exists():
         return (f"the last good checkpoint, {ckpt_path} ({_saved_epoch(ckpt_path)}), is kept. "
                 f"Continue from it with a smaller learning rate or gradient clipping: "
-                f"npvae train --resume {ckpt_path.parent} --lr LR --clip NORM "
+                f"npvae train --resume {shlex.quote(str(ckpt_path.parent))} --lr LR --clip NORM "
                 f"(in Python: train(..., resume_from=run_dir, lr=..., clip=...))")
     return ("no checkpoint had been saved yet. Start again with a smaller learning rate "
             "(--lr) or gradient clipping (--clip NORM)")

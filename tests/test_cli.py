@@ -1,6 +1,7 @@
 """The npvae command line, on a tiny fake dataset (no network)."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -206,6 +207,34 @@ def test_ctrl_c_during_the_last_validation_stops_too(capsys, tmp_path, monkeypat
     assert f"npvae eval {run} && npvae plot {run}" in err
     assert "test ELBO" not in out and not (run / "samples.png").exists()
     assert load_checkpoint(run).epoch == 2 and len(read_metrics(run)) == 2
+
+
+def test_suggested_commands_quote_a_folder_with_spaces(capsys, tmp_path, monkeypatch):
+    from npvae.models.vae import VAE
+
+    def command_after(text, words):
+        """The path given to the command ``words`` in ``text``, as a shell would read it."""
+        rest = shlex.split(text.split(words, 1)[1].splitlines()[0].replace(",", " "))
+        return rest[0]
+
+    run = tmp_path / "my runs" / "vae 1"
+    code, out, err = run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(run))
+    assert code == 0, err
+    assert command_after(out, "next: npvae eval ") == str(run)
+    code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(run))
+    assert code == 2 and command_after(err, "npvae train --resume ") == str(run)
+
+    original, calls = VAE.forward, [0]
+
+    def interrupted(self, x, **kw):
+        calls[0] += kw.get("step") is not None
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        return original(self, x, **kw)
+
+    monkeypatch.setattr(VAE, "forward", interrupted)
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--epochs", "2", "--no-progress")
+    assert code == 130 and command_after(err, "continue with: npvae train --resume ") == str(run)
 
 
 def test_divergence_exits_1_with_the_step(capsys, tmp_path, monkeypatch):

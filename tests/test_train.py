@@ -182,6 +182,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     assert len(read_metrics(tmp_path / "run")) == 1
 
 
+def test_the_divergence_advice_quotes_a_folder_with_spaces(data, tmp_path):
+    import shlex
+
+    folder = tmp_path / "my runs" / "vae 1"
+    run(data, folder, epochs=1)
+    model = build(VAE, rng=0)
+    original = model.forward
+    model.forward = lambda x, **kw: original(x, **kw)._replace(loss=float("nan"))
+    with pytest.raises(TrainingDiverged) as info:
+        train(model, *data, epochs=2, seed=1, run_dir=folder, resume_from=folder, **LOOP)
+    advice = str(info.value).split("npvae train --resume ", 1)[1]
+    assert shlex.split(advice)[0] == str(folder)
+
+
 def test_infinite_gradient_in_the_first_epoch(data, tmp_path):
     model = build(VAE, rng=0)
     original = model.backward
