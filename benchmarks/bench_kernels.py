@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import describe  # noqa: E402
 
 from npvae.ops import activations, kl, likelihoods, vq  # noqa: E402
 from npvae import optim  # noqa: E402
@@ -54,6 +57,7 @@ def cases(rng):
         ("VQ assignment (512x64, K=512)", vq.assign_kernel, (z_e, codebook, vq.EUCLIDEAN)),
         ("VQ scatter-add (512x64 -> 512)", vq.scatter_rows_kernel, (idx, z_e, 512)),
         ("Adam update (652,824 params)", optim.adam_kernel, (p, g, m, v, *adam)),
+        ("sum of squares (652,824 params)", optim.sumsq_kernel, (g,)),
     ]
 
 
@@ -73,6 +77,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     keep_freed_memory()  # as the command line does: a kernel's new arrays reuse freed memory
     rng = np.random.default_rng(0)
+    print(describe())
+    print(f"median of {args.repeat} calls each")
     print(f"{'kernel':<46}{'numba us':>10}{'numpy us':>10}{'numpy/numba':>13}")
     for name, kernel, kargs in cases(rng):
         t_numba = median_us(kernel.numba, kargs, args.repeat)

@@ -139,7 +139,7 @@ def run_npvae(args, seed: int) -> dict:
         if args.epochs != 30:
             cmd += ["--epochs", str(args.epochs)]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=thread_env(args.threads))
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"npvae train failed:\n{proc.stderr[-2000:]}")
@@ -152,14 +152,20 @@ def run_torch(args, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, __file__, "--worker", tmp, "--epochs", str(args.epochs),
                "--threads", str(args.threads)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd + ["--seed", str(seed)], capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd + ["--seed", str(seed)], capture_output=True, text=True,
+                              env=thread_env(args.threads))
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"the PyTorch run failed:\n{proc.stderr[-2000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
     return dict(wall=wall, history=res["history"], test_elbo=res["test_elbo"])
+
+
+def thread_env(threads: int) -> dict:
+    """The environment of either side's process: BLAS, OpenMP and Numba at ``threads``."""
+    n = str(threads)
+    return dict(os.environ, OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, NUMBA_NUM_THREADS=n)
 
 
 def loop_seconds(history) -> float:
@@ -194,9 +200,12 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=2, help="alternating runs per side")
     p.add_argument("--epochs", type=int, default=30, help="epochs per run (npvae's default: 30)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="PyTorch's threads")
+    p.add_argument("--threads", type=int, default=2,
+                   help="threads of both sides (BLAS, OpenMP and Numba; PyTorch's intra-op)")
     p.add_argument("--worker", metavar="OUT_DIR", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.epochs < 2:
+        p.error("--epochs must be at least 2: the drift figures compare later epochs with the second")
     if args.worker:
         print(json.dumps(torch_run(Path(args.worker), args.epochs, args.seed, args.threads)))
         return 0
@@ -221,7 +230,9 @@ def main(argv=None) -> int:
             results[side].append(runner(args, args.seed + r))
     summary = {side: summarize(side, rs) for side, rs in results.items() if rs}
     a = summary["npvae"]
-    print(f"  npvae last epoch / second epoch: {a['last'] / a['second']:.3f}")
+    each = [r["history"][-1]["seconds"] / r["history"][1]["seconds"] for r in results["npvae"]]
+    print(f"  npvae last epoch / second epoch: {a['last'] / a['second']:.3f} "
+          f"(run by run: {', '.join(f'{q:.3f}' for q in each)})")
     if "torch" in summary:
         b = summary["torch"]
         pairs = [x["wall"] / y["wall"] for x, y in zip(results["npvae"], results["torch"])]

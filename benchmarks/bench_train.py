@@ -10,6 +10,11 @@ settings, the same batch size, thread count and number of steps. Each run is a f
 worker process per side, so peak resident memory is measured per side; runs alternate
 between the sides so that drift in the machine's speed hits both equally.
 
+Peak memory is the peak of training: each worker reads it when its last epoch ends, before
+the test loss. Both sides are scored by npvae's evaluator, which would otherwise load
+Numba and its compiler into the PyTorch process and count them against PyTorch. The test
+images stay bytes until then, on both sides, as the training images do.
+
 Whole runs, not one epoch: a run is 10 epochs (A) or 3 (B) unless --epochs says
 otherwise, and the script prints the first and the last epoch of each side, so that a
 slowdown that builds up over a run (subnormal floats, on CPUs that pay for them) shows.
@@ -23,7 +28,9 @@ Configurations
   B  784-200-200-50, tanh, batch 20   the MLP of the IWAE paper (Burda et al. 2015)
 
 The script also times the *matrix-product floor*: the step's matrix products alone, in
-NumPy, with the same shapes; an npvae step cannot be faster than that.
+NumPy, with the same shapes and the same BLAS thread count as npvae's step (one thread
+when every product is small, as `npvae.threads.blas_threads_for` decides); an npvae step
+cannot be faster than that.
 
 PyTorch is optional (``pip install torch==2.13.0``); without it only npvae is timed.
 """
@@ -59,8 +66,9 @@ def peak_rss_mb() -> float:
 
 
 def load_data(limit_train: int):
-    """Training images as uint8 (N, 784), scaled per batch by each side's loop (as npvae's
-    training loop and a PyTorch MNIST dataset both do); test images as float32."""
+    """Training and test images as uint8 (N, 784): each side's loop scales a training batch
+    at a time (as npvae's training loop and a PyTorch MNIST dataset both do); the test
+    images are scaled when the trained model is scored (:func:`test_loss`)."""
     import numpy as np
 
     from npvae import data
@@ -68,7 +76,7 @@ def load_data(limit_train: int):
     xtr, _ = data.load("mnist", "train")
     xte, _ = data.load("mnist", "test")
     xtr = np.ascontiguousarray(xtr.reshape(len(xtr), -1)[:limit_train])
-    return xtr, data.to_unit(xte, np.float32)
+    return xtr, xte.reshape(len(xte), -1)
 
 
 def batches(n: int, batch: int, epoch: int, seed: int):
@@ -89,12 +97,14 @@ def make_npvae(cfg, seed):
 
 
 def test_loss(model, xte) -> float:
-    """Negative ELBO in nats per test example (one posterior sample), by npvae's evaluator."""
+    """Negative ELBO in nats per test example (one posterior sample), by npvae's evaluator,
+    on the test images (uint8) scaled to [0, 1]."""
     import numpy as np
 
+    from npvae import data
     from npvae.evaluate import elbo
 
-    return float(-elbo(model, xte, np.random.default_rng(123))["elbo"])
+    return float(-elbo(model, data.to_unit(xte, model.dtype), np.random.default_rng(123))["elbo"])
 
 
 # ----------------------------------------------------------------------------------
@@ -148,7 +158,8 @@ def worker_npvae(cfg, args):
             for idx in plan:
                 step(idx)
             times.append(time.perf_counter() - t0)
-    return dict(epoch_seconds=times, test_loss=test_loss(model, xte), peak_rss_mb=peak_rss_mb())
+    peak = peak_rss_mb()  # the peak of training, before the evaluator runs
+    return dict(epoch_seconds=times, test_loss=test_loss(model, xte), peak_rss_mb=peak)
 
 
 def worker_torch(cfg, args):
@@ -218,17 +229,21 @@ def worker_torch(cfg, args):
         for idx in plan:
             step(opt, idx)
         times.append(time.perf_counter() - t0)
+    peak = peak_rss_mb()  # the peak of training: scoring below loads npvae's Numba kernels
     # evaluate with npvae's evaluator, so both sides are scored identically
     for prefix, net in (("enc", enc), ("dec", dec)):
         for i, lin in enumerate(net):
             init.params[f"{prefix}.{i}.W"] = lin.weight.detach().numpy().T
             init.params[f"{prefix}.{i}.b"] = lin.bias.detach().numpy()
-    return dict(epoch_seconds=times, test_loss=test_loss(init, xte), peak_rss_mb=peak_rss_mb())
+    return dict(epoch_seconds=times, test_loss=test_loss(init, xte), peak_rss_mb=peak)
 
 
 def worker_floor(cfg, args):
-    """The step's matrix products alone, in NumPy, for one epoch's worth of steps."""
+    """The step's matrix products alone, in NumPy, for one epoch's worth of steps, with
+    BLAS at the thread count npvae's step uses for these shapes."""
     import numpy as np
+
+    from npvae.threads import blas_threads, blas_threads_for
 
     rng = np.random.default_rng(0)
     b, z = cfg["batch"], cfg["latent"]
@@ -258,14 +273,15 @@ def worker_floor(cfg, args):
                     break
 
     steps = 60000 // b
-    for _ in range(50):
-        step()
     times = []
-    for _ in range(args.epochs):
-        t0 = time.perf_counter()
-        for _ in range(steps * args.limit // 60000):
+    with blas_threads(blas_threads_for(make_npvae(cfg, args.seed).params, b)):
+        for _ in range(50):
             step()
-        times.append(time.perf_counter() - t0)
+        for _ in range(args.epochs):
+            t0 = time.perf_counter()
+            for _ in range(steps * args.limit // 60000):
+                step()
+            times.append(time.perf_counter() - t0)
     return dict(epoch_seconds=times)
 
 

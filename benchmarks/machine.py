@@ -61,7 +61,8 @@ def blas() -> str:
         if pool.get("user_api") == "blas":
             arch = pool.get("architecture")
             return (f"{pool.get('internal_api')} {pool.get('version')}"
-                    + (f" ({arch} kernels)" if arch else ""))
+                    + (f" ({arch} kernels)" if arch else "")
+                    + f", {pool.get('num_threads')} threads")
     return "BLAS unknown"
 
 
