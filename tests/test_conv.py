@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, strategies as st
 
+from npvae.backend import use_backend
 from npvae.gradcheck import check_op
 from npvae.ops import conv
 from npvae.ops.conv import (
@@ -136,6 +137,28 @@ def test_bad_arguments_are_named(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         conv2d_forward(**args)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_backward_passes_refuse_a_dy_unlike_the_forward_output(backend):
+    # the compiled loops trust dy's sizes: a dy with the right number of entries in the
+    # wrong shape read and wrote outside its buffers on the Numba backend
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((1, 1, 4, 4)), rng.standard_normal((2, 1, 3, 3))
+    xt, wt = rng.standard_normal((1, 2, 3, 3)), rng.standard_normal((2, 1, 3, 3))
+    with use_backend(backend):
+        _, cache = conv2d_forward(x, w, np.zeros(2))  # y (1, 2, 2, 2)
+        _, cache_t = conv_transpose2d_forward(xt, wt, np.zeros(1))  # y (1, 1, 5, 5)
+        with pytest.raises(ValueError, match=r"dy must have shape \(1, 2, 2, 2\), got \(1, 2, 1, 4\)"):
+            conv2d_backward(np.ones((1, 2, 1, 4)), cache)
+        with pytest.raises(ValueError, match=r"dy must have shape \(1, 1, 5, 5\), got \(1, 1, 4, 4\)"):
+            conv_transpose2d_backward(np.ones((1, 1, 4, 4)), cache_t)
+        with pytest.raises(ValueError, match="dy must have dtype float64 like the forward output"):
+            conv2d_backward(np.ones((1, 2, 2, 2), np.float32), cache)
+        with pytest.raises(ValueError, match="dy must have dtype float64 like the forward output"):
+            conv_transpose2d_backward(np.ones((1, 1, 5, 5), np.float32), cache_t)
+        with pytest.raises(ValueError, match="dy must have 4 dimensions"):
+            conv2d_backward(np.ones((2, 2, 2)), cache)
 
 
 SPECIAL = np.array([np.nan, np.inf, -np.inf, 5e-324, -5e-324, 1e-310, 1e-40, -1e-44, 0.0, -0.0])

@@ -70,6 +70,15 @@ def _check_conv(x, w, b, stride, pad):
     return stride, pad
 
 
+def _check_dy(dy, y_shape, dtype):
+    """dy must have the forward output's shape and dtype: the compiled loops of the backward
+    pass take their sizes from the cache and do not check bounds."""
+    v.array("dy", dy, 4)
+    v.shape("dy", dy, tuple(y_shape))
+    if dy.dtype != dtype:
+        raise ValueError(f"dy must have dtype {dtype} like the forward output, got {dy.dtype}")
+
+
 def _pad(x, pad):
     """x (N, C, H, W) -> (N, C, H + 2 pad, W + 2 pad) with zeros around."""
     if pad == 0:
@@ -232,6 +241,7 @@ class ConvCache(NamedTuple):
     cols: np.ndarray  # (N*OH*OW, KH*KW*C) the windows of the padded input, kept for dw
     w: np.ndarray  # (F, C, KH, KW) kept for dx
     x_shape: tuple  # (N, C, H, W)
+    y_shape: tuple  # (N, F, OH, OW), the shape dy must have
     stride: int
     pad: int
 
@@ -247,7 +257,7 @@ def conv2d_forward(x, w, b, stride: int = 1, pad: int = 0):
     y = cols @ _as_matrix(w).T  # (N*OH*OW, F)  (CONV.1)
     y += b
     y = y.reshape(n, oh, ow, f).transpose(0, 3, 1, 2)  # (N, F, OH, OW)
-    return np.ascontiguousarray(y), ConvCache(cols, w, x.shape, stride, pad)
+    return np.ascontiguousarray(y), ConvCache(cols, w, x.shape, y.shape, stride, pad)
 
 
 def conv2d_backward(dy, cache: ConvCache, need_dx: bool = True):
@@ -255,7 +265,8 @@ def conv2d_backward(dy, cache: ConvCache, need_dx: bool = True):
 
     ``need_dx=False`` when x is data: dx is then None and its product is skipped.
     """
-    cols, w, x_shape, stride, pad = cache
+    cols, w, x_shape, y_shape, stride, pad = cache
+    _check_dy(dy, y_shape, w.dtype)
     f, c, kh, kw = w.shape
     n, _, oh, ow = dy.shape
     g = dy.transpose(0, 2, 3, 1).reshape(n * oh * ow, f)  # (N*OH*OW, F)
@@ -305,7 +316,7 @@ class ConvTransposeCache(NamedTuple):
     g: np.ndarray  # (N*H*W, C_in) the input, one row per position, kept for dw
     x_shape: tuple  # (N, C_in, H, W)
     w: np.ndarray  # (C_in, C_out, KH, KW) kept for dx
-    out_shape: tuple  # (N, C_out, OH, OW)
+    out_shape: tuple  # (N, C_out, OH, OW), the shape dy must have
     stride: int
     pad: int
 
@@ -334,7 +345,8 @@ def conv_transpose2d_backward(dy, cache: ConvTransposeCache):
     dx is the conv2d forward of dy with the same w (CONVT.2); dw correlates dy's windows
     with x, as (CONV.3) with the roles of input and output exchanged.
     """
-    g, x_shape, w, _, stride, pad = cache
+    g, x_shape, w, out_shape, stride, pad = cache
+    _check_dy(dy, out_shape, w.dtype)
     c_in, c_out, kh, kw = w.shape
     n, _, h, wd = x_shape
     cols = _im2col(dy, kh, kw, stride, pad, h, wd)  # (N*H*W, KH*KW*C_out)
