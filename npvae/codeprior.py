@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .models.base import positive_int
+
 PRIOR_DIR = "prior"  # RUN/prior/ holds the prior's checkpoint.npz and metrics.jsonl
 EVAL_SAMPLES = 10_000  # code tuples drawn from the prior for its usage statistics (PRIOR.2)
 
@@ -60,6 +62,7 @@ def encode_codes(vq, images, binarize: str, rng, batch_size: int = 1000) -> np.n
     sample of its pixels, drawn from ``rng`` batch after batch (so the result does not
     depend on ``batch_size``).
     """
+    batch_size = positive_int("batch_size", batch_size)
     out = np.empty((len(images), vq.M), dtype=np.int64)
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size]
@@ -111,6 +114,8 @@ def evaluate_prior(vq, prior, x, recon: float, rng, batch_size: int = 1000,
     """
     from .ops.vq import perplexity
 
+    batch_size = positive_int("batch_size", batch_size)
+    n_samples = positive_int("n_samples", n_samples)
     M, K = vq.M, vq.K
     idx = np.concatenate([vq.assign(x[s:s + batch_size]) for s in range(0, len(x), batch_size)])
     logp = prior.log_prob(idx, batch_size=batch_size)  # (N,)  log p_prior(c(x))  (MADE.1)

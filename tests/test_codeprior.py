@@ -13,8 +13,8 @@ import pytest
 from npvae import cli, data
 from npvae import train as train_module
 from npvae.checkpoint import load_checkpoint, save_checkpoint
-from npvae.codeprior import prior_dir, vqvae_identity
-from npvae.models import MADEPrior
+from npvae.codeprior import encode_codes, evaluate_prior, prior_dir, vqvae_identity
+from npvae.models import VQVAE, MADEPrior
 
 from test_cli import fake_load
 
@@ -53,6 +53,20 @@ def main(capsys, *argv):
     code = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_batch_sizes_must_be_positive_integers(bad):
+    # a negative batch_size encoded no image and returned np.empty's contents
+    vq = VQVAE(data_dim=12, hidden=(8,), num_codes=K, code_dim=2, num_vectors=M)
+    prior = MADEPrior(num_codes=K, num_vectors=M, hidden=(4,))
+    images = np.random.default_rng(0).random((5, 12)).astype(np.float32)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        encode_codes(vq, images, "none", np.random.default_rng(0), batch_size=bad)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        evaluate_prior(vq, prior, images, 1.0, np.random.default_rng(0), batch_size=bad)
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        evaluate_prior(vq, prior, images, 1.0, np.random.default_rng(0), n_samples=bad)
 
 
 def test_evaluate_prior_reports_both_bounds(run, capsys):

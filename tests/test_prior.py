@@ -335,6 +335,14 @@ def test_prior_refuses_what_is_not_one_hot():
         MADEPrior(num_codes=3, num_vectors=2, data_dim=7)
 
 
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "2"])
+def test_log_prob_wants_a_positive_integer_batch_size(bad):
+    # a negative batch_size evaluated no row and returned np.empty's contents
+    model = MADEPrior(num_codes=3, num_vectors=2, hidden=(4,))
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        model.log_prob(np.zeros((6, 2), dtype=np.int64), batch_size=bad)
+
+
 def test_prior_rebuilds_from_its_config_and_evaluates():
     model = MADEPrior(num_codes=5, num_vectors=3, hidden=(8,), rng=1)
     twin = build(model.config, rng=9)

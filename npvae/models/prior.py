@@ -255,6 +255,7 @@ class MADEPrior(Model):
     def log_prob(self, idx, batch_size: int = 1000) -> np.ndarray:
         """log p(c) (N,) float64 in nats, for codes idx (N, M)  (MADE.1)."""
         idx = self.check_idx(idx)
+        batch_size = positive_int("batch_size", batch_size)
         out = np.empty(idx.shape[0])
         for start in range(0, idx.shape[0], batch_size):
             part = idx[start:start + batch_size]
