@@ -130,6 +130,11 @@ def test_the_models_geometry_28_14_7_and_back():
     (dict(stride=0), "stride"), (dict(pad=-1), "pad"),
     (dict(w=np.zeros((2, 3, 3, 3))), "channels"), (dict(b=np.zeros(3)), "b must"),
     (dict(w=np.zeros((2, 1, 9, 9))), "does not fit"),
+    # sizes that are not integers are refused, not truncated (stride 1.5 ran as stride 1)
+    (dict(stride=1.5), "stride must be an integer >= 1, got 1.5"),
+    (dict(stride=True), "stride must be an integer >= 1, got True"),
+    (dict(stride="2"), "stride must be an integer >= 1, got '2'"),
+    (dict(pad=0.9), "pad must be an integer >= 0, got 0.9"),
 ])
 def test_bad_arguments_are_named(bad, match):
     args = dict(x=np.zeros((1, 1, 4, 4)), w=np.zeros((2, 1, 3, 3)), b=np.zeros(2), stride=1,
@@ -137,6 +142,19 @@ def test_bad_arguments_are_named(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         conv2d_forward(**args)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(stride=2.0), "stride must be an integer"),
+    (dict(output_pad=1.7, stride=2), r"output_pad must be an integer in \[0, stride\) = \[0, 2\), got 1.7"),
+    (dict(output_pad=1, stride=1), r"output_pad must be an integer in \[0, stride\)"),
+])
+def test_bad_transpose_arguments_are_named(bad, match):
+    args = dict(x=np.zeros((1, 2, 3, 3)), w=np.zeros((2, 1, 3, 3)), b=np.zeros(1), stride=1,
+                pad=0, output_pad=0)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        conv_transpose2d_forward(**args)
 
 
 @pytest.mark.parametrize("backend", ["numba", "numpy"])

@@ -76,3 +76,21 @@ def test_rebuilt_from_its_config_and_checked_inputs():
         ConvVAE(image_shape=(1, 10, 10))
     with pytest.raises(ValueError, match="beta"):
         ConvVAE(beta=float("nan"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(image_shape=(1, 8.9, 8)), r"image_shape\[1\] must be a positive integer, got 8.9"),
+    (dict(image_shape=(1, 0, 8)), r"image_shape\[1\] must be a positive integer, got 0"),
+    (dict(channels=(2.9, 3)), r"channels\[0\] must be a positive integer, got 2.9"),
+    (dict(channels=("2", "3")), r"channels\[0\] must be a positive integer, got '2'"),
+    (dict(channels=()), "channels must hold at least one"),
+    (dict(latent=2.7), "latent must be a positive integer, got 2.7"),
+    (dict(latent=True), "latent must be a positive integer, got True"),
+])
+def test_sizes_that_are_not_positive_integers_are_refused(kwargs, match):
+    # they were truncated: image_shape (1, 8.9, 8) built an 8 x 8 model
+    args = dict(image_shape=(1, 8, 8), channels=(2, 3), latent=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ConvVAE(**args)
+    assert ConvVAE(image_shape=np.array([1, 8, 8]), channels=(np.int64(2),), latent=np.int32(2)).latent == 2

@@ -343,6 +343,22 @@ def test_log_prob_wants_a_positive_integer_batch_size(bad):
         model.log_prob(np.zeros((6, 2), dtype=np.int64), batch_size=bad)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_codes=3.9), "num_codes must be an integer >= 2, got 3.9"),
+    (dict(num_codes=1), "num_codes must be an integer >= 2, got 1"),
+    (dict(num_vectors=2.0), "num_vectors must be a positive integer, got 2.0"),
+    (dict(hidden=(4.5,)), r"hidden\[0\] must be a positive integer, got 4.5"),
+    (dict(hidden=(4, 0)), r"hidden\[1\] must be a positive integer, got 0"),
+])
+def test_sizes_that_are_not_integers_are_refused(kwargs, match):
+    # they were truncated: num_codes 3.9 built a prior over 3 codes
+    args = dict(num_codes=3, num_vectors=2, hidden=(4,))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        MADEPrior(**args)
+    assert MADEPrior(num_codes=np.int64(3), num_vectors=np.int32(2), hidden=(np.int64(4),)).K == 3
+
+
 def test_prior_rebuilds_from_its_config_and_evaluates():
     model = MADEPrior(num_codes=5, num_vectors=3, hidden=(8,), rng=1)
     twin = build(model.config, rng=9)

@@ -486,3 +486,11 @@ def test_bad_helper_arguments():
         vq.kmeans_init(z0, 2, rng=0)
     with pytest.raises(ValueError, match="z_e"):
         vq.kmeans_init(np.zeros((0, 3)), 2, np.random.default_rng(0))
+
+
+def test_kmeans_init_refuses_sizes_that_are_not_integers():
+    # they were truncated: num_codes 2.5 fitted 2 codes
+    with pytest.raises(ValueError, match="num_codes must be an integer >= 1, got 2.5"):
+        vq.kmeans_init(z0, 2.5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="iters must be an integer >= 0, got 1.5"):
+        vq.kmeans_init(z0, 2, np.random.default_rng(0), iters=1.5)

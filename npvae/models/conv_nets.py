@@ -15,8 +15,21 @@ from ..ops import activation_backward, activation_forward
 from ..ops.conv import (
     conv2d_backward, conv2d_forward, conv_transpose2d_backward, conv_transpose2d_forward,
 )
+from .base import image_shape_chw, positive_int
 
 KERNEL, STRIDE, PAD = 4, 2, 1  # each layer halves or doubles the side
+
+
+def image_and_channels(image_shape, channels) -> tuple:
+    """``image_shape`` (C, H, W) and ``channels`` as tuples of ints >= 1 (a float, bool or
+    string is refused, not truncated), at least one layer. Whether the sides fit the stacks
+    is the caller's check."""
+    image_shape_chw(image_shape)  # three entries, or a named error
+    chw = tuple(positive_int(f"image_shape[{i}]", s) for i, s in enumerate(image_shape))
+    channels = tuple(positive_int(f"channels[{i}]", k) for i, k in enumerate(channels))
+    if not channels:
+        raise ValueError("channels must hold at least one positive integer, got ()")
+    return chw, channels
 
 
 def down_shapes(in_channels: int, channels: tuple) -> dict:

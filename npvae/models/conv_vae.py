@@ -25,9 +25,10 @@ import numpy as np
 
 from .. import _validate as v
 from ..ops import activation_backward, activation_forward, linear_backward, linear_forward
-from .base import ContinuousLatentModel, as_rng, check_likelihood, image_shape_chw
+from .base import ContinuousLatentModel, as_rng, check_likelihood, positive_int
 from .conv_nets import (
-    STRIDE, down_backward, down_forward, down_shapes, fan_in, up_backward, up_forward, up_shapes,
+    STRIDE, down_backward, down_forward, down_shapes, fan_in, image_and_channels, up_backward,
+    up_forward, up_shapes,
 )
 from .vae import VAE
 
@@ -47,16 +48,13 @@ class ConvVAE(VAE):
                  free_bits: float = 0.0, activation: str = "relu", hidden=()):
         # data_dim, free_bits, activation and hidden are in the config so that code written
         # for the MLP VAE finds them; here they are fixed by the architecture
-        c, h, w = image_shape_chw(image_shape)
+        (c, h, w), channels = image_and_channels(image_shape, channels)
         if data_dim is not None and int(data_dim) != c * h * w:
             raise ValueError(f"data_dim {data_dim} does not match image_shape {image_shape}")
         if free_bits or activation != "relu" or list(hidden):
             raise ValueError("ConvVAE has ReLU layers, no hidden list and no free bits")
-        channels = tuple(int(k) for k in channels)
+        latent = positive_int("latent", latent)
         side_factor = STRIDE ** len(channels)
-        if min(c, h, w, int(latent)) < 1 or not channels or min(channels) < 1:
-            raise ValueError(f"image_shape, channels and latent must be positive, got "
-                             f"{image_shape}, {channels}, {latent}")
         if h % side_factor or w % side_factor:
             raise ValueError(f"with {len(channels)} stride-2 layers the image sides must be "
                              f"divisible by {side_factor}, got {h}x{w}")
@@ -64,7 +62,7 @@ class ConvVAE(VAE):
         if int(warmup_steps) < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         sigma2 = check_likelihood(likelihood, sigma2, dtype)
-        self.latent = int(latent)
+        self.latent = latent
         self.image_shape = (c, h, w)
         self.map_shape = (channels[-1], h // side_factor, w // side_factor)  # (K, h', w')
         flat = int(np.prod(self.map_shape))

@@ -33,9 +33,10 @@ import numpy as np
 
 from ..ops import activation_backward, activation_forward
 from ..ops.conv import conv2d_backward, conv2d_forward
-from .base import Model, as_rng, image_shape_chw
+from .base import Model, as_rng
 from .conv_nets import (
-    STRIDE, down_backward, down_forward, down_shapes, fan_in, up_backward, up_forward, up_shapes,
+    STRIDE, down_backward, down_forward, down_shapes, fan_in, image_and_channels, up_backward,
+    up_forward, up_shapes,
 )
 from .vqvae import VQVAE, quantizer_settings
 
@@ -63,11 +64,7 @@ class ConvVQVAE(VQVAE):
                  activation: str = "relu", hidden=()):
         # data_dim, num_vectors, activation and hidden are in the config so that code written
         # for the MLP VQ-VAE finds them; here the architecture fixes them
-        c, h, w = image_shape_chw(image_shape)
-        channels = tuple(int(k) for k in channels)
-        if min(c, h, w) < 1 or not channels or min(channels) < 1:
-            raise ValueError(f"image_shape and channels must be positive, got {image_shape}, "
-                             f"{channels}")
+        (c, h, w), channels = image_and_channels(image_shape, channels)
         side_factor = STRIDE ** len(channels)
         if h % side_factor or w % side_factor:
             raise ValueError(f"with {len(channels)} stride-2 layers the image sides must be "

@@ -138,12 +138,10 @@ class MADEPrior(Model):
     def __init__(self, num_codes: int = 128, num_vectors: int = 4, hidden=(512,),
                  activation: str = "relu", data_dim: int | None = None, direct: bool = True,
                  dtype=np.float32, rng=0):
-        K, M = int(num_codes), int(num_vectors)
-        if K < 2 or M < 1:
-            raise ValueError(f"need num_codes >= 2 and num_vectors >= 1, got {num_codes} and {num_vectors}")
-        hidden = tuple(int(h) for h in hidden)
-        if any(h < 1 for h in hidden):
-            raise ValueError(f"hidden sizes must be >= 1, got {list(hidden)}")
+        if not (v.is_integer(num_codes) and num_codes >= 2):
+            raise ValueError(f"num_codes must be an integer >= 2, got {num_codes!r}")
+        K, M = int(num_codes), positive_int("num_vectors", num_vectors)
+        hidden = tuple(positive_int(f"hidden[{i}]", h) for i, h in enumerate(hidden))
         activation_code(activation)
         if data_dim is not None and int(data_dim) != M * K:
             raise ValueError(f"data_dim must be num_vectors * num_codes = {M * K}, got {data_dim}")

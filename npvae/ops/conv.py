@@ -48,10 +48,12 @@ def conv_output_size(size: int, kernel: int, stride: int, pad: int) -> int:
 
 
 def _check_geometry(stride, pad):
-    stride, pad = int(stride), int(pad)
-    if stride < 1 or pad < 0:
-        raise ValueError(f"stride must be >= 1 and pad >= 0, got stride {stride}, pad {pad}")
-    return stride, pad
+    """stride >= 1 and pad >= 0, each an integer (a float, bool or string is refused, not truncated)."""
+    if not (v.is_integer(stride) and stride >= 1):
+        raise ValueError(f"stride must be an integer >= 1, got {stride!r}")
+    if not (v.is_integer(pad) and pad >= 0):
+        raise ValueError(f"pad must be an integer >= 0, got {pad!r}")
+    return int(stride), int(pad)
 
 
 def _check_conv(x, w, b, stride, pad):
@@ -294,9 +296,10 @@ def conv_transpose_output_size(size: int, kernel: int, stride: int, pad: int,
 def _check_transpose(x, w, b, stride, pad, output_pad):
     v.array("x", x, 4), v.array("w", w, 4), v.array("b", b, 1)
     stride, pad = _check_geometry(stride, pad)
+    if not (v.is_integer(output_pad) and 0 <= output_pad < stride):
+        raise ValueError(f"output_pad must be an integer in [0, stride) = [0, {stride}), "
+                         f"got {output_pad!r}")
     output_pad = int(output_pad)
-    if not 0 <= output_pad < stride:
-        raise ValueError(f"output_pad must lie in [0, stride) = [0, {stride}), got {output_pad}")
     c_in, f_out, kh, kw = w.shape
     if x.shape[1] != c_in:
         raise ValueError(f"x has {x.shape[1]} channels but w expects {c_in} "

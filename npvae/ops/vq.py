@@ -388,13 +388,13 @@ def kmeans_init(z_e, num_codes: int, rng, iters: int = 10):
     """
     v.array("z_e", z_e, 2), v.finite("z_e", z_e)
     rows = z_e.shape[0]
-    num_codes, iters = int(num_codes), int(iters)
     if rows == 0 or z_e.shape[1] == 0:
         raise ValueError(f"z_e must be non-empty to fit a codebook, got shape {z_e.shape}")
-    if num_codes < 1:
-        raise ValueError(f"num_codes must be >= 1, got {num_codes}")
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
+    if not (v.is_integer(num_codes) and num_codes >= 1):
+        raise ValueError(f"num_codes must be an integer >= 1, got {num_codes!r}")
+    if not (v.is_integer(iters) and iters >= 0):
+        raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+    num_codes, iters = int(num_codes), int(iters)
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     z_e = np.ascontiguousarray(z_e)
