@@ -155,6 +155,44 @@ def test_changing_one_code_changes_the_image_near_its_position_only():
     assert diff[10, :].any() and diff[:, 10].any()  # the bound is tight
 
 
+def _reach(side, inputs):
+    """The positions of a map of ``side`` a 4x4/2 pad 1 conv^T output in ``inputs`` reads:
+    input p reaches outputs 2p - 1 .. 2p + 2."""
+    return {p for p in range(side) if any(2 * p - 1 <= o <= 2 * p + 2 for o in inputs)}
+
+
+def test_each_pixel_reads_the_codes_of_a_block_of_2_to_5_positions_per_side():
+    """Two conv^T 4x4/2 let a pixel see 1 to 3 map positions per side, the 3x3 conv one
+    more on each side: 2 to 5 positions, 4 or 5 away from the border (CVQ.1)."""
+    model = ConvVQVAE(channels=(4, 8), num_codes=6, code_dim=2, rng=2)
+    rng = np.random.default_rng(1)
+    for name, p in model.params.items():  # non-zero biases: fewer ReLUs silent on a change
+        if name.endswith(".b"):
+            p[...] = rng.normal(scale=0.1, size=p.shape)
+    base = rng.integers(6, size=(1, 49))
+    others = np.repeat(base, 49 * 5, axis=0)  # row 5 m + a: code m set to its a-th other value
+    for m in range(49):
+        others[5 * m:5 * m + 5, m] = [k for k in range(6) if k != base[0, m]]
+    out = model.decode_indices(np.concatenate([base, others])).reshape(-1, 28, 28)
+    changed = (out[1:] != out[0]).reshape(49, 5, 28, 28).any(axis=1)  # (M, 28, 28)
+    changed = changed.reshape(7, 7, 28, 28)  # [i, j, r, c]: pixel (r, c) reads code (i, j)
+    window = {o: {i + d for i in _reach(7, _reach(14, {o})) for d in (-1, 0, 1)} & set(range(7))
+              for o in range(28)}  # the map positions pixel row (or column) o can read
+    assert {len(w) for w in window.values()} == {2, 3, 4, 5}
+    assert {len(window[o]) for o in range(5, 23)} == {4, 5}  # away from the border
+    spans = set()
+    for r in range(28):
+        for c in range(28):
+            rows, cols = np.nonzero(changed[:, :, r, c])
+            assert set(rows) <= window[r] and set(cols) <= window[c]
+            spans |= {np.ptp(rows) + 1, np.ptp(cols) + 1}
+    assert spans == {2, 3, 4, 5}  # measured: no pixel reads a block wider than 5
+    rows, cols = np.nonzero(changed[:, :, 14, 14])  # the bound is reached: a 5 x 5 block
+    assert set(rows) == set(cols) == {1, 2, 3, 4, 5}
+    rows, cols = np.nonzero(changed[:, :, 0, 0])  # and in the corner, 2 x 2
+    assert set(rows) == set(cols) == {0, 1}
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(image_shape=(1, 30, 30)), "divisible by 4"),
     (dict(image_shape=(28, 28)), r"\(C, H, W\)"),

@@ -132,11 +132,23 @@ def test_metrics_disagree_on_a_hand_made_case():
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 def test_exact_ties_go_to_the_lowest_index(backend):
+    # codes of equal norm: equally near codes tie exactly in the score of (VQ.1) as well
     kernel = vq.assign_kernel.numpy if backend == "numpy" else vq.assign_kernel.numba
     codebook = np.array([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     z_e = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
     np.testing.assert_array_equal(kernel(z_e, codebook, vq.EUCLIDEAN), [0, 0, 0])
     np.testing.assert_array_equal(kernel(z_e, codebook, vq.DOT), [0, 0, 0])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_a_tie_in_distance_is_decided_by_the_rounding_of_the_score(backend):
+    # codes 1/8 either side of z are exactly equally near (all values representable), but
+    # (VQ.1) ranks the rounded ||e_k||^2 - 2 z.e_k, which here gives the row to k = 1
+    kernel = vq.assign_kernel.numpy if backend == "numpy" else vq.assign_kernel.numba
+    z_e = np.array([[1.0956934985716344]])
+    codebook = np.array([[0.9706934985716344], [1.2206934985716344]])
+    assert z_e[0, 0] - codebook[0, 0] == codebook[1, 0] - z_e[0, 0] == 0.125
+    assert kernel(z_e, codebook, vq.EUCLIDEAN)[0] == 1
 
 
 def test_single_code_takes_every_row():

@@ -11,7 +11,9 @@ Code assignment, two metrics:
     dot        k_r = argmax_k  z_r . e_k                                                (VQ.2)
 
 (VQ.1) is the VQ-VAE paper's nearest neighbour; ||z_r||^2 is the same for every k and is
-dropped. (VQ.2) is the tutorial's "largest dot product". Ties go to the lowest k.
+dropped. (VQ.2) is the tutorial's "largest dot product". Ties in the computed score go to
+the lowest k. Two codes at exactly the same distance from z_r need not tie in the score:
+its rounding can pick either of them.
 
 Quantization and its gradient:
 
@@ -67,7 +69,8 @@ def metric_code(metric: str) -> int:
 
 
 def _assign_numpy(z_e, codebook, metric_code):
-    """idx (R,) int64: best code per row by (VQ.1) (EUCLIDEAN) or (VQ.2) (DOT); ties -> lowest k."""
+    """idx (R,) int64: best code per row by (VQ.1) (EUCLIDEAN) or (VQ.2) (DOT); ties in the
+    score -> lowest k."""
     dots = z_e @ codebook.T  # (R, K)  z_r . e_k
     if metric_code == EUCLIDEAN:
         sq_norms = np.einsum("kd,kd->k", codebook, codebook)  # (K,)  ||e_k||^2
@@ -92,7 +95,7 @@ def _assign_numba(z_e, codebook, metric_code):
     Both metrics become "smallest score wins": ||e_k||^2 - 2 z.e_k for (VQ.1), -z.e_k for
     (VQ.2). The scores are written over the dot products (no second (R, K) matrix); the
     search for the minimum is left to np.argmin, whose SIMD loop a compiled loop with a
-    data-dependent branch cannot match. Ties go to the lowest k, as in the twin.
+    data-dependent branch cannot match. Ties in the score go to the lowest k, as in the twin.
     """
     dots = z_e @ codebook.T  # (R, K)  z_r . e_k
     if metric_code == EUCLIDEAN:
