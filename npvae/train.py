@@ -512,11 +512,11 @@ def _report(row, metrics_path, epochs, verbose, on_epoch_end) -> None:
         on_epoch_end(row)
 
 
-def _check_state(model, opt, step, epoch, ckpt_path) -> None:
+def _check_state(model, opt, step, epoch, ckpt_path, epochs) -> None:
     """NaN or inf in the parameters or optimizer state the loss did not show: stop now."""
     bad = non_finite(model, opt)
     if bad is not None:
-        raise _diverged_state(bad, step, epoch, ckpt_path)
+        raise _diverged_state(bad, step, epoch, ckpt_path, epochs)
 
 
 def _save(ckpt_path, model, opt, rng, epochs_done, step, history, settings, position=None):
@@ -525,7 +525,8 @@ def _save(ckpt_path, model, opt, rng, epochs_done, step, history, settings, posi
         return save_checkpoint(ckpt_path, model, opt, rng, epochs_done, step, history,
                                settings, position=position)
     except NonFiniteState as exc:  # NaN that the loss and gradient did not show
-        raise _diverged_state(exc.detail, step, epochs_done - 1, ckpt_path) from None
+        raise _diverged_state(exc.detail, step, epochs_done - 1, ckpt_path,
+                              settings["epochs"]) from None
 
 
 def _save_position(here, ckpt_path, model, opt, rng, epochs_done, step, history, settings,
@@ -671,12 +672,13 @@ def _train(model, x_train, x_val, *, epochs, batch_size, lr, optimizer, clip, se
                         fwd, grads, grad_norm = _forward_backward(
                             model, xb, rng, step, grad_buf, clip, measure)
                         if not (math.isfinite(fwd.loss) and math.isfinite(grad_norm)):
-                            raise _diverged(fwd.loss, grad_norm, step, epoch, b, n_batches, ckpt_path)
+                            raise _diverged(fwd.loss, grad_norm, step, epoch, b, n_batches,
+                                            ckpt_path, epochs)
                         # -- update (no consistent state to save until the step is counted)
                         here = None
                         if opt.step(grads):  # non-finite gradient entries: the update is spoilt
-                            raise _diverged(fwd.loss, math.nan, step, epoch, b, n_batches, ckpt_path,
-                                            applied=True)
+                            raise _diverged(fwd.loss, math.nan, step, epoch, b, n_batches,
+                                            ckpt_path, epochs, applied=True)
                         model.after_step(fwd, rng)  # the VQ-VAE's moving averages, from fwd's codes
                         step += 1
                         if step == step_at_start + 1 and on_first_step is not None:
@@ -690,7 +692,7 @@ def _train(model, x_train, x_val, *, epochs, batch_size, lr, optimizer, clip, se
                 train_seconds = time.perf_counter() - t0
                 row = _epoch_row(epoch, step, opt, clip, sums, seen,  # with a resume's changes
                                  changed=changed if epoch == start_epoch else None)
-                _check_state(model, opt, step, epoch, ckpt_path)
+                _check_state(model, opt, step, epoch, ckpt_path, epochs)
                 history.append(_validated(row, model, x_val, seed, train_seconds))
                 if checkpoint_every_epoch or epoch + 1 == epochs:
                     _save(ckpt_path, model, opt, rng, epoch + 1, step, history, settings)
@@ -712,18 +714,25 @@ def _saved_epoch(path) -> str:
         return "as it was on disk"
 
 
-def _what_next(ckpt_path: Path) -> str:
-    """What a diverged run can do: what is kept, and how to go on with a smaller step."""
+def _what_next(ckpt_path: Path, epochs: int) -> str:
+    """What a diverged run can do: what is kept, and how to go on with a smaller step
+    towards ``epochs`` (named when the kept checkpoint was saved with fewer)."""
     if ckpt_path.exists():
-        return (f"the last good checkpoint, {ckpt_path} ({_saved_epoch(ckpt_path)}), is kept. "
+        try:
+            ck = load_checkpoint(ckpt_path)
+            saved, fewer = f"after epoch {ck.epoch}", ck.args.get("epochs", epochs) < epochs
+        except CheckpointError:
+            saved, fewer = "as it was on disk", False
+        more = f" --epochs {epochs}" if fewer else ""
+        return (f"the last good checkpoint, {ckpt_path} ({saved}), is kept. "
                 f"Continue from it with a smaller learning rate or gradient clipping: "
-                f"npvae train --resume {shlex.quote(str(ckpt_path.parent))} --lr LR --clip NORM "
-                f"(in Python: train(..., resume_from=run_dir, lr=..., clip=...))")
+                f"npvae train --resume {shlex.quote(str(ckpt_path.parent))}{more} --lr LR "
+                f"--clip NORM (in Python: train(..., resume_from=run_dir, lr=..., clip=...))")
     return ("no checkpoint had been saved yet. Start again with a smaller learning rate "
             "(--lr) or gradient clipping (--clip NORM)")
 
 
-def _diverged(loss, grad_norm, step, epoch, b, n_batches, ckpt_path,
+def _diverged(loss, grad_norm, step, epoch, b, n_batches, ckpt_path, epochs,
               applied: bool = False) -> TrainingDiverged:
     """``applied``: the optimizer found the non-finite gradient while making the update,
     so the parameters in memory are spoilt (they are never saved)."""
@@ -735,13 +744,13 @@ def _diverged(loss, grad_norm, step, epoch, b, n_batches, ckpt_path,
     return TrainingDiverged(
         f"training diverged: the {what} became {value} at step {step} (epoch {epoch + 1}, "
         f"batch {b + 1} of {n_batches}); {fate} and "
-        f"{_what_next(ckpt_path)}.",
+        f"{_what_next(ckpt_path, epochs)}.",
         step=step, epoch=epoch + 1, checkpoint=ckpt_path if ckpt_path.exists() else None)
 
 
-def _diverged_state(detail: str, step, epoch, ckpt_path) -> TrainingDiverged:
+def _diverged_state(detail: str, step, epoch, ckpt_path, epochs) -> TrainingDiverged:
     """The model or optimizer state holds NaN or inf at the end of an epoch: not saved."""
     return TrainingDiverged(
         f"training diverged: at the end of epoch {epoch + 1} (step {step}) the {detail}; "
-        f"that state was not saved and {_what_next(ckpt_path)}.",
+        f"that state was not saved and {_what_next(ckpt_path, epochs)}.",
         step=step, epoch=epoch + 1, checkpoint=ckpt_path if ckpt_path.exists() else None)

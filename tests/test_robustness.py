@@ -409,6 +409,26 @@ def test_the_divergence_advice_can_be_followed(capsys, tmp_path, monkeypatch):
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["lr"] == 0.0005
 
 
+def test_the_divergence_advice_after_a_resume_that_raised_epochs_keeps_them(capsys, tmp_path,
+                                                                           monkeypatch):
+    """The kept checkpoint was saved for fewer epochs: the advice names --epochs too."""
+    from npvae.models.vae import VAE
+
+    original = VAE.forward
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(run))
+    assert code == 0, err
+    monkeypatch.setattr(VAE, "forward", lambda self, x, **kw: original(self, x, **kw)._replace(
+        loss=float("nan")) if kw.get("step") == 4 else original(self, x, **kw))
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--epochs", "3", "--no-progress")
+    assert code == 1 and f"npvae train --resume {run} --epochs 3 --lr LR --clip NORM" in err, err
+    monkeypatch.setattr(VAE, "forward", original)
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--epochs", "3", "--lr",
+                           "0.0005", "--no-progress")
+    assert code == 0, err
+    assert load_checkpoint(run).epoch == 3
+
+
 # ----------------------------------------------------------------------------- hostile files
 
 
