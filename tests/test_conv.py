@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, strategies as st
 
+from npvae._validate import trusted
 from npvae.backend import use_backend
 from npvae.gradcheck import check_op
 from npvae.ops import conv
@@ -155,6 +156,42 @@ def test_bad_transpose_arguments_are_named(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         conv_transpose2d_forward(**args)
+
+
+X, W, B = np.ones((1, 1, 4, 4)), np.ones((2, 1, 3, 3)), np.zeros(2)  # conv: x, w, b
+XT, WT, BT = np.ones((1, 2, 3, 3)), np.ones((2, 1, 3, 3)), np.zeros(1)  # conv^T: x, w, b
+NAN, INF = np.full((1, 1, 4, 4), np.nan), np.array([1.0, np.inf])
+EMPTY = [  # an empty kernel gave an output of bare biases, an empty image one of zeros
+    (conv2d_forward, (X, np.ones((2, 1, 0, 3)), B), r"w must have no axis of size 0 .*\(2, 1, 0, 3\)"),
+    (conv2d_forward, (X, np.ones((0, 1, 3, 3)), np.zeros(0)), "w must have no axis of size 0"),
+    (conv2d_forward, (np.ones((1, 0, 4, 4)), np.ones((2, 0, 3, 3)), B), "x must have at least one"),
+    (conv2d_forward, (np.ones((1, 1, 0, 4)), W, B, 1, 1), "x must have at least one"),
+    (conv2d_forward_reference, (X, np.ones((2, 1, 0, 3)), B), "w must have no axis of size 0"),
+    (conv_transpose2d_forward, (np.ones((1, 2, 0, 3)), WT, BT), "x must have at least one"),
+    (conv_transpose2d_forward, (XT, np.ones((2, 1, 0, 0)), BT), "w must have no axis of size 0"),
+]
+NOT_FINITE = [
+    (conv2d_forward, (NAN, W, B), r"x must be finite, but it holds nan at index \(0, 0, 0, 0\)"),
+    (conv2d_forward, (X, W, INF), r"b must be finite, but it holds inf at index \(1,\)"),
+    (conv2d_forward_reference, (X, W * np.nan, B), "w must be finite"),
+    (conv_transpose2d_forward, (XT * np.inf, WT, BT), "x must be finite"),
+    (conv_transpose2d_forward, (XT, WT * np.nan, BT), "w must be finite"),
+    (conv_transpose2d_forward_reference, (XT, WT, BT * np.nan), "b must be finite"),
+]
+
+
+@pytest.mark.parametrize("op, args, match", EMPTY + NOT_FINITE)
+def test_empty_sizes_and_nan_or_inf_are_refused_by_name(op, args, match):
+    with pytest.raises(ValueError, match=match):
+        op(*args)
+
+
+def test_an_empty_batch_is_fine_and_trusted_inputs_are_not_scanned():
+    y, cache = conv2d_forward(np.ones((0, 1, 4, 4)), W, B, 1, 1)
+    assert y.shape == (0, 2, 4, 4) and conv2d_backward(y, cache)[0].shape == (0, 1, 4, 4)
+    with trusted():  # a model checks its data once and runs its chain here (no scan)
+        y, _ = conv2d_forward(NAN, W, B)
+    assert np.isnan(y).all()
 
 
 @pytest.mark.parametrize("backend", ["numba", "numpy"])

@@ -25,6 +25,11 @@ KH x KW strided additions ("col2im"). The references are NumPy; so are the produ
 Laying out the windows and summing them back are compiled loops, each beside a NumPy
 twin of strided views (the backend switch picks one); tests check all of them agree.
 
+The forward functions check their inputs: ranks, sizes (all >= 1 but the batch), one dtype,
+and no NaN or inf in x, w and b (skipped inside ``npvae._validate.trusted()``, where a model
+that checked its data runs its chain), as the VQ and softmax ops do. The backward functions
+check dy against the forward output's shape and dtype: the compiled loops trust their sizes.
+
 Letters: N batch, C input channels, F output channels (filters), H x W input size,
 KH x KW kernel, OH x OW output size, s stride, p padding. docs/derivations.md, CONV.
 """
@@ -56,9 +61,20 @@ def _check_geometry(stride, pad):
     return int(stride), int(pad)
 
 
+def _check_sizes(x, w):
+    """Every size but the batch must be >= 1: an empty kernel, filter bank or image has no
+    windows (a 0 x 2 kernel gave an output of bare biases)."""
+    if 0 in x.shape[1:]:
+        raise ValueError(f"x must have at least one channel, row and column, got shape {x.shape}")
+    if 0 in w.shape:
+        raise ValueError(f"w must have no axis of size 0 (filters, channels or kernel), "
+                         f"got shape {w.shape}")
+
+
 def _check_conv(x, w, b, stride, pad):
     v.array("x", x, 4), v.array("w", w, 4), v.array("b", b, 1)
     stride, pad = _check_geometry(stride, pad)
+    _check_sizes(x, w)
     n, c, h, wd = x.shape
     f, cw, kh, kw = w.shape
     if cw != c:
@@ -69,6 +85,7 @@ def _check_conv(x, w, b, stride, pad):
         raise ValueError(f"a {kh}x{kw} kernel does not fit a {h}x{wd} input padded by {pad}")
     if not (x.dtype == w.dtype == b.dtype):
         raise ValueError(f"x, w and b must share a dtype, got {x.dtype}, {w.dtype}, {b.dtype}")
+    v.finite("x", x), v.finite("w", w), v.finite("b", b)
     return stride, pad
 
 
@@ -300,6 +317,7 @@ def _check_transpose(x, w, b, stride, pad, output_pad):
         raise ValueError(f"output_pad must be an integer in [0, stride) = [0, {stride}), "
                          f"got {output_pad!r}")
     output_pad = int(output_pad)
+    _check_sizes(x, w)
     c_in, f_out, kh, kw = w.shape
     if x.shape[1] != c_in:
         raise ValueError(f"x has {x.shape[1]} channels but w expects {c_in} "
@@ -312,6 +330,7 @@ def _check_transpose(x, w, b, stride, pad, output_pad):
         raise ValueError(f"the output would be {oh}x{ow}: pad {pad} is too large")
     if not (x.dtype == w.dtype == b.dtype):
         raise ValueError(f"x, w and b must share a dtype, got {x.dtype}, {w.dtype}, {b.dtype}")
+    v.finite("x", x), v.finite("w", w), v.finite("b", b)
     return stride, pad, output_pad, oh, ow
 
 
