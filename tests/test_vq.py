@@ -468,6 +468,10 @@ def test_bad_upstream_gradients():
     _, cache = vq.quantize_forward(z0, e0)
     with pytest.raises(ValueError, match="dz_q"):
         vq.quantize_backward(np.zeros((3, 3)), cache)
+    # rows of the wrong size were copied through as the gradient of z_e
+    with pytest.raises(ValueError, match=r"dz_q must have shape \(4, 3\), got \(4, 7\)"):
+        vq.quantize_backward(np.zeros((4, 7)), cache)
+    assert vq.quantize_backward(np.zeros((4, 3), np.float32), cache).dtype == np.float64
     _, cache = vq.codebook_loss_forward(z0, e0, i0)
     with pytest.raises(ValueError, match="dloss"):
         vq.codebook_loss_backward(np.zeros(3), cache)

@@ -196,6 +196,8 @@ def vq_assign(z_e, codebook, metric: str = "euclidean"):
 class QuantizeCache(NamedTuple):
     idx: np.ndarray  # (R,) chosen code per row
     num_codes: int  # K, so callers can count code usage
+    shape: tuple  # (R, Dz), the shape of z_q and dz_q
+    dtype: np.dtype  # z_q's dtype, given to dz_e
 
 
 def quantize_forward(z_e, codebook, metric: str = "euclidean"):
@@ -205,20 +207,15 @@ def quantize_forward(z_e, codebook, metric: str = "euclidean"):
     """
     idx = vq_assign(z_e, codebook, metric)  # (R,)  (VQ.1) or (VQ.2)
     z_q = codebook[idx]  # (R, Dz)  (VQ.3)
-    return z_q, QuantizeCache(idx, codebook.shape[0])
+    return z_q, QuantizeCache(idx, codebook.shape[0], z_q.shape, z_q.dtype)
 
 
 def quantize_backward(dz_q, cache: QuantizeCache):
-    """dz_q (R, Dz) -> dz_e (R, Dz), a copy of dz_q  (VQ.3).
+    """dz_q (R, Dz) -> dz_e (R, Dz), a copy of dz_q in z_q's dtype  (VQ.3).
 
     Only z_e receives a gradient; the codebook gets none through the selection.
     """
-    v.array("dz_q", dz_q, 2)
-    if dz_q.shape[0] != cache.idx.shape[0]:
-        raise ValueError(
-            f"dz_q must have {cache.idx.shape[0]} rows, one per quantized row, "
-            f"got shape {dz_q.shape}"
-        )
+    dz_q = _check_upstream("dz_q", dz_q, cache.shape, cache.dtype)
     dz_e = dz_q.copy()  # straight-through: copied, not derived (VQ.3)
     return dz_e
 
