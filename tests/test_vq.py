@@ -388,6 +388,20 @@ def test_kmeans_init_gives_k_finite_rows(case, seed):
     assert np.all(np.isfinite(out))
 
 
+def test_kmeans_init_squares_float32_rows_in_float64():
+    # rows of order 1e20 are finite in float32 but their squares are not: the seeding's
+    # probabilities were inf / inf = NaN ("Probabilities contain NaN")
+    rows = (np.random.default_rng(0).standard_normal((50, 2)) * 1e20).astype(np.float32)
+    seeds = vq.kmeans_init(rows, 4, np.random.default_rng(0), iters=0)
+    assert seeds.dtype == np.float32
+    np.testing.assert_array_equal(  # the same rows as the seeding of a float64 copy
+        seeds, vq.kmeans_init(rows.astype(np.float64), 4, np.random.default_rng(0), iters=0))
+    with np.errstate(over="ignore", invalid="ignore"):  # the Lloyd steps' float32 scores (VQ.1) overflow
+        assert np.all(np.isfinite(vq.kmeans_init(rows, 4, np.random.default_rng(0))))
+    jittered = vq.kmeans_init(rows[:3], 4, np.random.default_rng(0))  # fewer rows than codes
+    assert np.all(np.isfinite(jittered)) and len(np.unique(jittered, axis=0)) == 4
+
+
 def test_kmeans_init_with_fewer_rows_than_codes():
     z_e = np.array([[0.0, 1.0], [5.0, 5.0]])
     out = vq.kmeans_init(z_e, 6, np.random.default_rng(0))

@@ -371,10 +371,17 @@ def perplexity(counts) -> float:
 
 def _noise_scale(z_e):
     """A small jitter relative to the spread of the data (or its size if it has none)."""
-    spread = float(z_e.std())
+    spread = float(z_e.std(dtype=np.float64))  # float32 squares of rows above 1.8e19 overflow
     if spread == 0.0:
         spread = max(float(np.abs(z_e).max()), 1.0)
     return 1e-3 * spread
+
+
+def _squared_distances(z_e, centre):
+    """||z_e[r] - centre||^2 (R,) float64, squared in float64: the square of a finite
+    float32 difference above 1.8e19 overflows float32."""
+    diff = (z_e - centre).astype(np.float64)  # (R, Dz)
+    return np.sum(diff ** 2, axis=1)
 
 
 def kmeans_init(z_e, num_codes: int, rng, iters: int = 10):
@@ -408,7 +415,7 @@ def kmeans_init(z_e, num_codes: int, rng, iters: int = 10):
     # k-means++ seeding
     centres = np.empty((num_codes, z_e.shape[1]), dtype=z_e.dtype)
     centres[0] = z_e[rng.integers(rows)]
-    d2 = np.sum((z_e - centres[0]) ** 2, axis=1, dtype=np.float64)  # (R,)
+    d2 = _squared_distances(z_e, centres[0])  # (R,)
     for c in range(1, num_codes):
         total = d2.sum()
         if total > 0:
@@ -417,7 +424,7 @@ def kmeans_init(z_e, num_codes: int, rng, iters: int = 10):
         else:  # fewer distinct rows than codes: jitter a copy
             pick = rng.integers(rows)
             centres[c] = z_e[pick] + scale * rng.standard_normal(z_e.shape[1])
-        np.minimum(d2, np.sum((z_e - centres[c]) ** 2, axis=1, dtype=np.float64), out=d2)
+        np.minimum(d2, _squared_distances(z_e, centres[c]), out=d2)
 
     # Lloyd iterations
     for _ in range(iters):
