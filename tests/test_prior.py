@@ -241,7 +241,7 @@ def test_the_default_rule_for_the_direct_connection(M, K, hidden, direct):
 
 
 def test_masks_by_degree():
-    """The output of position m connects to inputs of positions < m only (MADE.2)."""
+    """The output of position m connects to inputs of positions < m only (MADE.3)."""
     K, M = 2, 3
     masks = made_masks(M, K, hidden=())  # no hidden layer: the direct path alone
     expected = np.kron(np.triu(np.ones((M, M)), 1), np.ones((K, K)))  # row block i -> column block j > i
