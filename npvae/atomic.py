@@ -5,7 +5,8 @@ The content goes to a hidden temporary file in the same folder (``.<name>.<rando
 is flushed and fsynced, may be checked, and is then renamed over the file (``os.replace``)
 and the rename made durable. Any failure, Ctrl-C included, removes the temporary file and
 leaves the old file as it was; a ``kill -9`` leaves at most the temporary file, which
-``npvae.train`` removes when a run next starts.
+``npvae.train`` removes from a run folder when a run next starts, and
+:func:`npvae.data.load` from a dataset's cache folder once it is an hour old.
 """
 from __future__ import annotations
 

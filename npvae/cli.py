@@ -191,7 +191,8 @@ def _add_data_options(d) -> None:
     """npvae train: the images, and the run directory the results go to."""
     d.add_argument("--dataset", choices=("mnist", "fashion-mnist"), help="default mnist")
     d.add_argument("--data-dir", metavar="DIR",
-                   help="where datasets are cached (default $NPVAE_DATA or ~/.cache/npvae)")
+                   help="where datasets are cached (default $NPVAE_DATA, else "
+                        "$XDG_CACHE_HOME/npvae, else ~/.cache/npvae)")
     d.add_argument("--binarize", choices=("none", "static", "dynamic"),
                    help="dynamic for Bernoulli decoders, none for Gaussian (default)")
     d.add_argument("--limit", type=_positive_int, metavar="N",
