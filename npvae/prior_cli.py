@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from shlex import quote
 from pathlib import Path
 
 import numpy as np
@@ -208,9 +209,11 @@ def _train_prior(ns, run_dir: Path) -> int:
                         lr=s["lr"], seed=s["seed"], binarize="none", run_dir=pdir,
                         progress=ns.progress, resume_from=ck, args=stored)
     except TrainingInterrupted as exc:  # the hint must name this command, not npvae train
-        raise TrainingInterrupted(
-            f"{exc.message}; continue with: npvae train-prior {run_dir} --resume",
-            checkpoint=None, epoch=exc.epoch, step=exc.step, signum=exc.signum) from None
+        hint = (f"the prior is trained; for its test cross-entropy: npvae eval {quote(str(run_dir))}"
+                if exc.finished else
+                f"continue with: npvae train-prior {quote(str(run_dir))} --resume")
+        raise TrainingInterrupted(f"{exc.message}; {hint}", checkpoint=None, epoch=exc.epoch,
+                                  step=exc.step, signum=exc.signum, finished=exc.finished) from None
     except TrainingDiverged as exc:
         raise TrainingDiverged(f"{exc} (for this prior: npvae train-prior {run_dir} --resume "
                                f"--lr LR)", step=exc.step, epoch=exc.epoch) from None

@@ -118,6 +118,23 @@ def test_temperature_must_be_positive(run, capsys, bad):
     assert not list(run.glob("samples-seed*.png"))
 
 
+def test_a_stop_after_the_last_epoch_says_the_prior_is_trained(run, capsys, monkeypatch):
+    """Stopped at the end of its last epoch (during validation or the save), the prior is
+    complete: the message points to npvae eval, not to a resume that has nothing to do."""
+    real = train_module.train
+
+    def stop_at_the_end(*args, **kwargs):
+        def stop(row):
+            raise KeyboardInterrupt
+        return real(*args, **kwargs, on_epoch_end=stop)
+
+    monkeypatch.setattr(train_module, "train", stop_at_the_end)
+    code, _, err = main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")
+    assert code == 130
+    assert f"the prior is trained; for its test cross-entropy: npvae eval {run}" in err
+    assert "--resume" not in err
+
+
 def test_resume_after_an_interruption_is_exact(run, tmp_path, capsys, monkeypatch):
     """Stopped after epoch 1 of 3 (as Ctrl-C would stop it), resumed: the same parameters."""
     other = tmp_path / "straight"
