@@ -118,17 +118,24 @@ def test_temperature_must_be_positive(run, capsys, bad):
     assert not list(run.glob("samples-seed*.png"))
 
 
-def test_a_stop_after_the_last_epoch_says_the_prior_is_trained(run, capsys, monkeypatch):
-    """Stopped at the end of its last epoch (during validation or the save), the prior is
-    complete: the message points to npvae eval, not to a resume that has nothing to do."""
+def stop_after_first_epoch(monkeypatch):
+    """Make training stop at the end of its first epoch, as Ctrl-C would stop it there;
+    returns the real train function."""
     real = train_module.train
 
-    def stop_at_the_end(*args, **kwargs):
+    def stopping(*args, **kwargs):
         def stop(row):
             raise KeyboardInterrupt
         return real(*args, **kwargs, on_epoch_end=stop)
 
-    monkeypatch.setattr(train_module, "train", stop_at_the_end)
+    monkeypatch.setattr(train_module, "train", stopping)
+    return real
+
+
+def test_a_stop_after_the_last_epoch_says_the_prior_is_trained(run, capsys, monkeypatch):
+    """Stopped at the end of its last epoch (during validation or the save), the prior is
+    complete: the message points to npvae eval, not to a resume that has nothing to do."""
+    stop_after_first_epoch(monkeypatch)
     code, _, err = main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")
     assert code == 130
     assert f"the prior is trained; for its test cross-entropy: npvae eval {run}" in err
@@ -141,14 +148,7 @@ def test_resume_after_an_interruption_is_exact(run, tmp_path, capsys, monkeypatc
     shutil.copytree(run, other)
     assert main(capsys, "train-prior", other, *PRIOR, "--epochs", "3")[0] == 0
 
-    real = train_module.train
-
-    def stop_after_first_epoch(*args, **kwargs):
-        def stop(row):
-            raise KeyboardInterrupt
-        return real(*args, **kwargs, on_epoch_end=stop)
-
-    monkeypatch.setattr(train_module, "train", stop_after_first_epoch)
+    real = stop_after_first_epoch(monkeypatch)
     code, _, err = main(capsys, "train-prior", run, *PRIOR, "--epochs", "3")
     assert code == 130
     assert f"npvae train-prior {run} --resume" in err and "npvae train --resume" not in err
