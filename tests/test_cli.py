@@ -163,24 +163,29 @@ def test_resume_may_lower_the_learning_rate_and_add_clipping(capsys, tmp_path):
     assert float(ck.optimizer_state["lr"]) == 0.0003
 
 
-def test_ctrl_c_saves_and_exits_130(capsys, tmp_path, monkeypatch):
+def interrupt_at_step(monkeypatch, n: int) -> None:
+    """Make the n-th training forward pass raise KeyboardInterrupt, as Ctrl-C would."""
     from npvae.models.vae import VAE
 
     original, calls = VAE.forward, [0]
 
     def interrupted(self, x, **kw):
         calls[0] += kw.get("step") is not None
-        if calls[0] == 6:
+        if calls[0] == n:
             raise KeyboardInterrupt
         return original(self, x, **kw)
 
     monkeypatch.setattr(VAE, "forward", interrupted)
+
+
+def test_ctrl_c_saves_and_exits_130(capsys, tmp_path, monkeypatch):
+    interrupt_at_step(monkeypatch, 6)
     run = tmp_path / "r"
     code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "3", "--out", str(run))
     assert code == 130
     assert "saved in" in err and f"npvae train --resume {run}" in err
     assert load_checkpoint(run).position["batch"] == 1
-    monkeypatch.setattr(VAE, "forward", original)
+    monkeypatch.undo()  # the forward pass as it is
     code, _, err = run_cli(capsys, "train", "--resume", str(run), "--no-progress")
     assert code == 0, err
     assert load_checkpoint(run).epoch == 3
@@ -210,8 +215,6 @@ def test_ctrl_c_during_the_last_validation_stops_too(capsys, tmp_path, monkeypat
 
 
 def test_suggested_commands_quote_a_folder_with_spaces(capsys, tmp_path, monkeypatch):
-    from npvae.models.vae import VAE
-
     def command_after(text, words):
         """The path given to the command ``words`` in ``text``, as a shell would read it."""
         rest = shlex.split(text.split(words, 1)[1].splitlines()[0].replace(",", " "))
@@ -224,15 +227,7 @@ def test_suggested_commands_quote_a_folder_with_spaces(capsys, tmp_path, monkeyp
     code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(run))
     assert code == 2 and command_after(err, "npvae train --resume ") == str(run)
 
-    original, calls = VAE.forward, [0]
-
-    def interrupted(self, x, **kw):
-        calls[0] += kw.get("step") is not None
-        if calls[0] == 2:
-            raise KeyboardInterrupt
-        return original(self, x, **kw)
-
-    monkeypatch.setattr(VAE, "forward", interrupted)
+    interrupt_at_step(monkeypatch, 2)
     code, _, err = run_cli(capsys, "train", "--resume", str(run), "--epochs", "2", "--no-progress")
     assert code == 130 and command_after(err, "continue with: npvae train --resume ") == str(run)
 
