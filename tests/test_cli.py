@@ -163,8 +163,9 @@ def test_resume_may_lower_the_learning_rate_and_add_clipping(capsys, tmp_path):
     assert float(ck.optimizer_state["lr"]) == 0.0003
 
 
-def interrupt_at_step(monkeypatch, n: int) -> None:
-    """Make the n-th training forward pass raise KeyboardInterrupt, as Ctrl-C would."""
+def interrupt_at_step(monkeypatch, n: int):
+    """Make the n-th training forward pass raise KeyboardInterrupt, as Ctrl-C would;
+    returns the real VAE.forward."""
     from npvae.models.vae import VAE
 
     original, calls = VAE.forward, [0]
@@ -176,16 +177,19 @@ def interrupt_at_step(monkeypatch, n: int) -> None:
         return original(self, x, **kw)
 
     monkeypatch.setattr(VAE, "forward", interrupted)
+    return original
 
 
 def test_ctrl_c_saves_and_exits_130(capsys, tmp_path, monkeypatch):
-    interrupt_at_step(monkeypatch, 6)
+    from npvae.models.vae import VAE
+
+    original = interrupt_at_step(monkeypatch, 6)
     run = tmp_path / "r"
     code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "3", "--out", str(run))
     assert code == 130
     assert "saved in" in err and f"npvae train --resume {run}" in err
     assert load_checkpoint(run).position["batch"] == 1
-    monkeypatch.undo()  # the forward pass as it is
+    monkeypatch.setattr(VAE, "forward", original)
     code, _, err = run_cli(capsys, "train", "--resume", str(run), "--no-progress")
     assert code == 0, err
     assert load_checkpoint(run).epoch == 3
