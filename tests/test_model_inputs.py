@@ -133,3 +133,15 @@ def test_negative_step_is_refused_without_warmup():
         with pytest.raises(ValueError, match=r"step must be >= 0"):
             model.loss(x, rng=0, step=-1)
         assert np.isfinite(model.loss(x, rng=0, step=0))
+
+
+@pytest.mark.parametrize("cls", [VQVAE, ConvVQVAE])
+@pytest.mark.parametrize("name, bad", [("num_codes", 5.7), ("code_dim", 2.5), ("num_codes", True),
+                                       ("restart_after", 1.5)])
+def test_quantizer_sizes_must_be_integers_not_truncated(cls, name, bad):
+    """5.7 codes used to become 5, silently; a bool is not a count either."""
+    kwargs = dict(SMALL_CONV) if cls is ConvVQVAE else dict(data_dim=4, hidden=(3,))
+    kwargs.update(num_codes=3, code_dim=2, kmeans_init=False)
+    kwargs[name] = bad
+    with pytest.raises(ValueError, match=name):
+        cls(**kwargs)

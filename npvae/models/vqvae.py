@@ -59,10 +59,10 @@ def quantizer_settings(*, num_codes, code_dim, num_vectors, likelihood, sigma2, 
     sigma2 = check_likelihood(likelihood, sigma2, dtype)
     beta = v.nonnegative("beta", beta)
     metric_code(metric)
-    for name, value in (("num_codes", num_codes), ("code_dim", code_dim),
-                        ("num_vectors", num_vectors)):
-        if int(value) < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    num_codes, code_dim = positive_int("num_codes", num_codes), positive_int("code_dim", code_dim)
+    num_vectors = positive_int("num_vectors", num_vectors)
+    if not v.is_integer(restart_after):
+        raise ValueError(f"restart_after must be an integer number of steps, got {restart_after!r}")
     if beta < 0 or restart_after < 0 or not 0.0 <= ema_decay < 1.0:
         raise ValueError(
             f"need beta >= 0, restart_after >= 0 and 0 <= ema_decay < 1, "
