@@ -339,11 +339,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _default_run_dir(kind: str) -> Path:
+    """runs/KIND-YYYYmmdd-HHMMSS, or the first of -2, -3 ... after it not taken yet."""
     base = Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     run, i = base, 2
     while run.exists():
         run, i = base.with_name(f"{base.name}-{i}"), i + 1
     return run
+
+
+def _claim_default_run_dir(run: Path, kind: str) -> Path:
+    """Make the default folder ``run`` for this command alone, or the next free one.
+
+    Commands started in the same second pick the same default name; the name chosen before
+    the checks may have been taken since. ``mkdir`` succeeds for one process only, so each
+    command that loses the race takes the next free name instead of another's folder.
+    """
+    while True:
+        run.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            run = _default_run_dir(kind)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -434,6 +451,8 @@ def _train_run(given: dict, run_dir: Path) -> int:
             model = build(config, rng=s["seed"])
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    if "resume" not in given and not given.get("out"):  # the default folder: this run's alone
+        run_dir = _claim_default_run_dir(run_dir, given.get("model", DEFAULTS["model"]))
     with run_lock(run_dir):  # made now if new, and held until the figures are written
         if ck is None:  # every check passed: only now may an old run's files go (--overwrite)
             prepare_run_dir(run_dir, s.get("overwrite", False))

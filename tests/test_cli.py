@@ -489,3 +489,25 @@ def test_empty_hidden_is_refused_with_the_way_to_say_none(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "empty value" in err and "--hidden none" in err
+
+
+def test_commands_started_in_the_same_second_get_folders_of_their_own(capsys, tmp_path,
+                                                                       monkeypatch):
+    """The default folder is chosen before the checks and the data; another command may
+    take that name meanwhile. It then trains into the next free name, never into the
+    other command's folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.time, "strftime", lambda fmt: "20260101-000000")
+    real = cli._default_run_dir
+    taken = tmp_path / "runs" / "vae-bernoulli-20260101-000000"
+
+    def chosen_then_taken(kind):  # another command makes the folder right after the choice
+        run = real(kind)
+        taken.mkdir(parents=True, exist_ok=True)
+        return run
+
+    monkeypatch.setattr(cli, "_default_run_dir", chosen_then_taken)
+    code, out, err = run_cli(capsys, "train", *TINY, "--epochs", "1")
+    assert code == 0, err
+    assert list(taken.iterdir()) == []  # the other command's folder is left alone
+    assert (taken.parent / "vae-bernoulli-20260101-000000-2" / "checkpoint.npz").exists()
