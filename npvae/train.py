@@ -527,6 +527,13 @@ def _save(ckpt_path, model, opt, rng, epochs_done, step, history, settings, posi
     except NonFiniteState as exc:  # NaN that the loss and gradient did not show
         raise _diverged_state(exc.detail, step, epochs_done - 1, ckpt_path,
                               settings["epochs"]) from None
+    except OSError as exc:  # a full disk, a folder gone: the file written before is intact
+        ckpt_path = Path(ckpt_path)
+        kept = (f"the checkpoint saved before is kept; continue from it with npvae train "
+                f"--resume {shlex.quote(str(ckpt_path.parent))} once the cause is fixed"
+                if ckpt_path.exists() else "no checkpoint had been saved yet")
+        raise OSError(exc.errno, f"could not save {ckpt_path} (epochs done: {epochs_done}): "
+                                 f"{exc.strerror or exc}; {kept}") from exc
 
 
 def _save_position(here, ckpt_path, model, opt, rng, epochs_done, step, history, settings,

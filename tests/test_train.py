@@ -379,3 +379,29 @@ def test_nan_gradient_on_a_step_that_skips_the_norm_is_caught_at_that_step(data,
         train(model, *data, epochs=3, seed=1, run_dir=tmp_path, optimizer=optimizer, **LOOP)
     ck = load_checkpoint(tmp_path)
     assert ck.epoch == 1 and np.all(np.isfinite(ck.model.params.flat))
+
+
+def test_a_full_disk_says_which_file_and_that_the_last_checkpoint_is_kept(data, tmp_path,
+                                                                         monkeypatch):
+    """The save after epoch 2 fails (no space left): the message names the file, says the
+    checkpoint of epoch 1 is kept and how to continue from it, and that checkpoint loads."""
+    import errno
+
+    import npvae.train as train_module
+
+    real, calls = train_module.save_checkpoint, [0]
+
+    def full_disk(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", full_disk)
+    with pytest.raises(OSError) as info:
+        run(data, tmp_path / "r", epochs=3)
+    message = str(info.value)
+    assert info.value.errno == errno.ENOSPC and "No space left" in message
+    assert str(tmp_path / "r" / "checkpoint.npz") in message
+    assert "the checkpoint saved before is kept" in message and "--resume" in message
+    assert load_checkpoint(tmp_path / "r").epoch == 1
