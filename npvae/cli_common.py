@@ -233,18 +233,25 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> list:
     ``overwrite`` would replace."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file, not a directory; choose another --out")
-    from .runs import run_files
+    from .checkpoint import FILENAME
+    from .runs import is_temp_file, run_files
 
     ours, others = run_files(run_dir) if run_dir.exists() else ([], [])
     if others:
         names = ", ".join(p.name for p in others[:5]) + (", ..." if len(others) > 5 else "")
         raise UsageError(f"{run_dir} holds files that are not part of an npvae run ({names}); "
                          f"choose a new or empty directory with --out")
-    if ours and not overwrite:
-        names = ", ".join(p.name for p in ours[:4]) + (", ..." if len(ours) > 4 else "")
-        raise UsageError(f"{run_dir} already holds a run ({names}). Continue it with "
-                         f"npvae train --resume {shlex.quote(str(run_dir))}, pass --overwrite "
-                         f"to replace it, or choose another --out")
+    # a killed writer's temporary files alone are no run: the new run removes them
+    kept = [p for p in ours if not is_temp_file(p.name)]
+    if kept and not overwrite:
+        names = ", ".join(p.name for p in kept[:4]) + (", ..." if len(kept) > 4 else "")
+        if (run_dir / FILENAME).exists():
+            raise UsageError(f"{run_dir} already holds a run ({names}). Continue it with "
+                             f"npvae train --resume {shlex.quote(str(run_dir))}, pass "
+                             f"--overwrite to replace it, or choose another --out")
+        raise UsageError(f"{run_dir} holds files of a run that saved no checkpoint ({names}), "
+                         f"so it cannot be continued; pass --overwrite to replace them, or "
+                         f"choose another --out")
     return ours
 
 

@@ -511,3 +511,27 @@ def test_commands_started_in_the_same_second_get_folders_of_their_own(capsys, tm
     assert code == 0, err
     assert list(taken.iterdir()) == []  # the other command's folder is left alone
     assert (taken.parent / "vae-bernoulli-20260101-000000-2" / "checkpoint.npz").exists()
+
+
+def test_a_killed_first_save_leaves_no_run_behind(capsys, tmp_path):
+    """kill -9 during the very first save leaves only the temporary file: --out then
+    trains into the folder (removing it), instead of sending the user to --resume."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / ".checkpoint.npz.ekd6c3hr.tmp").write_bytes(b"PK\x03\x04 cut short")
+    code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(run))
+    assert code == 0, err
+    assert load_checkpoint(run).epoch == 1
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_a_run_without_a_checkpoint_is_not_offered_a_resume(capsys, tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(run))
+    assert code == 2
+    assert "saved no checkpoint" in err and "--overwrite" in err and "--resume" not in err
+    code, _, err = run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(run),
+                           "--overwrite")
+    assert code == 0, err
