@@ -104,7 +104,6 @@ def matmul_floor(model, n: int, k: int, workers: int | None = None) -> float:
             for W in dec:
                 h = h @ W
             np.matmul(h.reshape(b, c, d), x[:b, :d, None])  # (B, C, 1)  as (x - 1/2).l
-        return None
 
     batches = list(evaluate._batches(n, per_batch))
     t0 = time.perf_counter()

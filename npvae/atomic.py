@@ -12,9 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+
+_TEMP = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp")  # mkstemp's random part: [A-Za-z0-9_]
+
+
+def temp_target(name: str) -> str | None:
+    """The name of the file that the temporary file ``name`` was written for
+    (``.<name>.<random>.tmp``), or None if ``name`` is no such temporary file."""
+    m = _TEMP.fullmatch(name)
+    return m.group("name") if m else None
 
 
 def write_atomic(path, write: Callable, verify: Callable | None = None) -> Path:

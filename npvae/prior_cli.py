@@ -12,8 +12,8 @@ SIGTERM and SIGHUP save a checkpoint, and the run folder is locked while it is w
 from __future__ import annotations
 
 import math
+import shlex
 import time
-from shlex import quote
 from pathlib import Path
 
 import numpy as np
@@ -209,13 +209,14 @@ def _train_prior(ns, run_dir: Path) -> int:
                         lr=s["lr"], seed=s["seed"], binarize="none", run_dir=pdir,
                         progress=ns.progress, resume_from=ck, args=stored)
     except TrainingInterrupted as exc:  # the hint must name this command, not npvae train
-        hint = (f"the prior is trained; for its test cross-entropy: npvae eval {quote(str(run_dir))}"
-                if exc.finished else
-                f"continue with: npvae train-prior {quote(str(run_dir))} --resume")
+        run = shlex.quote(str(run_dir))  # pasted into a shell as it is
+        hint = (f"the prior is trained; for its test cross-entropy: npvae eval {run}"
+                if exc.finished else f"continue with: npvae train-prior {run} --resume")
         raise TrainingInterrupted(f"{exc.message}; {hint}", checkpoint=None, epoch=exc.epoch,
                                   step=exc.step, signum=exc.signum, finished=exc.finished) from None
     except TrainingDiverged as exc:
-        raise TrainingDiverged(f"{exc} (for this prior: npvae train-prior {run_dir} --resume "
+        raise TrainingDiverged(f"{exc} (for this prior: npvae train-prior "
+                               f"{shlex.quote(str(run_dir))} --resume "
                                f"--lr LR)", step=exc.step, epoch=exc.epoch) from None
 
     _report_prior(ns, vs, vq, prior, history, run_dir, pdir)

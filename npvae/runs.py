@@ -24,6 +24,7 @@ try:
 except ImportError:  # pragma: no cover - not on POSIX: runs are not locked
     fcntl = None
 
+from .atomic import temp_target
 from .checkpoint import FILENAME
 
 METRICS_FILE = "metrics.jsonl"
@@ -85,7 +86,6 @@ FIGURES = ("reconstructions.png", "samples.png", "loss_curves.png", "latent_scat
            "interpolation.png", "manifold.png", "codebook_usage.png", "perplexity.png")
 RUN_FILES = (FILENAME, METRICS_FILE, "eval.json") + FIGURES
 _SAMPLES = re.compile(r"samples-seed\d+\.png")
-_TEMP = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp")
 _held = {}  # real path of a run folder -> [fd, depth]: this process's locks
 
 
@@ -96,8 +96,8 @@ def is_run_file(name: str) -> bool:
 
 def is_temp_file(name: str) -> bool:
     """True for a hidden temporary file through which npvae writes one of its run files."""
-    m = _TEMP.fullmatch(name)
-    return bool(m) and is_run_file(m.group("name"))
+    target = temp_target(name)
+    return target is not None and is_run_file(target)
 
 
 def run_files(run_dir: Path) -> tuple[list, list]:

@@ -239,8 +239,8 @@ def _not_continued_by(run_dir: Path, resume_from) -> str | None:
     source = resume_from.path if is_ck else checkpoint_path(resume_from)
     if source is None or not ours.exists() or os.path.realpath(source) != os.path.realpath(ours):
         return f"resume_from is another checkpoint ({source}): training on from it would replace that run"
-    if is_ck and saved_progress(ours) != (resume_from.epoch, resume_from.step):
-        epoch, step = saved_progress(ours)
+    epoch, step = saved_progress(ours) if is_ck else (None, None)
+    if is_ck and (epoch, step) != (resume_from.epoch, resume_from.step):
         return (f"resume_from is its checkpoint as loaded at step {resume_from.step} (epoch "
                 f"{resume_from.epoch}), but the run has since reached step {step} (epoch "
                 f"{epoch}): training on from it would roll the run back")
@@ -562,7 +562,7 @@ def _save_position(here, ckpt_path, model, opt, rng, epochs_done, step, history,
     except NonFiniteState:  # the state to save holds NaN: keep the last good file
         saved = None
     if saved is None and ckpt_path.exists():  # stopped mid-update, or NaN: keep the last one
-        saved, where = ckpt_path, _saved_epoch(ckpt_path)
+        saved, where = ckpt_path, _saved_state(ckpt_path)[0]
     return saved, where
 
 
@@ -713,24 +713,22 @@ def _train(model, x_train, x_val, *, epochs, batch_size, lr, optimizer, clip, se
     return history
 
 
-def _saved_epoch(path) -> str:
-    """'after epoch E' for the checkpoint at ``path``, as far as it can be read."""
+def _saved_state(path) -> tuple:
+    """('after epoch E', the epochs its run was set to train for) for the checkpoint at
+    ``path``, or ('as it was on disk', None) when it cannot be read."""
     try:
-        return f"after epoch {load_checkpoint(path).epoch}"
+        ck = load_checkpoint(path)
     except CheckpointError:
-        return "as it was on disk"
+        return "as it was on disk", None
+    return f"after epoch {ck.epoch}", ck.args.get("epochs")
 
 
 def _what_next(ckpt_path: Path, epochs: int) -> str:
     """What a diverged run can do: what is kept, and how to go on with a smaller step
     towards ``epochs`` (named when the kept checkpoint was saved with fewer)."""
     if ckpt_path.exists():
-        try:
-            ck = load_checkpoint(ckpt_path)
-            saved, fewer = f"after epoch {ck.epoch}", ck.args.get("epochs", epochs) < epochs
-        except CheckpointError:
-            saved, fewer = "as it was on disk", False
-        more = f" --epochs {epochs}" if fewer else ""
+        saved, planned = _saved_state(ckpt_path)
+        more = f" --epochs {epochs}" if planned is not None and planned < epochs else ""
         return (f"the last good checkpoint, {ckpt_path} ({saved}), is kept. "
                 f"Continue from it with a smaller learning rate or gradient clipping: "
                 f"npvae train --resume {shlex.quote(str(ckpt_path.parent))}{more} --lr LR "

@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..atomic import write_atomic
+from ..atomic import temp_target, write_atomic
 from .idx import (
     DATASETS, KNOWN_FILES, MANIFEST_NAME, _N_CLASSES, _PRETTY, _SIDE, ChecksumError,
     CorruptFileError, _all_stems, _check_kind, _choice, _decompress, _idx_bytes, _inflated_source,
@@ -112,10 +112,7 @@ def _remove_stale_temporaries(directory: Path) -> None:
     except OSError:  # no cache folder yet, or not readable: nothing of ours to remove
         return
     for entry in entries:
-        name = entry.name
-        if not (name.startswith(".") and name.endswith(".tmp")):
-            continue
-        if name[1:-4].rpartition(".")[0] not in names:
+        if temp_target(entry.name) not in names:
             continue
         with contextlib.suppress(OSError):
             if (entry.is_file(follow_symlinks=False)

@@ -57,10 +57,12 @@ def bernoulli_rows(x, idx, u, out) -> np.ndarray:
     if out.shape != (B, D) or u.shape != (B, D) or u.dtype != out.dtype:
         raise ValueError(f"u and out must both be ({B}, {D}) arrays of one float dtype, "
                          f"got {u.shape} {u.dtype} and {out.shape} {out.dtype}")
-    same = u.ctypes.data == out.ctypes.data and u.strides == out.strides
-    if not same and np.may_share_memory(u, out) and np.shares_memory(u, out):
-        raise ValueError("out must be u itself or not overlap it; pass a separate array "
-                         "or u as out")
+    if np.may_share_memory(u, out):  # rare: the training loop passes separate arrays
+        same = (u.__array_interface__["data"][0] == out.__array_interface__["data"][0]
+                and u.strides == out.strides)
+        if not same and np.shares_memory(u, out):
+            raise ValueError("out must be u itself or not overlap it; pass a separate array "
+                             "or u as out")
     if B and (idx.min() < 0 or idx.max() >= x.shape[0]):
         raise ValueError(f"idx must lie in [0, {x.shape[0]})")
     return _bernoulli_rows(x, idx, u, out.dtype.type(255), out)
