@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -86,12 +87,15 @@ from .models.base import as_rng, likelihood_forward
 from .models.vae import VAE
 from .ops import gaussian_kl_forward
 from .ops.vq import perplexity
-from .ops.activations import EXP_CUT, neg_clamp_kernel
+from .ops.activations import EXP_CUT, abs_bias_kernel, neg_clamp_kernel
+from .ops.mlp import work_buffer
 
 LOG_2PI = math.log(2.0 * math.pi)
 ACTIVE_THRESHOLD = 0.01  # Burda et al. (2015)
 BCE_CLIP = 1e-7
-IW_ROWS = 1024  # default (example, sample) pairs decoded at once by iw_log_likelihood
+IW_ROWS = 2048  # default (example, sample) pairs decoded at once by iw_log_likelihood:
+# on M2 (benchmarks/RESULTS.md) 2048 rows took 0.94 of the time of 1024, whose chunks
+# pay their Python and small-array work twice as often
 
 
 # ----------------------------------------------------------------------------------
@@ -271,20 +275,28 @@ def example_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(index)])
 
 
-def _bernoulli_logp_samples(logits, x):
+def _bernoulli_logp_samples(logits, x, bias=None):
     """log p(x_n | l_{n,i}) for C samples per example, the fast form (IW.6).
 
-    logits (B*C, D), overwritten; x (B, D) -> (B, C) float64. Same values as the
-    likelihood op (LIK.3) on x repeated C times, in fewer passes. Six passes over (B*C, D): abs, a row sum, the
-    clamped negation (one compiled pass), exp, log1p, a row sum; the centred term is a
-    batched matrix-vector product. Row sums use einsum in this thread (a BLAS
+    logits (B*C, D), overwritten; x (B, D) -> (B, C) float64. With ``bias`` (D,), the
+    logits are ``logits + bias``: the decoder's last bias is added here, inside the
+    first pass, instead of in a pass of its own. Same values as the likelihood op
+    (LIK.3) on x repeated C times, in fewer passes. Six passes over (B*C, D): |l + b|
+    (one compiled pass), a row sum, the clamped negation (one compiled pass), exp,
+    log1p, a row sum; the centred term is a batched matrix-vector product, plus
+    (x - 1/2).b once per example. Row sums use einsum in this thread (a BLAS
     matrix-vector product this size loses more to thread start-up than it gains).
     """
     b, d = x.shape
     c = logits.shape[0] // b
     l = logits
-    centred = np.matmul(l.reshape(b, c, d), (x - 0.5)[:, :, None])[:, :, 0]  # (B, C)  (x - 1/2).l
-    np.abs(l, out=l)  # (B*C, D)  |l|
+    xc = x - 0.5  # (B, D)
+    centred = np.matmul(l.reshape(b, c, d), xc[:, :, None])[:, :, 0]  # (B, C)  (x - 1/2).l
+    if bias is None:
+        np.abs(l, out=l)  # (B*C, D)  |l|
+    else:
+        centred += (xc @ bias)[:, None]  # (B, C)  (x - 1/2).(l + b) = (x - 1/2).l + (x - 1/2).b
+        abs_bias_kernel(l, bias)  # (B*C, D)  |l + b|
     sum_abs = np.einsum("rd->r", l)  # (B*C,)  sum_d |l_d|
     neg_clamp_kernel(l, l.dtype.type(EXP_CUT[l.dtype]))  # max(-|l|, cut): exp never subnormal
     np.exp(l, out=l)  # (B*C, D)  exp(-|l|) in (0, 1]; below the cut ~1e-19, lost in the sums
@@ -294,29 +306,32 @@ def _bernoulli_logp_samples(logits, x):
     return centred.astype(np.float64) - rest.reshape(b, c)  # (B, C)  (IW.6)
 
 
-def _gaussian_logp_samples(mean, x, sigma2: float):
+def _gaussian_logp_samples(mean, x, sigma2: float, bias=None):
     """log N(x_n; m_{n,i}, sigma2 I) for C samples per example (LIK.1).
 
-    mean (B*C, D), overwritten; x (B, D) -> (B, C) float64.
+    mean (B*C, D), overwritten; x (B, D) -> (B, C) float64. With ``bias`` (D,), the
+    means are ``mean + bias``.
     """
     b, d = x.shape
     c = mean.shape[0] // b
     r = mean.reshape(b, c, d)
-    r -= x[:, None, :]  # (B, C, D)  m - x
+    shift = x if bias is None else x - bias  # (B, D)
+    r -= shift[:, None, :]  # (B, C, D)  m - x
     sq = np.einsum("ncd,ncd->nc", r, r).astype(np.float64)  # (B, C)  ||x - m||^2
     return -0.5 * sq / sigma2 - 0.5 * d * math.log(2.0 * math.pi * sigma2)  # (B, C)  (LIK.1)
 
 
-def loglik_samples(model, out, x):
+def loglik_samples(model, out, x, bias=None):
     """log p(x_n | z_{n,i}) from the decoder output of C samples per example.
 
     out (B*C, D), rows n*C .. n*C + C - 1 belonging to example n, is overwritten;
-    x (B, D) -> (B, C) float64.
+    x (B, D) -> (B, C) float64. With ``bias`` (D,), the decoder output is ``out + bias``
+    (see ``decoder_output(z, work, split_bias=True)``).
     """
     cfg = model.config
     if cfg["likelihood"] == "bernoulli":
-        return _bernoulli_logp_samples(out, x)  # (IW.6)
-    return _gaussian_logp_samples(out, x, cfg["sigma2"])  # (LIK.1)
+        return _bernoulli_logp_samples(out, x, bias)  # (IW.6)
+    return _gaussian_logp_samples(out, x, cfg["sigma2"], bias)  # (LIK.1)
 
 
 def iw_log_likelihood(model, x, k: int = 5000, rng=None, batch_size: int | None = None,
@@ -325,8 +340,10 @@ def iw_log_likelihood(model, x, k: int = 5000, rng=None, batch_size: int | None 
 
     Defined for the VAEs and the sampled autoencoder (q = N(Enc(x), I)). ``batch_size``
     examples are encoded together and their samples are decoded ``chunk`` per example at
-    a time, so memory is about workers * batch_size * chunk * (H + D) numbers; by default
-    chunk is min(k, 128) and batch_size is such that batch_size * chunk is about 1024.
+    a time, into buffers each thread keeps from chunk to chunk (two per decoder layer),
+    so memory is about 2 * workers * batch_size * chunk * (H + D) numbers; by default
+    chunk is min(k, 128) and batch_size is such that batch_size * chunk is about 2048
+    (IW_ROWS: under 40 MB for the 784-400-20 model in float32 on two threads).
 
     ``workers`` threads (default: one per core, at most 2) each take whole batches of
     examples, with BLAS at one thread each: the matrix products of one batch overlap
@@ -360,8 +377,12 @@ def iw_log_likelihood(model, x, k: int = 5000, rng=None, batch_size: int | None 
     seed = int(as_rng(rng).integers(2**63))
     n = x.shape[0]
 
+    local = threading.local()  # each thread's decoder buffers, reused batch after batch
+
     def one_batch(bounds):
-        return _iw_batch(model, x[bounds[0]:bounds[1]], bounds[0], seed, k, chunk)
+        if not hasattr(local, "work"):
+            local.work = {}
+        return _iw_batch(model, x[bounds[0]:bounds[1]], bounds[0], seed, k, chunk, local.work)
 
     batches = list(_batches(n, batch_size))
     results = [one_batch(batches[0])]  # in this thread: kernels compiled before the workers start
@@ -384,7 +405,6 @@ def _map_in_threads(fn, items, workers: int) -> list:
     """
     if workers == 1:
         return [fn(item) for item in items]
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from .threads import blas_threads
@@ -408,9 +428,10 @@ def _map_in_threads(fn, items, workers: int) -> list:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _iw_batch(model, xb, start: int, seed: int, k: int, chunk: int):
+def _iw_batch(model, xb, start: int, seed: int, k: int, chunk: int, work: dict):
     """L_k (B,) for the examples xb (B, D) whose first has index ``start``, and the sum
-    of their B k log weights. Samples are decoded ``chunk`` per example at a time."""
+    of their B k log weights. Samples are decoded ``chunk`` per example at a time, into
+    the buffers kept in ``work`` (this thread's own)."""
     b, z_dim, dtype = xb.shape[0], model.latent, model.dtype
     mu, logvar = posterior(model, xb)  # (B, Z) each
     std = np.exp(0.5 * logvar)  # (B, Z)
@@ -420,13 +441,14 @@ def _iw_batch(model, xb, start: int, seed: int, k: int, chunk: int):
     log_w_total = 0.0
     for first in range(0, k, chunk):
         c = min(chunk, k - first)
-        eps64 = np.empty((b, c, z_dim))  # (B, C, Z)
+        eps64 = work_buffer(work, ("iw", "eps"), (b, c, z_dim), np.float64)  # (B, C, Z)
         for row, stream in zip(eps64, streams):
             stream.standard_normal((c, z_dim), out=row)  # the example's own stream
         z = mu[:, None, :] + std[:, None, :] * eps64.astype(dtype)  # (B, C, Z)  (REP.1)
-        out = model.decoder_output(z.reshape(b * c, z_dim))  # (B*C, D)
-        log_px_z = loglik_samples(model, out, xb)  # (B, C)  (IW.6) or (LIK.1)
-        z64 = z.astype(np.float64)  # (B, C, Z)
+        out, bias = model.decoder_output(z.reshape(b * c, z_dim), work, split_bias=True)  # (B*C, D), (D,) or None
+        log_px_z = loglik_samples(model, out, xb, bias)  # (B, C)  (IW.6) or (LIK.1)
+        z64 = work_buffer(work, ("iw", "z"), z.shape, np.float64)  # (B, C, Z)
+        z64[...] = z  # the decoded z, in float64
         sq_eps = np.einsum("ncz,ncz->nc", eps64, eps64)  # (B, C)  ||(z - mu) / sigma||^2
         log_q = -0.5 * (sq_eps + logvar_sum[:, None] + z_dim * LOG_2PI)  # (B, C)  (IW.4)
         log_pz = -0.5 * (np.einsum("ncz,ncz->nc", z64, z64) + z_dim * LOG_2PI)  # (B, C)  (IW.4)

@@ -52,6 +52,11 @@ def test_geometry_of_the_default_model():
     mu, logvar = model.encode(x)
     assert mu.shape == logvar.shape == (2, 20)
     assert model.decoder_output(mu).shape == (2, 784)
+    work = {}  # the conv decoder makes its own arrays, with or without work
+    np.testing.assert_allclose(model.decoder_output(mu, work), model.decoder_output(mu), rtol=1e-6, atol=1e-6)
+    out, bias = model.decoder_output(mu, work, split_bias=True)  # no bias left apart
+    assert bias is None
+    np.testing.assert_allclose(out, model.decoder_output(mu), rtol=1e-6, atol=1e-6)
     assert model.sample(3, rng=0).shape == (3, 784)
 
 

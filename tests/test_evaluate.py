@@ -316,6 +316,14 @@ def test_fast_loglik_matches_the_likelihood_ops(likelihood, scale):
                   dtype=np.float32)
     got32 = ev.loglik_samples(model32, out.astype(np.float32), x.astype(np.float32))
     np.testing.assert_allclose(got32, want, rtol=1e-5, atol=1e-4 * max(1.0, scale))
+    # the decoder's last bias handed over apart (decoder_output(..., split_bias=True)):
+    # the output is out - bias + bias, the same values up to the rounding of that split
+    bias = rng.normal(size=30) * scale
+    got = ev.loglik_samples(model, out - bias, x, bias)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9 * max(1.0, scale))
+    got32 = ev.loglik_samples(model32, (out - bias).astype(np.float32), x.astype(np.float32),
+                              bias.astype(np.float32))
+    np.testing.assert_allclose(got32, want, rtol=1e-5, atol=1e-4 * max(1.0, scale))
 
 
 def test_float32_estimate_is_close_to_float64():
@@ -583,11 +591,11 @@ def test_iw_stops_at_the_first_failing_batch_and_cancels_the_rest():
     x = data(model, 40, np.random.default_rng(3))
     original, calls = model.decoder_output, [0]
 
-    def failing(z):
+    def failing(z, *args, **kwargs):
         calls[0] += 1
         if calls[0] == 3:
             raise RuntimeError("planted failure")
-        return original(z)
+        return original(z, *args, **kwargs)
 
     model.decoder_output = failing
     with pytest.raises(RuntimeError, match="planted failure"):

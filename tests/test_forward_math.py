@@ -10,7 +10,7 @@ from npvae.ops import (
     gaussian_kl_forward, gaussian_loglik_forward, linear_forward, reparameterize_forward,
 )
 from npvae.ops.activations import LEAKY_SLOPE
-from npvae.ops.mlp import mlp_forward, mlp_init, mlp_shapes
+from npvae.ops.mlp import mlp_forward, mlp_init, mlp_predict, mlp_shapes, work_buffer
 from npvae.params import FlatDict
 
 
@@ -49,6 +49,52 @@ def test_mlp_forward_composes_its_layers(act, rng):
     expected = h1 @ params["net.1.W"] + params["net.1.b"]
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
 
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_mlp_predict_gives_mlp_forward_s_output_while_reusing_its_buffers(act, dtype, tol, rng):
+    # the inference path (MLP.1 without a cache) against the training path, on batches
+    # of 6, then 2 (a last, smaller chunk: views of the same buffers), then 6 again
+    params = FlatDict(mlp_shapes("net", (5, 7, 4, 3)), dtype)
+    mlp_init(params, "net", act, rng)
+    for i, n in enumerate((7, 4, 3)):
+        params[f"net.{i}.b"][...] = rng.normal(size=n)
+    work = {}
+    outs = []
+    for n in (6, 2, 6):
+        x = rng.normal(size=(n, 5)).astype(dtype)
+        expected, _ = mlp_forward(params, "net", x, act, out_activation="softplus")
+        got = mlp_predict(params, "net", x, act, out_activation="softplus", work=work)
+        assert got.shape == (n, 3) and got.dtype == dtype
+        np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
+        outs.append(got)
+    assert len(work) == 6  # two buffers per layer, none added for the smaller batch
+    assert np.shares_memory(outs[0], outs[1]) and np.shares_memory(outs[0], outs[2])
+    # the last bias left out, for a caller that adds it itself
+    x = rng.normal(size=(6, 5)).astype(dtype)
+    expected, _ = mlp_forward(params, "net", x, act)
+    got = mlp_predict(params, "net", x, act, work=work, last_bias=False)
+    np.testing.assert_allclose(got + params["net.2.b"], expected, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="last_bias=False needs out_activation='identity'"):
+        mlp_predict(params, "net", x, act, out_activation="sigmoid", last_bias=False)
+    # without work, each call returns a new array
+    x = rng.normal(size=(6, 5)).astype(dtype)
+    a, b = (mlp_predict(params, "net", x, act) for _ in range(2))
+    assert not np.shares_memory(a, b)
+
+
+def test_work_buffer_grows_only_when_too_small():
+    work = {}
+    a = work_buffer(work, "k", (4, 5), np.float32)
+    assert a.shape == (4, 5) and a.dtype == np.float32
+    b = work_buffer(work, "k", (2, 3), np.float32)  # smaller: a view of the same memory
+    assert b.shape == (2, 3) and np.shares_memory(a, b)
+    c = work_buffer(work, "k", (5, 5), np.float32)  # larger: a new buffer
+    assert c.shape == (5, 5) and not np.shares_memory(a, c)
+    d = work_buffer(work, "k", (2, 2), np.float64)  # another dtype: a new buffer
+    assert d.dtype == np.float64 and not np.shares_memory(c, d)
+    assert work_buffer(work, "other", (2, 2), np.float64) is not None and len(work) == 2
 
 def test_reparameterized_samples_have_mean_mu_and_variance_exp_logvar(rng):
     mu = np.array([[0.5, -2.0, 3.0]])

@@ -309,6 +309,26 @@ def test_neg_clamp_twins_on_special_values(dtype):
             np.testing.assert_array_equal(got, np.where(np.isnan(a), a, np.maximum(-a, cut)))
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_abs_bias_twins_on_special_values(dtype):
+    # |a + b| in place: one addition and one abs per entry in both twins, so bit for bit;
+    # a[i, j] + b[j] meets every pair of special values (inf - inf gives NaN in both)
+    a, _ = pair_grid(dtype)
+    b = special_values(dtype)
+    got, want = numba_and_numpy(activations.abs_bias_kernel, a, b)
+    assert_twins_match(got, want, exact=True)
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(got, np.abs(a + b))
+    assert not np.signbit(got).any()  # -0.0 + 0.0 and -NaN come out without a sign bit too
+    # random values, and a view of rows (as the estimator's last, smaller chunk)
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(12, 31)).astype(dtype)
+    b = rng.normal(size=31).astype(dtype)
+    got, want = numba_and_numpy(activations.abs_bias_kernel, a[:7], b)
+    assert_twins_match(got, want, exact=True)
+    np.testing.assert_array_equal(got, np.abs(a[:7] + b))
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sum_of_squares_twins_on_special_values(dtype):
     # squares in float64: a float32 subnormal squares to a normal float64; info.max

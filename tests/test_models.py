@@ -631,3 +631,23 @@ def test_dead_code_restart_moves_unused_codes_onto_encoder_outputs():
     assert used_before[3] == 1  # it had been counted as unused before the restart
     live = [k for k in range(3) if model.buffers["steps_unused"][k] < 2]
     assert live  # codes in use were left alone
+
+
+@pytest.mark.parametrize("cls", [BernoulliVAE, GaussianVAE, Autoencoder])
+def test_decoder_output_with_work_gives_the_same_values(cls):
+    # the buffered inference path (mlp_predict) against the training path, for a last
+    # batch smaller than the first, as the importance-weighted estimate decodes them
+    model = cls(data_dim=9, hidden=(6, 5), latent=3, dtype=np.float64, rng=0)
+    rng = np.random.default_rng(1)
+    for name, p in model.params.items():  # non-zero biases, so a dropped one shows
+        p[...] = rng.normal(size=p.shape)
+    work = {}
+    for n in (7, 3):
+        z = rng.normal(size=(n, 3))
+        want = model.decoder_output(z)
+        np.testing.assert_allclose(model.decoder_output(z, work), want, rtol=1e-12, atol=1e-12)
+        a, b = model.decoder_output(z, work, split_bias=True)  # the last bias left apart
+        np.testing.assert_array_equal(b, model.params["dec.2.b"])
+        np.testing.assert_allclose(a + b, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="split_bias=True needs work"):
+        model.decoder_output(z, split_bias=True)

@@ -32,7 +32,7 @@ from ..ops import (
     gaussian_loglik_forward,
 )
 from ..ops.activations import activation_code, stable_sigmoid
-from ..ops.mlp import mlp_backward, mlp_forward, mlp_init, mlp_shapes
+from ..ops.mlp import mlp_backward, mlp_forward, mlp_init, mlp_predict, mlp_shapes, num_layers
 from ..params import FlatDict
 from .._validate import trusted  # noqa: F401  (re-exported for the models)
 
@@ -245,11 +245,33 @@ class ContinuousLatentModel(Model):
         dz, _ = mlp_backward(dout, cache, grads)
         return dz
 
-    def decoder_output(self, z):
-        """z (N, Z) -> the decoder's raw output (N, D): Gaussian mean or Bernoulli logits."""
+    def _decoder_predict(self, z, work: dict, split_bias: bool):
+        """decoder_output with ``work``: the MLP's inference pass (mlp_predict)."""
+        out = mlp_predict(self.params, "dec", z, self.config["activation"], work=work,
+                          last_bias=not split_bias)  # (N, D)
+        if not split_bias:
+            return out
+        return out, self.params[f"dec.{num_layers(self.params, 'dec') - 1}.b"]  # (N, D), (D,)
+
+    def decoder_output(self, z, work: dict | None = None, split_bias: bool = False):
+        """z (N, Z) -> the decoder's raw output (N, D): Gaussian mean or Bernoulli logits.
+
+        With ``work`` (a dict, one per thread), the decoder keeps its buffers there and
+        reuses them on the next call (:func:`npvae.ops.mlp.mlp_predict`): the output is
+        then overwritten by that call. Without it the output is a new array.
+
+        ``split_bias=True`` (with ``work``) returns ``(a, b)`` whose sum is the output:
+        ``b`` (D,) is the last layer's bias, not yet added, for a caller that adds it in
+        its own pass over the output (the importance-weighted estimate does, in its
+        likelihood); ``b`` is None for a decoder whose output ``a`` already is.
+        """
         z = np.asarray(z, dtype=self.dtype)
         if z.ndim != 2 or z.shape[1] != self.latent:
             raise ValueError(f"z must have shape (N, {self.latent}), got {z.shape}")
+        if split_bias and work is None:
+            raise ValueError("split_bias=True needs work, a dict for the decoder's buffers")
+        if work is not None:
+            return self._decoder_predict(z, work, split_bias)
         out, _ = self._decoder_forward(z)
         return out
 

@@ -82,6 +82,26 @@ def _neg_clamp_numba(a, cut):
 neg_clamp_kernel = dispatch(_neg_clamp_numpy, _neg_clamp_numba)
 
 
+def _abs_bias_numpy(a, b):
+    """a <- |a + b| in place, for a (N, D) and b (D,); NaN kept."""
+    np.add(a, b, out=a)
+    np.abs(a, out=a)
+    return a
+
+
+@numba_kernel
+def _abs_bias_numba(a, b):
+    """Same as _abs_bias_numpy, in one vectorized pass instead of two."""
+    n, d = a.shape
+    for i in range(n):
+        for j in range(d):
+            a[i, j] = abs(a[i, j] + b[j])
+    return a
+
+
+abs_bias_kernel = dispatch(_abs_bias_numpy, _abs_bias_numba)
+
+
 def stable_sigmoid(a):
     """1 / (1 + exp(-a)) without overflow for any finite a; exactly 0 far below 0 (FTZ.2)."""
     e = exp_neg_abs(a)

@@ -71,6 +71,17 @@ class MLPCache(NamedTuple):
     acts: list  # BiasActCache of layer i: its output h_{i+1} (N, O_i) and activation
 
 
+def _layer(params, prefix: str, i: int, h):
+    """W_i, b_i of layer i, after checking that h (N, I_i) fits them."""
+    W, b = params[f"{prefix}.{i}.W"], params[f"{prefix}.{i}.b"]
+    if h.shape[1] != W.shape[0]:
+        name = "x" if i == 0 else f"the input of {prefix}.{i}"
+        raise ValueError(f"{name} has {h.shape[1]} features, {prefix}.{i}.W expects {W.shape[0]}")
+    if h.dtype != W.dtype:
+        raise ValueError(f"x has dtype {h.dtype} but the parameters are {W.dtype}")
+    return W, b
+
+
 def mlp_forward(params, prefix: str, x, activation: str, out_activation: str = "identity",
                 slope: float = LEAKY_SLOPE):
     """x (N, I_0) -> out (N, O_last), with the cache backward needs."""
@@ -79,18 +90,61 @@ def mlp_forward(params, prefix: str, x, activation: str, out_activation: str = "
     inputs, weights, acts = [], [], []
     h = x
     for i in range(n_layers):
-        W, b = params[f"{prefix}.{i}.W"], params[f"{prefix}.{i}.b"]
-        if h.shape[1] != W.shape[0]:
-            name = "x" if i == 0 else f"the input of {prefix}.{i}"
-            raise ValueError(f"{name} has {h.shape[1]} features, {prefix}.{i}.W expects {W.shape[0]}")
-        if h.dtype != W.dtype:
-            raise ValueError(f"x has dtype {h.dtype} but the parameters are {W.dtype}")
+        W, b = _layer(params, prefix, i, h)
         name = out_activation if i == n_layers - 1 else activation
         a = h @ W  # (N, O_i)  (LIN.1, the product; the bias is added below)
         out, act = bias_activation_forward(a, b, name, slope)  # (N, O_i), a new array: see its note  (MLP.1)
         inputs.append(h), weights.append(W), acts.append(act)
         h = out
     return h, MLPCache(prefix, inputs, weights, acts)
+
+
+def mlp_predict(params, prefix: str, x, activation: str, out_activation: str = "identity",
+                slope: float = LEAKY_SLOPE, work: dict | None = None, last_bias: bool = True):
+    """x (N, I_0) -> out (N, O_last): the forward pass (MLP.1) alone, for inference.
+
+    Same values as :func:`mlp_forward`, without the cache. ``work`` is a dict in which
+    the call keeps its buffers (two per layer) for the next call, so a loop that runs
+    the same shapes many times, like the importance-weighted estimate decoding
+    thousands of chunks, allocates nothing after its first call. Without it, each
+    call's arrays of a few MB are new; glibc serves blocks that size with fresh pages
+    from the kernel, and faulting them in took 13% of that estimate's time.
+
+    The result is one of ``work``'s buffers: the next call with the same ``work``
+    overwrites it. A ``work`` must not be shared between threads.
+
+    ``last_bias=False`` (with the identity ``out_activation`` only) leaves the last
+    layer's bias out: the result is then h_L W_L, for a caller that adds b_L inside a
+    pass of its own over the output instead of in one more pass here.
+    """
+    v.array("x", x, 2)
+    if not last_bias and out_activation != "identity":
+        raise ValueError(f"last_bias=False needs out_activation='identity', got {out_activation!r}")
+    n_layers = num_layers(params, prefix)
+    work = {} if work is None else work
+    h = x
+    for i in range(n_layers):
+        W, b = _layer(params, prefix, i, h)
+        name = out_activation if i == n_layers - 1 else activation
+        a = np.matmul(h, W, out=work_buffer(work, (prefix, i, "a"), (h.shape[0], W.shape[1]), W.dtype))  # (N, O_i)  (LIN.1)
+        if i == n_layers - 1 and not last_bias:
+            return a  # (N, O_L)  without b_L
+        out = work_buffer(work, (prefix, i, "h"), a.shape, a.dtype)
+        h, _ = bias_activation_forward(a, b, name, slope, out=out)  # (N, O_i)  (MLP.1)
+    return h
+
+
+def work_buffer(work: dict, key, shape, dtype) -> np.ndarray:
+    """An array of ``shape`` and ``dtype`` in the buffer kept at ``work[key]``.
+
+    The buffer is flat and grows only when too small, so a smaller shape (the last chunk
+    of a loop) reuses it as a view instead of trading it for a new one.
+    """
+    size = math.prod(shape)
+    buf = work.get(key)
+    if buf is None or buf.dtype != dtype or buf.size < size:
+        buf = work[key] = np.empty(size, dtype)
+    return buf[:size].reshape(shape)
 
 
 def mlp_backward(dout, cache: MLPCache, grads=None, need_dx: bool = True):
