@@ -19,7 +19,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import urllib.request
 import zipfile
 import zlib
 from pathlib import Path
@@ -125,6 +124,9 @@ def _remove_stale_temporaries(directory: Path) -> None:
 
 def _download(url: str, dest: Path, expected_sha256: str) -> None:
     """Fetch ``url`` into ``dest`` atomically, accepting only the expected digest."""
+    import urllib.request  # here, not at the top: with ssl and http it is 7 MB of memory
+    # that a run whose data is already cached never needs
+
     digest = hashlib.sha256()
 
     def write(handle) -> None:
