@@ -48,6 +48,15 @@ def test_import_does_not_import_numba():
     assert out.stdout.strip() == "False"
 
 
+def test_training_imports_leave_out_the_downloader():
+    # urllib.request brings ssl and http (7 MB); only a download needs it
+    code = ("import sys, npvae.cli, npvae.train, npvae.data, npvae.evaluate; "
+            "print(sorted(m for m in ('urllib.request', 'ssl', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_flatdict_views_share_one_buffer():
     p = FlatDict({"a.W": (2, 3), "a.b": (3,)}, np.float32)
     p["a.W"] = np.ones((2, 3))
