@@ -141,7 +141,8 @@ def evaluate_prior(vq, prior, x, recon: float, rng, batch_size: int = 1000,
 def sample_codes(vq, prior, n: int, rng, temperature: float = 1.0) -> np.ndarray:
     """n code tuples (n, M): from the learned prior (MADE.6), or uniform when ``prior`` is None."""
     if prior is None:
-        return np.asarray(rng.integers(vq.K, size=(int(n), vq.M)), dtype=np.int64)
+        n = positive_int("n", n)
+        return np.asarray(rng.integers(vq.K, size=(n, vq.M)), dtype=np.int64)
     return prior.sample(n, rng, temperature=temperature)
 
 

@@ -13,7 +13,7 @@ import pytest
 from npvae import cli, data
 from npvae import train as train_module
 from npvae.checkpoint import load_checkpoint, save_checkpoint
-from npvae.codeprior import encode_codes, evaluate_prior, prior_dir, vqvae_identity
+from npvae.codeprior import encode_codes, evaluate_prior, prior_dir, sample_codes, vqvae_identity
 from npvae.models import VQVAE, MADEPrior
 
 from test_cli import fake_load
@@ -272,3 +272,11 @@ def test_no_direct_without_hidden_layers_is_refused_and_writes_nothing(run, caps
     with pytest.raises(SystemExit) as info:
         cli.main(["train-prior", str(run), "--direct", "--no-direct"])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, "3", True])
+def test_uniform_code_samples_want_a_positive_integer_n(bad):
+    vq = VQVAE(data_dim=6, hidden=(5,), num_codes=4, num_vectors=3, code_dim=2)
+    assert sample_codes(vq, None, np.int64(2), np.random.default_rng(0)).shape == (2, 3)
+    with pytest.raises(ValueError, match=r"n must be a positive integer"):
+        sample_codes(vq, None, bad, np.random.default_rng(0))

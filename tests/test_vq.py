@@ -508,6 +508,9 @@ def test_bad_helper_arguments():
         vq.ema_update(state, np.zeros((4, 2)), i0)
     with pytest.raises(ValueError, match="idx"):
         vq.code_counts(np.array([0, 9]), 4)
+    for bad in (0, 4.7, "4", True):  # a count of codes is never truncated or parsed
+        with pytest.raises(ValueError, match=r"num_codes must be an integer >= 1"):
+            vq.code_counts(np.array([0, 1]), bad)
     with pytest.raises(ValueError, match="counts"):
         vq.perplexity(np.zeros(3))
     with pytest.raises(ValueError, match="counts"):

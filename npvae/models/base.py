@@ -206,14 +206,13 @@ class ContinuousLatentModel(Model):
         """Check the settings the VAEs and the autoencoder share, keep them (and the kind's
         own ``options``) in the config, and lay out and initialise the encoder ``enc.*``
         (D -> enc_out) and the decoder ``dec.*`` (Z -> D)."""
-        hidden = tuple(int(h) for h in hidden)
+        hidden = tuple(positive_int("each hidden size", h) for h in hidden)
         sigma2 = check_likelihood(likelihood, sigma2, dtype)
         activation_code(activation)  # validates the name
-        if int(latent) < 1 or int(data_dim) < 1:
-            raise ValueError(f"latent and data_dim must be >= 1, got {latent} and {data_dim}")
+        latent, data_dim = positive_int("latent", latent), positive_int("data_dim", data_dim)
         beta = v.nonnegative("beta", beta)
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not (v.is_integer(warmup_steps) and warmup_steps >= 0):
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         config = dict(data_dim=int(data_dim), hidden=list(hidden), latent=int(latent),
                       activation=activation, likelihood=likelihood, sigma2=sigma2,
                       beta=float(beta), warmup_steps=int(warmup_steps), **options)

@@ -88,10 +88,9 @@ class VQVAE(Model):
                  likelihood: str = "gaussian", sigma2: float = 1.0, metric: str = "euclidean",
                  beta: float = 0.25, ema: bool = False, ema_decay: float = 0.99,
                  restart_after: int = 0, kmeans_init: bool = False, dtype=np.float32, rng=0):
-        hidden = tuple(int(h) for h in hidden)
+        hidden = tuple(positive_int("each hidden size", h) for h in hidden)
         activation_code(activation)
-        if int(data_dim) < 1:
-            raise ValueError(f"data_dim must be >= 1, got {data_dim}")
+        data_dim = positive_int("data_dim", data_dim)
         q = quantizer_settings(
             num_codes=num_codes, code_dim=code_dim, num_vectors=num_vectors, likelihood=likelihood,
             sigma2=sigma2, metric=metric, beta=beta, ema=ema, ema_decay=ema_decay,

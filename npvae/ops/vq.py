@@ -341,9 +341,9 @@ def ema_update(state: EMAState, z_e, idx, decay: float = 0.99, eps: float = 1e-5
 
 def code_counts(idx, num_codes: int) -> np.ndarray:
     """How many rows chose each code.  idx (R,) -> counts (K,) int64."""
+    if not (v.is_integer(num_codes) and num_codes >= 1):
+        raise ValueError(f"num_codes must be an integer >= 1, got {num_codes!r}")
     num_codes = int(num_codes)
-    if num_codes < 1:
-        raise ValueError(f"num_codes must be >= 1, got {num_codes}")
     if not isinstance(idx, np.ndarray) or idx.ndim != 1:
         raise ValueError(f"idx must be a 1-D numpy array, got {type(idx).__name__} "
                          f"of shape {np.shape(idx)}")
