@@ -87,7 +87,7 @@ from .models.base import as_rng, likelihood_forward
 from .models.vae import VAE
 from .ops import gaussian_kl_forward
 from .ops.vq import perplexity
-from .ops.activations import EXP_CUT, abs_bias_kernel, neg_clamp_kernel
+from .ops.activations import EXP_CUT, neg_abs_bias_kernel, neg_clamp_kernel
 from .ops.mlp import work_buffer
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -275,33 +275,45 @@ def example_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(index)])
 
 
-def _bernoulli_logp_samples(logits, x, bias=None):
+def _bernoulli_logp_samples(logits, x, bias=None, work=None):
     """log p(x_n | l_{n,i}) for C samples per example, the fast form (IW.6).
 
-    logits (B*C, D), overwritten; x (B, D) -> (B, C) float64. With ``bias`` (D,), the
-    logits are ``logits + bias``: the decoder's last bias is added here, inside the
-    first pass, instead of in a pass of its own. Same values as the likelihood op
-    (LIK.3) on x repeated C times, in fewer passes. Six passes over (B*C, D): |l + b|
-    (one compiled pass), a row sum, the clamped negation (one compiled pass), exp,
-    log1p, a row sum; the centred term is a batched matrix-vector product, plus
-    (x - 1/2).b once per example. Row sums use einsum in this thread (a BLAS
+    logits (B*C, D); x (B, D) -> (B, C) float64. With ``bias`` (D,), the logits are
+    ``logits + bias``: the decoder's last bias is added here, inside the first pass,
+    instead of in a pass of its own. ``work`` keeps the one (B*C, D) buffer this needs
+    from call to call. Same values as the likelihood op (LIK.3) on x repeated C times,
+    in fewer passes: -|l + b| with a check against the cut (one compiled pass), a row
+    sum, exp, + 1, log, a row sum; the centred term is a batched matrix-vector product,
+    plus (x - 1/2).b once per example. Row sums use einsum in this thread (a BLAS
     matrix-vector product this size loses more to thread start-up than it gains).
+
+    log(1 + e) is taken with np.log, not np.log1p: NumPy computes exp and log with SIMD
+    code on every x86 build, log1p only with AVX-512; with NumPy's AVX-512 code switched
+    off (as on an AVX2 CPU), log1p made this function 2.3 times slower in float32
+    (benchmarks/RESULTS.md). Rounding 1 + e first costs at most half a unit in the last
+    place of 1 per entry (6e-8 in float32).
     """
     b, d = x.shape
     c = logits.shape[0] // b
-    l = logits
+    l, dtype = logits, logits.dtype
     xc = x - 0.5  # (B, D)
     centred = np.matmul(l.reshape(b, c, d), xc[:, :, None])[:, :, 0]  # (B, C)  (x - 1/2).l
     if bias is None:
-        np.abs(l, out=l)  # (B*C, D)  |l|
+        bias = np.zeros(d, dtype)
     else:
         centred += (xc @ bias)[:, None]  # (B, C)  (x - 1/2).(l + b) = (x - 1/2).l + (x - 1/2).b
-        abs_bias_kernel(l, bias)  # (B*C, D)  |l + b|
-    sum_abs = np.einsum("rd->r", l)  # (B*C,)  sum_d |l_d|
-    neg_clamp_kernel(l, l.dtype.type(EXP_CUT[l.dtype]))  # max(-|l|, cut): exp never subnormal
-    np.exp(l, out=l)  # (B*C, D)  exp(-|l|) in (0, 1]; below the cut ~1e-19, lost in the sums
-    np.log1p(l, out=l)  # (B*C, D)  log(1 + exp(-|l|))  (FTZ.2)
-    sum_log = np.einsum("rd->r", l)  # (B*C,)
+    e = np.empty_like(l) if work is None else work_buffer(work, ("iw", "e"), l.shape, dtype)
+    cut = dtype.type(EXP_CUT[dtype])
+    if neg_abs_bias_kernel(l, bias, cut, e):  # (B*C, D)  -|l|, none below the cut
+        sum_abs = -np.einsum("rd->r", e)  # (B*C,)  sum_d |l_d|
+    else:  # some |l| beyond the cut (or NaN): its sum before the clamp
+        np.negative(e, out=e)  # (B*C, D)  |l|
+        sum_abs = np.einsum("rd->r", e)  # (B*C,)
+        neg_clamp_kernel(e, cut)  # max(-|l|, cut): exp never subnormal
+    np.exp(e, out=e)  # (B*C, D)  exp(-|l|) in (0, 1]; below the cut ~1e-19, lost in the sums
+    e += dtype.type(1.0)  # (B*C, D)  1 + exp(-|l|)
+    np.log(e, out=e)  # (B*C, D)  log(1 + exp(-|l|))  (FTZ.2)
+    sum_log = np.einsum("rd->r", e)  # (B*C,)
     rest = 0.5 * sum_abs.astype(np.float64) + sum_log  # (B*C,)
     return centred.astype(np.float64) - rest.reshape(b, c)  # (B, C)  (IW.6)
 
@@ -321,16 +333,17 @@ def _gaussian_logp_samples(mean, x, sigma2: float, bias=None):
     return -0.5 * sq / sigma2 - 0.5 * d * math.log(2.0 * math.pi * sigma2)  # (B, C)  (LIK.1)
 
 
-def loglik_samples(model, out, x, bias=None):
+def loglik_samples(model, out, x, bias=None, work=None):
     """log p(x_n | z_{n,i}) from the decoder output of C samples per example.
 
-    out (B*C, D), rows n*C .. n*C + C - 1 belonging to example n, is overwritten;
+    out (B*C, D), rows n*C .. n*C + C - 1 belonging to example n, may be overwritten;
     x (B, D) -> (B, C) float64. With ``bias`` (D,), the decoder output is ``out + bias``
-    (see ``decoder_output(z, work, split_bias=True)``).
+    (see ``decoder_output(z, work, split_bias=True)``). ``work``, a dict, keeps a
+    buffer for the next call.
     """
     cfg = model.config
     if cfg["likelihood"] == "bernoulli":
-        return _bernoulli_logp_samples(out, x, bias)  # (IW.6)
+        return _bernoulli_logp_samples(out, x, bias, work)  # (IW.6)
     return _gaussian_logp_samples(out, x, cfg["sigma2"], bias)  # (LIK.1)
 
 
@@ -446,7 +459,7 @@ def _iw_batch(model, xb, start: int, seed: int, k: int, chunk: int, work: dict):
             stream.standard_normal((c, z_dim), out=row)  # the example's own stream
         z = mu[:, None, :] + std[:, None, :] * eps64.astype(dtype)  # (B, C, Z)  (REP.1)
         out, bias = model.decoder_output(z.reshape(b * c, z_dim), work, split_bias=True)  # (B*C, D), (D,) or None
-        log_px_z = loglik_samples(model, out, xb, bias)  # (B, C)  (IW.6) or (LIK.1)
+        log_px_z = loglik_samples(model, out, xb, bias, work)  # (B, C)  (IW.6) or (LIK.1)
         z64 = work_buffer(work, ("iw", "z"), z.shape, np.float64)  # (B, C, Z)
         z64[...] = z  # the decoded z, in float64
         sq_eps = np.einsum("ncz,ncz->nc", eps64, eps64)  # (B, C)  ||(z - mu) / sigma||^2

@@ -310,24 +310,45 @@ def test_neg_clamp_twins_on_special_values(dtype):
 
 
 
+def neg_abs_bias_both(a, b, cut):
+    """(flag, out) of each twin of neg_abs_bias_kernel, on copies of the inputs."""
+    results = []
+    for twin in (activations.neg_abs_bias_kernel.numba, activations.neg_abs_bias_kernel.numpy):
+        out = np.full_like(a, 7.0)
+        with np.errstate(all="ignore"):
+            flag = twin(a.copy(), b.copy(), cut, out)
+        results.append((bool(flag), out))
+    return results
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_abs_bias_twins_on_special_values(dtype):
-    # |a + b| in place: one addition and one abs per entry in both twins, so bit for bit;
-    # a[i, j] + b[j] meets every pair of special values (inf - inf gives NaN in both)
+def test_neg_abs_bias_twins_on_special_values(dtype):
+    # -|a + b|: one addition, one abs, one negation per entry in both twins, so bit for
+    # bit; a[i, j] + b[j] meets every pair of special values (inf - inf gives NaN)
+    cut = dtype(activations.EXP_CUT[np.dtype(dtype)])
     a, _ = pair_grid(dtype)
     b = special_values(dtype)
-    got, want = numba_and_numpy(activations.abs_bias_kernel, a, b)
+    (f1, got), (f2, want) = neg_abs_bias_both(a, b, cut)
     assert_twins_match(got, want, exact=True)
     with np.errstate(all="ignore"):
-        np.testing.assert_array_equal(got, np.abs(a + b))
-    assert not np.signbit(got).any()  # -0.0 + 0.0 and -NaN come out without a sign bit too
-    # random values, and a view of rows (as the estimator's last, smaller chunk)
+        np.testing.assert_array_equal(got, -np.abs(a + b))
+    assert f1 is f2 is False  # NaN and -inf are below no cut, but fail the test
+    # random values: within the cut, then one entry beyond it, then a NaN
     rng = np.random.default_rng(5)
     a = rng.normal(size=(12, 31)).astype(dtype)
     b = rng.normal(size=31).astype(dtype)
-    got, want = numba_and_numpy(activations.abs_bias_kernel, a[:7], b)
-    assert_twins_match(got, want, exact=True)
-    np.testing.assert_array_equal(got, np.abs(a[:7] + b))
+    for change, within in ((None, True), ((3, 4, -2.0 * cut), False), ((11, 30, np.nan), False)):
+        x = a.copy()
+        if change is not None:
+            x[change[0], change[1]] = change[2]
+        for rows in (x, x[:7]):  # all rows, and a view of the first (a last, smaller chunk)
+            (f1, got), (f2, want) = neg_abs_bias_both(np.ascontiguousarray(rows), b, cut)
+            assert_twins_match(got, want, exact=True)
+            np.testing.assert_array_equal(got, -np.abs(rows + b))
+            assert f2 is bool(np.all(-np.abs(rows + b) >= cut))
+            assert f1 is f2
+        assert neg_abs_bias_both(x, b, cut)[0][0] is within
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sum_of_squares_twins_on_special_values(dtype):

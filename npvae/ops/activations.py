@@ -82,24 +82,30 @@ def _neg_clamp_numba(a, cut):
 neg_clamp_kernel = dispatch(_neg_clamp_numpy, _neg_clamp_numba)
 
 
-def _abs_bias_numpy(a, b):
-    """a <- |a + b| in place, for a (N, D) and b (D,); NaN kept."""
-    np.add(a, b, out=a)
-    np.abs(a, out=a)
-    return a
+def _neg_abs_bias_numpy(a, b, cut, out):
+    """out = -|a + b| for a (N, D), b (D,); True when no entry is below ``cut`` (so
+    exp(out) is never subnormal, FTZ.2), False when one is, or is NaN."""
+    np.add(a, b, out=out)
+    np.abs(out, out=out)
+    np.negative(out, out=out)
+    return bool(np.all(out >= cut))
 
 
 @numba_kernel
-def _abs_bias_numba(a, b):
-    """Same as _abs_bias_numpy, in one vectorized pass instead of two."""
+def _neg_abs_bias_numba(a, b, cut, out):
+    """Same as _neg_abs_bias_numpy, in one pass instead of four. The test against the
+    cut is an AND on a flag, which vectorizes with the rest of the loop; NaN fails it."""
     n, d = a.shape
+    within = True
     for i in range(n):
         for j in range(d):
-            a[i, j] = abs(a[i, j] + b[j])
-    return a
+            t = -abs(a[i, j] + b[j])
+            within &= t >= cut
+            out[i, j] = t
+    return within
 
 
-abs_bias_kernel = dispatch(_abs_bias_numpy, _abs_bias_numba)
+neg_abs_bias_kernel = dispatch(_neg_abs_bias_numpy, _neg_abs_bias_numba)
 
 
 def stable_sigmoid(a):
