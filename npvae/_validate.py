@@ -7,11 +7,17 @@ The checks are cheap: shapes cost nothing, and the NaN/inf check first sums the 
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 FLOAT_DTYPES = (np.float32, np.float64)
 
-_trust = {"depth": 0}
+_trust = threading.local()  # .depth: how many trusted blocks this thread is inside
+
+
+def _is_trusted() -> bool:
+    return getattr(_trust, "depth", 0) > 0
 
 
 class trusted:
@@ -19,15 +25,17 @@ class trusted:
 
     A model checks its input once, at its entry point, then runs its chain of ops inside
     this block: the ops' own scans would only repeat that work on every step. Shape and
-    dtype checks, which cost nothing, still run.
+    dtype checks, which cost nothing, still run. The block covers the thread that enters
+    it, not the others: a model running in one thread never switches off the checks of
+    ops another thread runs.
     """
 
     def __enter__(self):
-        _trust["depth"] += 1
+        _trust.depth = getattr(_trust, "depth", 0) + 1
         return self
 
     def __exit__(self, *exc):
-        _trust["depth"] -= 1
+        _trust.depth -= 1
         return False
 
 
@@ -54,7 +62,7 @@ def finite(name: str, value: np.ndarray, always: bool = False) -> np.ndarray:
 
     Skipped inside :class:`trusted` unless ``always`` (for checks at a model's entry).
     """
-    if _trust["depth"] and not always:
+    if not always and _is_trusted():
         return value
     total = value.sum()
     if np.isfinite(total):
@@ -93,7 +101,7 @@ def shape(name: str, value: np.ndarray, expected: tuple) -> None:
 
 
 def in_unit_interval(name: str, value: np.ndarray, always: bool = False) -> None:
-    if _trust["depth"] and not always:
+    if not always and _is_trusted():
         return
     lo, hi = value.min(initial=0.0), value.max(initial=1.0)
     if lo < 0.0 or hi > 1.0:

@@ -44,6 +44,36 @@ def test_nan_and_inf_are_named():
         reparameterize_forward(A, A, inf)
 
 
+def test_a_trusted_block_in_one_thread_leaves_the_checks_of_another_on():
+    # a model runs its ops inside trusted(); an op called meanwhile from another thread
+    # must still scan its input (the depth of trusted blocks was once one global count)
+    import threading
+
+    from npvae._validate import trusted
+
+    bad = A.copy()
+    bad[1, 2] = np.nan
+    inside, done = threading.Event(), threading.Event()
+
+    def hold_a_trusted_block():
+        with trusted():
+            inside.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=hold_a_trusted_block)
+    holder.start()
+    try:
+        assert inside.wait(10)
+        with pytest.raises(ValueError, match=r"logvar must be finite"):
+            gaussian_kl_forward(A, bad)
+    finally:
+        done.set()
+        holder.join()
+    with trusted():  # in this thread the block still skips the scan
+        kl, _ = gaussian_kl_forward(A, bad)
+    assert np.isnan(kl).any()
+
+
 def test_bernoulli_targets_outside_unit_interval():
     with pytest.raises(ValueError, match=r"x must lie in \[0, 1\].*1.5"):
         bernoulli_loglik_forward(A, np.full((3, 4), 1.5))
