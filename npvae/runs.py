@@ -86,7 +86,8 @@ FIGURES = ("reconstructions.png", "samples.png", "loss_curves.png", "latent_scat
            "interpolation.png", "manifold.png", "codebook_usage.png", "perplexity.png")
 RUN_FILES = (FILENAME, METRICS_FILE, "eval.json") + FIGURES
 _SAMPLES = re.compile(r"samples-seed\d+\.png")
-_held = {}  # real path of a run folder -> [fd, depth]: this process's locks
+_held = {}  # real path of a run folder -> [fd, depth, thread]: this process's locks
+_held_guard = threading.Lock()  # for _held, which every thread of the process shares
 
 
 def is_run_file(name: str) -> bool:
@@ -131,11 +132,12 @@ def remove_run_files(run_dir) -> None:
 def run_lock(run_dir, create: bool = True):
     """Hold an exclusive ``flock`` on the run folder while writing into it.
 
-    Raises :class:`RunInUse` at once if another process holds it. The kernel releases the
-    lock when the process ends, however it ends (``kill -9`` included), so a crash never
-    leaves a run locked. Re-entrant within a process (the command line holds it around
-    ``train``, which takes it too). Creates the folder if needed; with ``create=False`` a
-    missing folder is not locked (there is nothing in it to protect, and nothing is made).
+    Raises :class:`RunInUse` at once if another process, or another thread of this
+    process, holds it. The kernel releases the lock when the process ends, however it
+    ends (``kill -9`` included), so a crash never leaves a run locked. Re-entrant within
+    a thread (the command line holds it around ``train``, which takes it too). Creates
+    the folder if needed; with ``create=False`` a missing folder is not locked (there is
+    nothing in it to protect, and nothing is made).
     """
     run_dir = Path(run_dir)
     if not create and not run_dir.is_dir():
@@ -143,18 +145,24 @@ def run_lock(run_dir, create: bool = True):
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     key = os.path.realpath(run_dir)
-    if key in _held:
-        _held[key][1] += 1
-    else:
-        _held[key] = [_lock_folder(run_dir), 1]
+    me = threading.get_ident()
+    with _held_guard:
+        if key in _held:
+            if _held[key][2] != me:
+                raise RunInUse(
+                    f"{run_dir} is in use: another thread of this process is training or "
+                    f"writing into it. Wait for it to finish, or choose another run directory")
+            _held[key][1] += 1
+        else:
+            _held[key] = [_lock_folder(run_dir), 1, me]
     try:
         yield run_dir
     finally:
-        _held[key][1] -= 1
-        if _held[key][1] == 0:
-            fd = _held.pop(key)[0]
-            if fd is not None:
-                os.close(fd)  # releases the lock
+        with _held_guard:
+            _held[key][1] -= 1
+            fd = _held.pop(key)[0] if _held[key][1] == 0 else None
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def _lock_folder(run_dir: Path):

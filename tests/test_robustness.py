@@ -203,6 +203,43 @@ def test_a_killed_process_does_not_leave_the_run_locked(tmp_path):
         pass
 
 
+
+def test_another_thread_of_the_process_cannot_take_a_held_run(tmp_path):
+    # the lock is re-entrant for the thread that holds it, not for the whole process: two
+    # threads training into one folder interleaved their metrics and overwrote each
+    # other's checkpoint
+    import threading
+
+    run = tmp_path / "run"
+    inside, done, seen = threading.Event(), threading.Event(), []
+
+    def hold():
+        with run_lock(run):
+            with run_lock(run):  # re-entrant in its own thread
+                inside.set()
+                done.wait(10)
+
+    def try_it():
+        try:
+            with run_lock(run):
+                seen.append("entered")
+        except RunInUse as exc:
+            seen.append(str(exc))
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert inside.wait(10)
+        other = threading.Thread(target=try_it)
+        other.start()
+        other.join(10)
+    finally:
+        done.set()
+        holder.join(10)
+    assert len(seen) == 1 and "another thread of this process" in seen[0]
+    with run_lock(run):  # free again once the holder left
+        pass
+
 def test_out_naming_an_existing_run_is_refused_unless_overwrite(capsys, tmp_path):
     run = tmp_path / "run"
     assert run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(run))[0] == 0
