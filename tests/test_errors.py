@@ -42,6 +42,12 @@ def test_nan_and_inf_are_named():
         bernoulli_loglik_forward(A, inf)
     with pytest.raises(ValueError, match=r"eps must be finite"):
         reparameterize_forward(A, A, inf)
+    with pytest.raises(ValueError, match=r"x must be finite.*\(1, 2\)"):
+        linear_forward(bad, np.zeros((4, 2)), np.zeros(2))
+    with pytest.raises(ValueError, match=r"W must be finite"):
+        linear_forward(A, np.array([[np.inf, 0.0]] + [[0.0, 0.0]] * 3), np.zeros(2))
+    with pytest.raises(ValueError, match=r"b must be finite"):
+        linear_forward(A, np.zeros((4, 2)), np.array([0.0, np.nan]))
 
 
 def test_a_trusted_block_in_one_thread_leaves_the_checks_of_another_on():

@@ -25,6 +25,7 @@ def linear_forward(x, W, b):
         )
     if b.shape[0] != W.shape[1]:
         raise ValueError(f"b must have shape ({W.shape[1]},), got {b.shape}")
+    v.finite("x", x), v.finite("W", W), v.finite("b", b)  # skipped inside a model's trusted()
     out = x @ W  # (N, O)  (LIN.1)
     out += b  # (N, O)  (LIN.1)
     return out, LinearCache(x, W)
