@@ -467,8 +467,13 @@ def _train_and_report(given, run_dir, s, ck, model, x_train, x_val) -> int:
     from .train import side_rng, train
 
     if ck is not None and ck.epoch >= s["epochs"]:
-        _say(f"npvae: {run_dir} has already trained for {ck.epoch} epochs; nothing to do. "
-             f"Pass --epochs N with N > {ck.epoch} to train further")
+        done = f"{ck.epoch} epochs"
+        if ck.position is not None:  # stopped inside the epoch after them
+            done += f" and {ck.position['batch']} batches of epoch {ck.epoch + 1}"
+        run = shlex.quote(str(run_dir))
+        _say(f"npvae: {run_dir} has already trained for {done}; nothing to do. "
+             f"Pass --epochs N with N > {ck.epoch} to train further; for the test ELBO and "
+             f"figures of the model as it is: npvae eval {run} && npvae plot {run}")
         return 0
     if ck is not None:
         for key in ("lr", "clip"):

@@ -190,6 +190,10 @@ def test_ctrl_c_saves_and_exits_130(capsys, tmp_path, monkeypatch):
     assert "saved in" in err and f"npvae train --resume {run}" in err
     assert load_checkpoint(run).position["batch"] == 1
     monkeypatch.setattr(VAE, "forward", original)
+    # asked for no more epochs than it completed: nothing to do, and the message says the
+    # checkpoint is partway through the next epoch
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--epochs", "1", "--no-progress")
+    assert code == 0 and "already trained for 1 epochs and 1 batches of epoch 2" in err
     code, _, err = run_cli(capsys, "train", "--resume", str(run), "--no-progress")
     assert code == 0, err
     assert load_checkpoint(run).epoch == 3
@@ -343,6 +347,7 @@ def test_resuming_a_finished_run_changes_nothing(capsys, trained_run, tmp_path):
     before = files_of(run)
     code, out, err = run_cli(capsys, "train", "--resume", str(run), "--epochs", "2")
     assert code == 0 and "nothing to do" in err and "--epochs N with N > 2" in err
+    assert f"npvae eval {run} && npvae plot {run}" in err  # where its results come from
     assert "continuing" not in err and out == ""
     assert files_of(run) == before
 
