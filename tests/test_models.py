@@ -658,3 +658,21 @@ def test_decoder_output_with_work_gives_the_same_values(cls):
         np.testing.assert_allclose(a + b, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="split_bias=True needs work"):
         model.decoder_output(z, split_bias=True)
+
+
+def test_a_subclass_with_its_own_decoder_keeps_it_when_decoding_into_work():
+    # a subclass that replaces the networks (as the convolutional VAE does) overrides the
+    # four network methods; the buffered path used by the importance-weighted estimate
+    # must then run its decoder, not the MLP under dec.*
+    class Doubled(BernoulliVAE):
+        def _decoder_forward(self, z):
+            out, cache = super()._decoder_forward(z)
+            return 2.0 * out, cache
+
+    model = Doubled(data_dim=6, hidden=(5,), latent=2, dtype=np.float64, rng=0)
+    z = np.random.default_rng(1).normal(size=(4, 2))
+    want = model.decoder_output(z)
+    np.testing.assert_allclose(model.decoder_output(z, {}), want, rtol=1e-12)
+    out, bias = model.decoder_output(z, {}, split_bias=True)
+    assert bias is None
+    np.testing.assert_allclose(out, want, rtol=1e-12)

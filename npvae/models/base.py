@@ -245,7 +245,12 @@ class ContinuousLatentModel(Model):
         return dz
 
     def _decoder_predict(self, z, work: dict, split_bias: bool):
-        """decoder_output with ``work``: the MLP's inference pass (mlp_predict)."""
+        """decoder_output with ``work``: the MLP's inference pass (mlp_predict), or, for a
+        subclass with a decoder of its own (it overrides ``_decoder_forward``), that
+        decoder's output with no bias left apart."""
+        if type(self)._decoder_forward is not ContinuousLatentModel._decoder_forward:
+            out = self._decoder_forward(z)[0]  # (N, D)
+            return (out, None) if split_bias else out
         out = mlp_predict(self.params, "dec", z, self.config["activation"], work=work,
                           last_bias=not split_bias)  # (N, D)
         if not split_bias:

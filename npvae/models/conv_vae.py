@@ -112,13 +112,6 @@ class ConvVAE(VAE):
         h, caches = up_forward(p, h, self.n_conv)  # (N, C, H, W)  (CONVT.1)
         return h.reshape(z.shape[0], -1), (fc_cache, fc_act, caches)  # (N, D)
 
-    def _decoder_predict(self, z, work: dict, split_bias: bool):
-        """The decoder's raw output (N, D), with no bias left apart (the last layer is a
-        transposed convolution, whose bias is added in its own loop); the conv layers
-        make their own arrays."""
-        out = self._decoder_forward(z)[0]  # (N, D)
-        return (out, None) if split_bias else out
-
     def _decoder_backward(self, dout, cache, grads):
         fc_cache, fc_act, caches = cache
         dh = up_backward(dout.reshape((dout.shape[0],) + self.image_shape), caches, grads)
