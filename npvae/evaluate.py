@@ -87,7 +87,7 @@ from .models.base import as_rng, likelihood_forward
 from .models.vae import VAE
 from .ops import gaussian_kl_forward
 from .ops.vq import perplexity
-from .ops.activations import EXP_CUT, neg_abs_bias_kernel, neg_clamp_kernel
+from .ops.activations import EXP_CUT, clamp_below_kernel, neg_abs_bias_kernel
 from .ops.mlp import work_buffer
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -283,7 +283,8 @@ def _bernoulli_logp_samples(logits, x, bias=None, work=None):
     instead of in a pass of its own. ``work`` keeps the one (B*C, D) buffer this needs
     from call to call. Same values as the likelihood op (LIK.3) on x repeated C times,
     in fewer passes: -|l + b| with a check against the cut (one compiled pass), a row
-    sum, exp, + 1, log, a row sum; the centred term is a batched matrix-vector product,
+    sum, the clamp at the cut (a compiled pass, only when an entry is below it), exp,
+    + 1, log, a row sum; the centred term is a batched matrix-vector product,
     plus (x - 1/2).b once per example. Row sums use einsum in this thread (a BLAS
     matrix-vector product this size loses more to thread start-up than it gains).
 
@@ -304,12 +305,10 @@ def _bernoulli_logp_samples(logits, x, bias=None, work=None):
         centred += (xc @ bias)[:, None]  # (B, C)  (x - 1/2).(l + b) = (x - 1/2).l + (x - 1/2).b
     e = np.empty_like(l) if work is None else work_buffer(work, ("iw", "e"), l.shape, dtype)
     cut = dtype.type(EXP_CUT[dtype])
-    if neg_abs_bias_kernel(l, bias, cut, e):  # (B*C, D)  -|l|, none below the cut
-        sum_abs = -np.einsum("rd->r", e)  # (B*C,)  sum_d |l_d|
-    else:  # some |l| beyond the cut (or NaN): its sum before the clamp
-        np.negative(e, out=e)  # (B*C, D)  |l|
-        sum_abs = np.einsum("rd->r", e)  # (B*C,)
-        neg_clamp_kernel(e, cut)  # max(-|l|, cut): exp never subnormal
+    within = neg_abs_bias_kernel(l, bias, cut, e)  # (B*C, D)  -|l|; False if one is below the cut
+    sum_abs = -np.einsum("rd->r", e)  # (B*C,)  sum_d |l_d|
+    if not within:  # a trained decoder has such logits in most chunks
+        clamp_below_kernel(e, cut)  # max(-|l|, cut): exp never subnormal
     np.exp(e, out=e)  # (B*C, D)  exp(-|l|) in (0, 1]; below the cut ~1e-19, lost in the sums
     e += dtype.type(1.0)  # (B*C, D)  1 + exp(-|l|)
     np.log(e, out=e)  # (B*C, D)  log(1 + exp(-|l|))  (FTZ.2)

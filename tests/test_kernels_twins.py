@@ -310,6 +310,19 @@ def test_neg_clamp_twins_on_special_values(dtype):
 
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clamp_below_twins_on_special_values(dtype):
+    # max(a, cut) with NaN kept: the same comparison, so bit for bit; every special value
+    # and random values on both sides of the cut
+    cut = dtype(activations.EXP_CUT[np.dtype(dtype)])
+    random = (np.random.default_rng(6).normal(size=(9, 31)) * 3 * abs(cut)).astype(dtype)
+    for a in (pair_grid(dtype)[0], -np.abs(pair_grid(dtype)[0]), random):
+        got, want = numba_and_numpy(activations.clamp_below_kernel, a, cut)
+        assert_twins_match(got, want, exact=True)
+        with np.errstate(invalid="ignore"):
+            np.testing.assert_array_equal(got, np.where(np.isnan(a), a, np.maximum(a, cut)))
+        assert np.isnan(got).sum() == np.isnan(a).sum()  # NaN is never clamped away
+
 def neg_abs_bias_both(a, b, cut):
     """(flag, out) of each twin of neg_abs_bias_kernel, on copies of the inputs."""
     results = []

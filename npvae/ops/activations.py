@@ -82,6 +82,26 @@ def _neg_clamp_numba(a, cut):
 neg_clamp_kernel = dispatch(_neg_clamp_numpy, _neg_clamp_numba)
 
 
+def _clamp_below_numpy(a, cut):
+    """a <- max(a, cut) in place, NaN kept: exp(a) is then never subnormal (FTZ.2)."""
+    np.maximum(a, cut, out=a)
+    return a
+
+
+@numba_kernel
+def _clamp_below_numba(a, cut):
+    """Same as _clamp_below_numpy, one vectorized pass for a contiguous a; ``t < cut`` is
+    False for NaN, which is kept."""
+    flat = a.reshape(-1)
+    for i in range(flat.shape[0]):
+        t = flat[i]
+        flat[i] = cut if t < cut else t
+    return a
+
+
+clamp_below_kernel = dispatch(_clamp_below_numpy, _clamp_below_numba)
+
+
 def _neg_abs_bias_numpy(a, b, cut, out):
     """out = -|a + b| for a (N, D), b (D,); True when no entry is below ``cut`` (so
     exp(out) is never subnormal, FTZ.2), False when one is, or is NaN."""
