@@ -145,3 +145,22 @@ def test_quantizer_sizes_must_be_integers_not_truncated(cls, name, bad):
     kwargs[name] = bad
     with pytest.raises(ValueError, match=name):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(warmup_steps=2.7), r"warmup_steps must be an integer >= 0, got 2.7"),
+    (dict(warmup_steps=-1), r"warmup_steps must be an integer >= 0, got -1"),
+    (dict(data_dim=16.9), r"data_dim must be a positive integer, got 16.9"),
+])
+def test_conv_vae_sizes_are_never_truncated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ConvVAE(latent=2, **SMALL_CONV, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(data_dim=16.9), r"data_dim must be a positive integer, got 16.9"),
+    (dict(num_vectors=4.0), r"num_vectors must be a positive integer, got 4.0"),
+])
+def test_conv_vqvae_sizes_are_never_truncated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ConvVQVAE(**SMALL_CONV, **kwargs)

@@ -49,7 +49,7 @@ class ConvVAE(VAE):
         # data_dim, free_bits, activation and hidden are in the config so that code written
         # for the MLP VAE finds them; here they are fixed by the architecture
         (c, h, w), channels = image_and_channels(image_shape, channels)
-        if data_dim is not None and int(data_dim) != c * h * w:
+        if data_dim is not None and positive_int("data_dim", data_dim) != c * h * w:
             raise ValueError(f"data_dim {data_dim} does not match image_shape {image_shape}")
         if free_bits or activation != "relu" or list(hidden):
             raise ValueError("ConvVAE has ReLU layers, no hidden list and no free bits")
@@ -59,8 +59,8 @@ class ConvVAE(VAE):
             raise ValueError(f"with {len(channels)} stride-2 layers the image sides must be "
                              f"divisible by {side_factor}, got {h}x{w}")
         beta = v.nonnegative("beta", beta)
-        if int(warmup_steps) < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not (v.is_integer(warmup_steps) and warmup_steps >= 0):
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         sigma2 = check_likelihood(likelihood, sigma2, dtype)
         self.latent = latent
         self.image_shape = (c, h, w)

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..ops import activation_backward, activation_forward
 from ..ops.conv import conv2d_backward, conv2d_forward
-from .base import Model, as_rng
+from .base import Model, as_rng, positive_int
 from .conv_nets import (
     STRIDE, down_backward, down_forward, down_shapes, fan_in, image_and_channels, up_backward,
     up_forward, up_shapes,
@@ -71,10 +71,10 @@ class ConvVQVAE(VQVAE):
                              f"divisible by {side_factor}, got {h}x{w}")
         map_h, map_w = h // side_factor, w // side_factor
         m = map_h * map_w  # M code vectors per image  (CVQ.1)
-        if data_dim is not None and int(data_dim) != c * h * w:
+        if data_dim is not None and positive_int("data_dim", data_dim) != c * h * w:
             raise ValueError(f"data_dim {data_dim} does not match image_shape {image_shape} "
                              f"(C H W = {c * h * w})")
-        if num_vectors is not None and int(num_vectors) != m:
+        if num_vectors is not None and positive_int("num_vectors", num_vectors) != m:
             raise ValueError(f"num_vectors {num_vectors} does not match the code map: a "
                              f"{h}x{w} image gives a {map_h}x{map_w} map, M = {m} code vectors")
         if activation != "relu" or list(hidden):
