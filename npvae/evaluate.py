@@ -352,10 +352,10 @@ def iw_log_likelihood(model, x, k: int = 5000, rng=None, batch_size: int | None 
 
     Defined for the VAEs and the sampled autoencoder (q = N(Enc(x), I)). ``batch_size``
     examples are encoded together and their samples are decoded ``chunk`` per example at
-    a time, into buffers each thread keeps from chunk to chunk (two per decoder layer),
-    so memory is about 2 * workers * batch_size * chunk * (H + D) numbers; by default
-    chunk is min(k, 128) and batch_size is such that batch_size * chunk is about 2048
-    (IW_ROWS: under 40 MB for the 784-400-20 model in float32 on two threads).
+    a time, into buffers each thread keeps from chunk to chunk, so memory is about
+    2 * workers * batch_size * chunk * (H + D) numbers; by default chunk is min(k, 128)
+    and batch_size is such that batch_size * chunk is about 2048 (IW_ROWS: about 20 MB
+    per thread for the 784-400-20 model in float32).
 
     ``workers`` threads (default: one per core, at most 2) each take whole batches of
     examples, with BLAS at one thread each: the matrix products of one batch overlap
@@ -399,6 +399,8 @@ def iw_log_likelihood(model, x, k: int = 5000, rng=None, batch_size: int | None 
     batches = list(_batches(n, batch_size))
     results = [one_batch(batches[0])]  # in this thread: kernels compiled before the workers start
     if len(batches) > 1:
+        if workers > 1:
+            del local.work  # the workers decode the rest into buffers of their own
         results += _map_in_threads(one_batch, batches[1:], workers)
     per_example = np.concatenate([r[0] for r in results])  # (N,)
     log_w_total = math.fsum(r[1] for r in results)  # sum of every log w_i, for elbo_k1
