@@ -200,10 +200,11 @@ def test_compiled_relu_keeps_nan():
 def test_bernoulli_twins_on_special_values(dtype):
     logits, x = pair_grid(dtype)
     (lp1, g1), (lp2, g2) = numba_and_numpy(likelihoods.bernoulli_kernel, logits, x)
-    # exp and log1p come from NumPy in both, the loop repeats the twin's operations, and
-    # the row sums are NumPy's in both
+    # exp comes from NumPy in both and the loop repeats the twin's operations for g; the
+    # twin's log1p(e) is log(1 + e) with its rounding corrected in the compiled one, equal
+    # to a few ulps (the row sums are NumPy's in both)
     assert_twins_match(g1, g2, exact=True)
-    assert_twins_match(lp1, lp2, exact=True)
+    assert_twins_match(lp1, lp2, exact=False)
     # every row of the grid holds x = NaN, so its sums are all NaN: the row sums are
     # compared again on rows of 37 targets in [0, 1] (subnormals and signed zeros among
     # them) against every logit but NaN, long enough that the order of a sum shows
@@ -217,7 +218,7 @@ def test_bernoulli_twins_on_special_values(dtype):
     (lp1, g1), (lp2, g2) = numba_and_numpy(likelihoods.bernoulli_kernel, logits, x)
     assert np.isfinite(lp2).sum() >= s.size - 4  # only the rows with an infinite logit are not
     assert_twins_match(g1, g2, exact=True)
-    assert_twins_match(lp1, lp2, exact=True)
+    assert_twins_match(lp1, lp2, exact=False)
 
 
 

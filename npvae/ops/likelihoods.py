@@ -63,13 +63,19 @@ def _bernoulli_numpy(logits, x):
 
 @numba_kernel
 def _bernoulli_loop(logits, x, e, terms, g, cut):
-    """Given e = exp(max(-|l|, cut)) and terms = log1p(e): terms <- x l - softplus(l),
+    """Given e = exp(max(-|l|, cut)) and terms = log(1 + e): terms <- x l - softplus(l),
     g <- x - sigmoid(l), with exp(-|l|) taken as 0 where -|l| < cut (FTZ.2), in the
     arrangement of :func:`_bernoulli_numpy` that keeps small values precise.
 
+    log1p(e) is taken as log(u) - ((u - 1) - e) / u with u = 1 + e: (u - 1) - e is, exactly,
+    the rounding error of 1 + e, and the correction restores what it lost, so a tiny e
+    keeps full relative precision (u = 1 gives log1p(e) = e). NumPy has SIMD code for log
+    on every x86 build but for log1p only with AVX-512; this agrees with log1p to a few
+    units in the last place.
+
     Both branches of the twin's ``where`` are written with one xm = x - [l > 0], so the
-    loop body has no branch and is vectorized; each value is the twin's, operation for
-    operation. Constants have the arrays' dtype: float32 stays float32, as in the twin.
+    loop body has no branch and is vectorized; g is the twin's, operation for operation.
+    Constants have the arrays' dtype: float32 stays float32, as in the twin.
     """
     n, d = x.shape
     zero, one = g.dtype.type(0.0), g.dtype.type(1.0)
@@ -78,8 +84,9 @@ def _bernoulli_loop(logits, x, e, terms, g, cut):
             l = logits[i, j]
             tail = -abs(l) < cut  # exp(-|l|) would be subnormal: it is 0  (FTZ.2)
             eij = zero if tail else e[i, j]
-            sp = zero if tail else terms[i, j]  # log1p(exp(-|l|))
-            s = eij / (one + eij)  # sigmoid(-|l|)
+            u = one + eij  # as NumPy rounded it for terms
+            sp = zero if tail else terms[i, j] - ((u - one) - eij) / u  # log1p(exp(-|l|))
+            s = eij / u  # sigmoid(-|l|)
             pos = l > zero  # for l > 0, nothing near l or near 1 is subtracted:
             xm = x[i, j] - one if pos else x[i, j]  # x l - softplus(l) = (x - 1) l - log1p(exp(-l))
             terms[i, j] = xm * l - sp  # (LIK.3)
@@ -88,19 +95,22 @@ def _bernoulli_loop(logits, x, e, terms, g, cut):
 
 
 def _bernoulli_numba(logits, x):
-    """Same as _bernoulli_numpy, in six passes over (N, D) instead of about ten.
+    """Same as _bernoulli_numpy, in seven passes over (N, D) instead of about ten.
 
     |l| and the two transcendental functions come from NumPy's SIMD ufuncs (a compiled
-    loop would call the scalar C library for exp and log1p, ~15 ns an element); the
-    clamp and the rest are two compiled, branch-free passes; the row sums go to NumPy's
+    loop would call the scalar C library for exp and log, ~15 ns an element); the clamp
+    and the rest are two compiled, branch-free passes; the row sums go to NumPy's
     pairwise sum. The exponent is clamped at the cut first, so exp never produces a
-    subnormal number (FTZ.2).
+    subnormal number (FTZ.2). log1p(e) is computed from log(1 + e) (see _bernoulli_loop):
+    with NumPy's AVX-512 code switched off, as on an AVX2 CPU, np.log1p took 0.59-0.62 ms
+    on a (128, 784) batch, ten times its AVX-512 time (benchmarks/RESULTS.md).
     """
     cut = logits.dtype.type(EXP_CUT[logits.dtype])
     e = np.abs(logits)  # (N, D)  |l|, a new array
     _neg_clamp_numba(e, cut)  # (N, D)  max(-|l|, cut), in place: the clamp the IW estimate uses
     np.exp(e, out=e)  # (N, D)  e = exp(max(-|l|, cut)), in (0, 1]: never overflows
-    terms = np.log1p(e)  # (N, D)  softplus(l) - max(l, 0)
+    terms = e + e.dtype.type(1.0)  # (N, D)  u = 1 + e
+    np.log(terms, out=terms)  # (N, D)  log(u), corrected to log1p(e) in the loop
     terms, g = _bernoulli_loop(logits, x, e, terms, np.empty_like(x), cut)
     return terms.sum(axis=1), g
 
