@@ -442,7 +442,7 @@ def _train_run(given: dict, run_dir: Path) -> int:
     _set_backend(s["backend"])
     _announce_compilation()
 
-    x_train, x_val = load_training_data(s, val_given=ck is None and "val" in given)
+    x_train, x_val = load_training_data(s, val_given=ck is None and "val" in given, packed=True)
     steps_per_epoch = -(-len(x_train) // s["batch_size"])
     if ck is None:
         config = model_config(s, x_train.shape[1], steps_per_epoch)

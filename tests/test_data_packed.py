@@ -1,0 +1,198 @@
+"""Byte images packed as trimmed row spans (docs/derivations.md, BIN.2): the round trip,
+the two expanding twins, and training on packed images against training on the bytes.
+
+The twins copy bytes and write zeros: no float passes through them, so they have no NaN,
+inf or subnormal input to be tested on; their edge cases are blank images and rows, rows
+with no zero, and single pixels at the edges (:func:`awkward`)."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from npvae import cli_common, data
+from npvae.backend import use_backend
+from npvae.data import packed
+from npvae.data.packed import PackedImages
+from npvae.models import BernoulliVAE
+from npvae.train import fingerprint, train
+
+BACKENDS = ["numba", "numpy"]
+
+
+def digits(rng, n, h=28, w=28, margin=4):
+    """Images like MNIST's: grey strokes inside a blank margin, some rows blank."""
+    x = np.zeros((n, h, w), np.uint8)
+    inner = (rng.random((n, h - 2 * margin, w - 2 * margin)) < 0.3)
+    x[:, margin:h - margin, margin:w - margin] = inner * rng.integers(1, 256, inner.shape)
+    return x
+
+
+def awkward(rng, n, h, w):
+    """Random images with the cases spans must get right: blank images and rows, full
+    rows (no zero at either end), single pixels at either edge, zeros inside a span."""
+    x = (rng.random((n, h, w)) < rng.random()) * rng.integers(0, 256, (n, h, w))
+    x = x.astype(np.uint8)
+    x[0] = 0  # a blank image
+    if n > 1:
+        x[1] = rng.integers(1, 256, (h, w))  # no zero anywhere: every span is a whole row
+    if n > 2:
+        x[2] = 0
+        x[2, 0, 0], x[2, -1, -1] = 255, 1  # one pixel in each corner
+    return x
+
+
+@given(st.integers(1, 12), st.integers(1, 6), st.integers(1, 9), st.integers(0, 2**32 - 1))
+def test_unpack_of_pack_gives_the_images_back(n, h, w, seed):
+    x = awkward(np.random.default_rng(seed), n, h, w)
+    p = PackedImages.pack(x)
+    assert p.shape == (n, h * w) and len(p) == n and p.dtype == np.uint8
+    # exact by construction: bytes are copied, never computed
+    np.testing.assert_array_equal(p.unpack(), x.reshape(n, -1))
+    flat = PackedImages.pack(x.reshape(n, -1), width=w)  # (N, D) with the row width given
+    np.testing.assert_array_equal(flat.unpack(), x.reshape(n, -1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(st.integers(1, 12), st.integers(1, 6), st.integers(1, 9), st.integers(0, 12),
+       st.integers(0, 2**32 - 1))
+def test_rows_twins_give_the_rows_of_the_dense_images(backend, n, h, w, b, seed):
+    rng = np.random.default_rng(seed)
+    x = awkward(rng, n, h, w).reshape(n, -1)
+    p = PackedImages.pack(x, width=w)
+    idx = rng.integers(0, n, size=b)  # repeats allowed, as in any batch of indices
+    out = np.full((b, h * w), 7, np.uint8)  # stale bytes: every one must be written
+    with use_backend(backend):
+        got = p.rows(idx, out=out)
+    assert got is out
+    np.testing.assert_array_equal(got, x[idx])
+
+
+def test_rows_twins_agree_on_mnist_like_digits():
+    rng = np.random.default_rng(9)
+    x = digits(rng, 200).reshape(200, -1)
+    p = PackedImages.pack(x, width=28)
+    idx = rng.permutation(200)[:64]
+    args = (p.start, p.length, p.offset, p.values, idx, 28)
+    a = packed._unpack_rows.numba(*args, np.full((64, 784), 3, np.uint8))
+    c = packed._unpack_rows.numpy(*args, np.full((64, 784), 5, np.uint8))
+    np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(a, x[idx])
+
+
+def test_images_with_blank_margins_take_fewer_bytes():
+    """Digits in a 4-pixel blank margin keep at most 20 of 28 pixels a row, and the spans
+    cost 2 bytes a row: under 0.8 of the dense bytes. Images with no blank pixel cost more."""
+    rng = np.random.default_rng(2)
+    x = digits(rng, 500)
+    p = PackedImages.pack(x)
+    assert p.nbytes < 0.8 * x.nbytes
+    full = PackedImages.pack(np.full((10, 28, 28), 9, np.uint8))
+    assert full.nbytes == 10 * (784 + 2 * 28) + 8 * 11  # every byte, spans and offsets
+
+
+def test_long_rows_use_wider_spans():
+    """Rows longer than 255 pixels need 2-byte starts and lengths."""
+    rng = np.random.default_rng(3)
+    x = awkward(rng, 4, 2, 300)
+    p = PackedImages.pack(x)
+    assert p.start.dtype == p.length.dtype == np.uint16
+    np.testing.assert_array_equal(p.unpack(), x.reshape(4, -1))
+    np.testing.assert_array_equal(p.rows(np.array([3, 1])), x.reshape(4, -1)[[3, 1]])
+
+
+def test_no_images():
+    p = PackedImages.pack(np.zeros((0, 4, 4), np.uint8))
+    assert p.shape == (0, 16) and p.unpack().shape == (0, 16)
+    assert p.rows(np.zeros(0, np.int64)).shape == (0, 16)
+
+
+@pytest.mark.parametrize("images, width, message", [
+    (np.zeros((3, 16), np.float32), 4, "uint8"),
+    (np.zeros(16, np.uint8), 4, "uint8 array"),
+    (np.zeros((3, 16), np.uint8), None, "width"),
+    (np.zeros((3, 16), np.uint8), 5, "dividing D = 16"),
+    (np.zeros((3, 16), np.uint8), 0, "dividing"),
+    (np.zeros((3, 16), np.uint8), 4.0, "whole number"),
+    (np.zeros((3, 4, 4), np.uint8), 2, "does not match"),
+    ([[0, 1]], 2, "list"),
+])
+def test_pack_rejects(images, width, message):
+    with pytest.raises(ValueError, match=message):
+        PackedImages.pack(images, width=width)
+
+
+@pytest.mark.parametrize("idx, out, message", [
+    (np.array([0, 3]), None, r"\[0, 3\)"),
+    (np.array([-1]), None, r"\[0, 3\)"),
+    (np.array([0.0]), None, "integer array"),
+    ([0, 1], None, "integer array"),
+    (np.array([0, 1]), np.zeros((2, 15), np.uint8), r"\(2, 16\)"),
+    (np.array([0, 1]), np.zeros((2, 16), np.float32), "uint8"),
+    (np.array([0, 1]), np.zeros((16, 2), np.uint8).T, "C-contiguous"),
+])
+def test_rows_rejects(idx, out, message):
+    p = PackedImages.pack(np.ones((3, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match=message):
+        p.rows(idx, out=out)
+
+
+@pytest.mark.parametrize("binarize", ["none", "dynamic", "static"])
+def test_training_on_packed_images_is_the_run_on_their_bytes(tmp_path, binarize):
+    """The same parameters bit for bit after two epochs (the last batch short): packing
+    changes where the bytes are kept, not one draw of the run's stream."""
+    rng = np.random.default_rng(4)
+    x = digits(rng, 150, h=8, w=8, margin=1).reshape(150, -1)
+    x_val = rng.random((20, 64)).astype(np.float32)
+    params = []
+    for i, images in enumerate((x, PackedImages.pack(x, width=8))):
+        model = BernoulliVAE(data_dim=64, hidden=[16], latent=2, dtype=np.float32, rng=1)
+        start = {k: v.copy() for k, v in model.params.items()}
+        train(model, images, x_val, epochs=2, batch_size=32, binarize=binarize,
+              run_dir=tmp_path / str(i), progress=False, verbose=False)
+        params.append(model.params)
+    dense, packed_run = params
+    assert any(not np.array_equal(dense[k], start[k]) for k in dense)  # it trained
+    for k in dense:
+        np.testing.assert_array_equal(packed_run[k], dense[k], err_msg=k)
+
+
+def test_fingerprint_is_that_of_the_bytes():
+    """A run may resume from either form of the same images, and not from other images."""
+    rng = np.random.default_rng(5)
+    x = digits(rng, 5000, h=8, w=8, margin=1).reshape(5000, -1)  # more than one block
+    assert fingerprint(PackedImages.pack(x, width=8)) == fingerprint(x)
+    y = x.copy()
+    y[4500, 10] ^= 1
+    assert fingerprint(PackedImages.pack(y, width=8)) != fingerprint(x)
+
+
+def test_the_command_lines_training_images_are_packed(monkeypatch):
+    """`npvae train` keeps its training images packed: the same images as the dense route."""
+    rng = np.random.default_rng(6)
+    images = digits(rng, 400)
+    monkeypatch.setattr(data, "load", lambda *a, **k: (images, np.zeros(400, np.uint8)))
+    settings = dict(dataset="mnist", data_dir=None, val=50, limit=0, dtype="float32")
+    x_tr, x_va = cli_common.load_training_data(settings)
+    p_tr, p_va = cli_common.load_training_data(settings, packed=True)
+    assert isinstance(p_tr, PackedImages) and p_tr.nbytes < 0.8 * x_tr.nbytes
+    np.testing.assert_array_equal(p_tr.unpack(), x_tr)
+    np.testing.assert_array_equal(p_va, x_va)
+
+
+def test_npvae_train_trains_on_packed_images(monkeypatch, tmp_path):
+    from npvae import cli, train as train_module
+
+    rng = np.random.default_rng(7)
+    monkeypatch.setattr(data, "load", lambda dataset="mnist", split="train", **k: (
+        digits(rng, 300 if split == "train" else 60), np.zeros(300 if split == "train" else 60,
+                                                               np.uint8)))
+    seen = []
+    real_train = train_module.train
+
+    def spy(model, x_train, *args, **kwargs):
+        seen.append(type(x_train))
+        return real_train(model, x_train, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", spy)
+    assert cli.main(["train", "--hidden", "16", "--batch-size", "32", "--limit", "120",
+                     "--no-progress", "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    assert seen == [PackedImages]
