@@ -40,15 +40,43 @@ def awkward(rng, n, h, w):
     return x
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(st.integers(1, 12), st.integers(1, 6), st.integers(1, 9), st.integers(0, 2**32 - 1))
-def test_unpack_of_pack_gives_the_images_back(n, h, w, seed):
+def test_unpack_of_pack_gives_the_images_back(backend, n, h, w, seed):
     x = awkward(np.random.default_rng(seed), n, h, w)
-    p = PackedImages.pack(x)
+    with use_backend(backend):
+        p = PackedImages.pack(x)
     assert p.shape == (n, h * w) and len(p) == n and p.dtype == np.uint8
     # exact by construction: bytes are copied, never computed
-    np.testing.assert_array_equal(p.unpack(), x.reshape(n, -1))
-    flat = PackedImages.pack(x.reshape(n, -1), width=w)  # (N, D) with the row width given
-    np.testing.assert_array_equal(flat.unpack(), x.reshape(n, -1))
+    with use_backend(backend):
+        np.testing.assert_array_equal(p.unpack(), x.reshape(n, -1))
+        flat = PackedImages.pack(x.reshape(n, -1), width=w)  # (N, D) with the row width given
+        np.testing.assert_array_equal(flat.unpack(), x.reshape(n, -1))
+    # the spans are the tightest: a kept row begins and ends with a non-zero byte
+    rows = x.reshape(n, h, w)
+    for i, k in zip(*np.nonzero(p.length)):
+        s, m = int(p.start[i, k]), int(p.length[i, k])
+        assert rows[i, k, s] != 0 and rows[i, k, s + m - 1] != 0
+        assert not rows[i, k, :s].any() and not rows[i, k, s + m:].any()
+    assert not rows[p.length == 0].any() and not p.start[p.length == 0].any()
+
+
+@given(st.integers(1, 12), st.integers(1, 6), st.integers(1, 9), st.integers(0, 2**32 - 1))
+def test_packing_twins_agree(n, h, w, seed):
+    """Both kernel pairs of packing: the spans, then the kept bytes (exact: no arithmetic)."""
+    x = awkward(np.random.default_rng(seed), n, h, w).reshape(n, -1)
+    spans = [packed._row_spans.numba(x, w, np.full((n, h), 9, np.uint8),
+                                     np.full((n, h), 9, np.uint8)),
+             packed._row_spans.numpy(x, w, np.full((n, h), 7, np.uint8),
+                                     np.full((n, h), 7, np.uint8))]
+    for a, b in zip(*spans):
+        np.testing.assert_array_equal(a, b)
+    start, length = spans[0]
+    size = int(length.sum())
+    a = packed._copy_spans.numba(x, w, start, length, np.full(size, 3, np.uint8))
+    b = packed._copy_spans.numpy(x, w, start, length, np.full(size, 5, np.uint8))
+    np.testing.assert_array_equal(a, b)
+    assert np.count_nonzero(a) == np.count_nonzero(x)  # every non-zero byte is kept
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

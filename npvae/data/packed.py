@@ -25,22 +25,24 @@ import numpy as np
 from ..backend import dispatch, numba_kernel
 
 
+def _span_pixels(start, length, width, d) -> tuple:
+    """Every kept pixel of images with spans start, length (B, H): its flat position in a
+    (B, D) array and its place among the kept bytes, both (P,) in row order."""
+    B, H = start.shape
+    lens = length.astype(np.int64).ravel()  # (B H,) span lengths, row by row
+    first = np.cumsum(lens) - lens  # (B H,) where each span's bytes begin among the kept
+    within = np.arange(lens.sum()) - np.repeat(first, lens)  # (P,) place within its span
+    span0 = (np.arange(B)[:, None] * d + np.arange(H)[None, :] * width + start).ravel()
+    return np.repeat(span0, lens) + within, np.repeat(first, lens) + within
+
+
 def _unpack_rows_numpy(start, length, offset, values, idx, width, out):
     """start, length (N, H); offset (N + 1,); values (T,) uint8; idx (B,) -> out (B, D) uint8."""
-    B, H = idx.shape[0], start.shape[1]
     out[...] = 0
-    lens = length[idx].astype(np.int64).ravel()  # (B H,) span lengths, row by row
-    if lens.sum() == 0:
-        return out
-    # where each span begins in the flat output, and in values
-    dst0 = (np.arange(B)[:, None] * out.shape[1] + np.arange(H)[None, :] * width
-            + start[idx]).ravel()  # (B H,)
-    src0 = (offset[idx][:, None] + np.cumsum(length[idx], axis=1, dtype=np.int64)
-            - length[idx]).ravel()  # (B H,): image's first byte + the spans before it
-    # every pixel inside a span: its place within the span, then its two addresses
-    first = np.cumsum(lens) - lens  # (B H,) position of each span's first pixel overall
-    within = np.arange(lens.sum()) - np.repeat(first, lens)  # (P,)
-    out.reshape(-1)[np.repeat(dst0, lens) + within] = values[np.repeat(src0, lens) + within]
+    dst, kept = _span_pixels(start[idx], length[idx], width, out.shape[1])  # (P,) each
+    per = length[idx].sum(axis=1, dtype=np.int64)  # (B,) bytes kept of each image
+    before = np.cumsum(per) - per  # (B,) where its bytes begin among the batch's
+    out.reshape(-1)[dst] = values[kept + np.repeat(offset[idx] - before, per)]
     return out
 
 
@@ -66,18 +68,60 @@ def _unpack_rows_numba(start, length, offset, values, idx, width, out):
 _unpack_rows = dispatch(_unpack_rows_numpy, _unpack_rows_numba)
 
 
-def _spans(block: np.ndarray, width: int) -> tuple:
-    """block (b, D) uint8 -> start, length (b, H) and the bytes inside the spans (row order)."""
-    rows = block.reshape(len(block), -1, width)  # (b, H, W)
+def _row_spans_numpy(images, width, start, length):
+    """images (b, D) uint8 -> start, length (b, H): each row's first non-zero pixel and how
+    many pixels reach its last one (0, 0 for a blank row)."""
+    rows = images.reshape(len(images), -1, width)  # (b, H, W)
     nonzero = rows != 0
-    any_ = nonzero.any(axis=2)  # (b, H): the row holds a non-zero pixel
+    blank = ~nonzero.any(axis=2)  # (b, H)
     first = nonzero.argmax(axis=2)  # (b, H)
     last = width - 1 - nonzero[:, :, ::-1].argmax(axis=2)  # (b, H)
-    length = np.where(any_, last - first + 1, 0)
-    start = np.where(any_, first, 0)
-    col = np.arange(width)
-    inside = (col >= start[:, :, None]) & (col < (start + length)[:, :, None])  # (b, H, W)
-    return start, length, rows[inside]  # C order: image by image, row by row
+    start[...] = np.where(blank, 0, first)
+    length[...] = np.where(blank, 0, last - first + 1)
+    return start, length
+
+
+@numba_kernel
+def _row_spans_numba(images, width, start, length):
+    """The same, one row at a time from both ends; see the NumPy twin."""
+    for n in range(images.shape[0]):
+        for k in range(start.shape[1]):
+            row = images[n, k * width:(k + 1) * width]  # (W,)
+            lo, hi = 0, width
+            while lo < width and row[lo] == 0:
+                lo += 1
+            while hi > lo and row[hi - 1] == 0:
+                hi -= 1
+            if hi == lo:  # a blank row
+                lo = hi = 0
+            start[n, k], length[n, k] = lo, hi - lo
+    return start, length
+
+
+_row_spans = dispatch(_row_spans_numpy, _row_spans_numba)
+
+
+def _copy_spans_numpy(images, width, start, length, values):
+    """images (b, D) uint8, spans (b, H) -> values (P,): the kept bytes in row order."""
+    at, _ = _span_pixels(start, length, width, images.shape[1])
+    values[...] = images.reshape(-1)[at]
+    return values
+
+
+@numba_kernel
+def _copy_spans_numba(images, width, start, length, values):
+    """The same, one span at a time; see the NumPy twin."""
+    o = 0
+    for n in range(images.shape[0]):
+        for k in range(start.shape[1]):
+            base, m = k * width + np.int64(start[n, k]), np.int64(length[n, k])
+            for j in range(m):
+                values[o + j] = images[n, base + j]
+            o += m
+    return values
+
+
+_copy_spans = dispatch(_copy_spans_numpy, _copy_spans_numba)
 
 
 class PackedImages:
@@ -98,7 +142,7 @@ class PackedImages:
     @classmethod
     def pack(cls, images, width: int | None = None, rows: int = 4096) -> "PackedImages":
         """uint8 images (N, H, W), or (N, D) with rows ``width`` pixels long, packed ``rows``
-        images at a time (the masks stay small)."""
+        images at a time (the NumPy twins' index arrays stay small)."""
         if not (isinstance(images, np.ndarray) and images.dtype == np.uint8
                 and images.ndim in (2, 3)):
             raise ValueError("images must be a uint8 array (N, H, W) or (N, D), got "
@@ -125,13 +169,17 @@ class PackedImages:
     def from_blocks(cls, blocks, d: int, width: int) -> "PackedImages":
         """Pack consecutive (b, D) uint8 blocks as one set of images."""
         span_type = np.min_scalar_type(width)  # uint8 for rows up to 255 pixels
+        h = d // width
         starts, lengths, values = [], [], []
         for block in blocks:
-            s, m, v = _spans(np.ascontiguousarray(block).reshape(len(block), d), width)
-            starts.append(s.astype(span_type))
-            lengths.append(m.astype(span_type))
-            values.append(v)
-        h = d // width
+            block = np.ascontiguousarray(block).reshape(len(block), d)  # (b, D)
+            start = np.empty((len(block), h), span_type)
+            length = np.empty((len(block), h), span_type)
+            _row_spans(block, width, start, length)  # (b, H) each
+            kept = np.empty(int(length.sum(dtype=np.int64)), np.uint8)
+            values.append(_copy_spans(block, width, start, length, kept))
+            starts.append(start)
+            lengths.append(length)
         start = np.concatenate(starts) if starts else np.zeros((0, h), span_type)
         length = np.concatenate(lengths) if lengths else np.zeros((0, h), span_type)
         offset = np.zeros(len(start) + 1, dtype=np.int64)
