@@ -165,7 +165,6 @@ def worker_npvae(cfg, args):
 
 
 def worker_torch(cfg, args):
-    import numpy as np
     import torch
     import torch.nn.functional as F
 
