@@ -61,24 +61,6 @@ def test_unpack_of_pack_gives_the_images_back(backend, n, h, w, seed):
     assert not rows[p.length == 0].any() and not p.start[p.length == 0].any()
 
 
-@given(st.integers(1, 12), st.integers(1, 6), st.integers(1, 9), st.integers(0, 2**32 - 1))
-def test_packing_twins_agree(n, h, w, seed):
-    """Both kernel pairs of packing: the spans, then the kept bytes (exact: no arithmetic)."""
-    x = awkward(np.random.default_rng(seed), n, h, w).reshape(n, -1)
-    spans = [packed._row_spans.numba(x, w, np.full((n, h), 9, np.uint8),
-                                     np.full((n, h), 9, np.uint8)),
-             packed._row_spans.numpy(x, w, np.full((n, h), 7, np.uint8),
-                                     np.full((n, h), 7, np.uint8))]
-    for a, b in zip(*spans):
-        np.testing.assert_array_equal(a, b)
-    start, length = spans[0]
-    size = int(length.sum())
-    a = packed._copy_spans.numba(x, w, start, length, np.full(size, 3, np.uint8))
-    b = packed._copy_spans.numpy(x, w, start, length, np.full(size, 5, np.uint8))
-    np.testing.assert_array_equal(a, b)
-    assert np.count_nonzero(a) == np.count_nonzero(x)  # every non-zero byte is kept
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(st.integers(1, 12), st.integers(1, 6), st.integers(1, 9), st.integers(0, 12),
        st.integers(0, 2**32 - 1))
