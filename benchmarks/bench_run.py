@@ -135,7 +135,9 @@ def torch_run(out_dir: Path, epochs: int, seed: int, threads: int) -> dict:
 def run_npvae(args, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        cmd = ["npvae", "train", "--out", str(out), "--seed", str(seed), "--no-progress"]
+        # `python -m npvae` is the `npvae` command, found without the environment's bin on PATH
+        cmd = [sys.executable, "-m", "npvae", "train", "--out", str(out), "--seed", str(seed),
+               "--no-progress"]
         if args.epochs != 30:
             cmd += ["--epochs", str(args.epochs)]
         t0 = time.perf_counter()
@@ -218,8 +220,9 @@ def main(argv=None) -> int:
     print(describe())
     print(f"default run: 784-400-20 ReLU Bernoulli VAE, {args.epochs} epochs, batch 128, "
           f"dynamic binarization, validation every epoch; {args.runs} alternating runs per side")
-    subprocess.run(["npvae", "train", "--epochs", "1", "--limit", "256", "--no-progress",
-                    "--out", tempfile.mkdtemp() + "/warm"], capture_output=True)  # kernel cache
+    subprocess.run([sys.executable, "-m", "npvae", "train", "--epochs", "1", "--limit", "256",
+                    "--no-progress", "--out", tempfile.mkdtemp() + "/warm"],
+                   capture_output=True)  # kernel cache
     results = {"npvae": [], "torch": []}
     for r in range(args.runs):
         order = ["npvae", "torch"] if r % 2 == 0 else ["torch", "npvae"]
