@@ -326,6 +326,56 @@ def test_fast_loglik_matches_the_likelihood_ops(likelihood, scale):
     np.testing.assert_allclose(got32, want, rtol=1e-5, atol=1e-4 * max(1.0, scale))
 
 
+class _WatchExp:
+    """Stands in for numpy inside npvae.evaluate: every call of exp is checked for a
+    subnormal result (FTZ.2); everything else is numpy's."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    def exp(self, a, out=None):
+        r = np.exp(a, out=out)
+        self.calls += 1
+        tiny = np.finfo(r.dtype).tiny
+        assert not np.any((r != 0) & (np.abs(r) < tiny)), "exp made a subnormal number"
+        return r
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_estimate_clamps_only_below_the_normal_cut(monkeypatch, dtype):
+    """(IW.6, FTZ.2) The estimate's exp(-|l|) only enters 1 + exp(-|l|): it may go down to
+    exp(log(tiny) + 1), a normal number, with no clamp pass. Below that it is clamped, and
+    no exp result is ever subnormal; the values are the closed form's, in float64."""
+    from npvae.ops.activations import EXP_CUT, NORMAL_EXP_CUT
+
+    cut, low = EXP_CUT[np.dtype(dtype)], NORMAL_EXP_CUT[np.dtype(dtype)]
+    assert np.exp(dtype(low)) >= np.finfo(dtype).tiny  # normal, with exp's rounding
+    assert dtype(1) + np.exp(dtype(cut)) == 1  # so both cuts give the same 1 + e
+    model = VAE(data_dim=6, hidden=(), latent=2, likelihood="bernoulli", dtype=dtype)
+    x = np.array([[0, 1, 0, 1, 0.5, 1], [1, 0, 0.25, 1, 0, 0]], dtype)
+    between = np.array([0.9 * cut, 0.5 * (cut + low), 0.99 * low, -1.0, 2.0, -0.9 * cut])
+    beyond = np.array([1.5 * low, -1e4, 1e4, 3.0, 1.01 * low, low])
+    watch = _WatchExp()
+    monkeypatch.setattr(ev, "np", watch)
+    clamps = []
+    real_clamp = ev.clamp_below_kernel
+    monkeypatch.setattr(ev, "clamp_below_kernel", lambda a, c: (clamps.append(1), real_clamp(a, c))[1])
+    for rows, clamped in ((between, False), (beyond, True)):
+        out = np.stack([rows, -rows, rows[::-1], rows]).astype(dtype)  # (2 * 2, 6)
+        l64, x64 = out.astype(np.float64), np.repeat(x.astype(np.float64), 2, axis=0)
+        want = (x64 * l64 - np.logaddexp(0.0, l64)).sum(axis=1).reshape(2, 2)  # (LIK.3)
+        got = ev.loglik_samples(model, out.copy(), x)
+        # rounding in the model's dtype, relative to the size of the terms summed
+        scale = np.abs(l64).sum(axis=1).reshape(2, 2)
+        assert np.all(np.abs(got - want) <= 8 * np.finfo(dtype).eps * scale)
+        assert bool(clamps) is clamped  # the clamp pass runs only for logits below the cut
+        clamps.clear()
+    assert watch.calls >= 2
+
+
 def test_float32_estimate_is_close_to_float64():
     model64 = small_models()["bernoulli"]
     model32 = BernoulliVAE(data_dim=5, hidden=(4,), latent=3, activation="tanh", dtype=np.float32)

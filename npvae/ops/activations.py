@@ -47,6 +47,15 @@ def activation_code(name: str) -> int:
 # the precision of any sum or Adam step it enters.
 EXP_CUT = {np.dtype(t): 0.5 * float(np.log(np.finfo(t).tiny)) for t in (np.float32, np.float64)}
 
+# Where exp(s) only enters 1 + exp(s) and nothing multiplies it (the importance-weighted
+# estimate, IW.6), a lower cut does: exp(s) must only stay a normal number. log(tiny) + 1
+# leaves a factor e of margin for exp's rounding (-86.3 in float32, -707.4 in float64).
+# Every exp(s) from -86.3 to -43.7 is below half a unit in the last place of 1, so the
+# result is the same as with EXP_CUT, and a trained decoder's logits (down to about -61
+# on MNIST) need no clamp pass at all.
+NORMAL_EXP_CUT = {np.dtype(t): float(np.log(np.finfo(t).tiny)) + 1.0
+                  for t in (np.float32, np.float64)}
+
 
 def exp_neg_abs(a):
     """exp(-|a|), with 0 where -|a| is below the cut, log(sqrt(tiny)) (FTZ.2).
