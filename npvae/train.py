@@ -170,11 +170,11 @@ def _static_sample(x, dtype, rng, rows: int = 4096):
     """One Bernoulli sample of every pixel, as uint8 0/1, drawn a block of rows at a time
     (packed again when ``x`` is packed: the sample is zero wherever the image is)."""
     def sampled():
-        for start in range(0, len(x), rows):
-            block = x.rows(np.arange(start, min(start + rows, len(x)))) \
-                if isinstance(x, PackedImages) else x[start:start + rows]
+        blocks = x.blocks(rows) if isinstance(x, PackedImages) else \
+            ((start, x[start:start + rows]) for start in range(0, len(x), rows))
+        for _, block in blocks:
             p = npdata.to_unit(block, dtype) if block.dtype == np.uint8 else block
-            yield npdata.binarize_static(p, "sample", rng=rng)
+            yield npdata.binarize_static(p, "sample", rng=rng).astype(np.uint8)  # 0/1 bytes
 
     if isinstance(x, PackedImages):
         return PackedImages.from_blocks(sampled(), x.shape[1], x.width)
@@ -191,6 +191,9 @@ def _check_inputs(model, x_train, x_val, epochs, batch_size, lr, optimizer, clip
     for name, x in (("x_train", x_train), ("x_val", x_val)):
         if name == "x_train" and isinstance(x, PackedImages):
             pass  # bytes, packed: (N, D) uint8 by construction
+        elif isinstance(x, PackedImages):
+            raise ValueError(f"{name} must be a numpy array: pass {name}.unpack() (only "
+                             f"x_train may be packed)")
         elif not isinstance(x, np.ndarray) or x.ndim != 2:
             raise ValueError(f"{name} must be a 2-D numpy array (N, D), got {type(x).__name__}"
                              f"{'' if not isinstance(x, np.ndarray) else ' of shape ' + str(x.shape)}")
