@@ -481,6 +481,12 @@ def _train_and_report(given, run_dir, s, ck, model, x_train, x_val) -> int:
                 _say(f"npvae: --{key} {s[key]} from here on (it was {ck.args.get(key)}); "
                      f"metrics.jsonl records the change")
     stored = {k: v for k, v in s.items() if k not in ("progress", "out", "resume", "overwrite")}
+    run = shlex.quote(str(run_dir))  # pasted into a shell as it is
+    stale_prior = ck is not None and is_vq(model) and _has_prior(run_dir)
+    if stale_prior:  # eval and sample refuse a prior fitted to another state of the VQ-VAE
+        _say(f"npvae: {run_dir}/prior was fitted to this VQ-VAE as it was before this training; "
+             f"afterwards npvae eval and sample refuse it until it is fitted again: "
+             f"npvae train-prior {run} --overwrite")
     what = "continuing" if ck is not None else "training"
     objective = f" (objective iwae, k = {s['k']})" if s.get("objective") == "iwae" else ""
     _say(f"npvae: {what} {s['model']}{objective} ({model.num_params():,} parameters) on "
@@ -504,9 +510,20 @@ def _train_and_report(given, run_dir, s, ck, model, x_train, x_val) -> int:
     print(f"  {Path(run_dir) / 'metrics.jsonl'}   one JSON line of metrics per epoch")
     print(f"  {Path(run_dir) / 'checkpoint.npz'}  model, optimizer and RNG state")
     print(f"  figures: {', '.join(Path(p).name for p in figures.values())}")
-    run = shlex.quote(str(run_dir))  # pasted into a shell as it is
-    print(f"next: npvae eval {run}   |   npvae sample {run}")
+    if stale_prior:
+        print(f"next: npvae train-prior {run} --overwrite   (its prior fits the VQ-VAE before "
+              f"this training), then npvae eval {run}")
+    else:
+        print(f"next: npvae eval {run}   |   npvae sample {run}")
     return 0
+
+
+def _has_prior(run_dir) -> bool:
+    """Whether the run folder holds a learned prior's checkpoint (RUN/prior)."""
+    from .checkpoint import FILENAME
+    from .codeprior import prior_dir
+
+    return (prior_dir(run_dir) / FILENAME).is_file()
 
 
 def _small_model(ns, **options) -> tuple:

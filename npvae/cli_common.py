@@ -232,11 +232,13 @@ def nearest_folder(path: Path) -> Path:
     return path
 
 
-def check_run_dir(run_dir: Path, overwrite: bool) -> list:
+def check_run_dir(run_dir: Path, overwrite: bool, fix: str | None = None) -> list:
     """The refusals of :func:`prepare_run_dir`, deleting nothing: the files of the run that
-    ``overwrite`` would replace."""
+    ``overwrite`` would replace. ``fix``: what to do about a file or foreign files in the
+    way, for a command whose folder is not chosen with --out (``npvae train-prior``)."""
     if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--out {run_dir} is a file, not a directory; choose another --out")
+        raise UsageError(f"{run_dir} is a file, not a directory; "
+                         + (fix or "choose another --out"))
     from .checkpoint import FILENAME
     from .runs import is_temp_file, run_files
 
@@ -244,7 +246,7 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> list:
     if others:
         names = ", ".join(p.name for p in others[:5]) + (", ..." if len(others) > 5 else "")
         raise UsageError(f"{run_dir} holds files that are not part of an npvae run ({names}); "
-                         f"choose a new or empty directory with --out")
+                         + (fix or "choose a new or empty directory with --out"))
     # a killed writer's temporary files alone are no run: the new run removes them
     kept = [p for p in ours if not is_temp_file(p.name)]
     if kept and not overwrite:

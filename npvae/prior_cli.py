@@ -147,6 +147,10 @@ def _train_prior(ns, run_dir: Path) -> int:
 
     vq_ck = _vq_run(ns.run)
     vq = vq_ck.model
+    if vq.K < 2:  # before any data is loaded
+        raise cli.UsageError(f"{run_dir} is a VQ-VAE with one code (--codes 1): every image "
+                             f"has the same codes, so the prior is exact and there is nothing "
+                             f"to fit; npvae eval and sample use it as it is")
     pdir = prior_dir(run_dir)
     held = [p for p in (pdir / FILENAME, pdir / METRICS_FILE) if p.exists()]
     if ns.resume:
@@ -172,7 +176,8 @@ def _train_prior(ns, run_dir: Path) -> int:
         if not direct and not hidden:
             raise cli.UsageError("--no-direct needs hidden layers: without them the direct "
                                  "connection is the whole prior")
-        cli.check_run_dir(pdir, overwrite=True)  # refuses foreign files now; deletes nothing yet
+        cli.check_run_dir(pdir, overwrite=True,  # refuses foreign files now; deletes nothing yet
+                          fix=f"move or delete what is in the way: the prior is written to {pdir}")
     check_writable(cli.nearest_folder(pdir))
     cli._set_backend(ns.backend)
     cli._announce_compilation()

@@ -280,3 +280,36 @@ def test_uniform_code_samples_want_a_positive_integer_n(bad):
     assert sample_codes(vq, None, np.int64(2), np.random.default_rng(0)).shape == (2, 3)
     with pytest.raises(ValueError, match=r"n must be a positive integer"):
         sample_codes(vq, None, bad, np.random.default_rng(0))
+
+
+def test_resuming_a_vqvae_run_says_its_prior_must_be_fitted_again(run, capsys):
+    """The prior no longer fits once the VQ-VAE trains on (eval and sample refuse it):
+    the resume says so before training, and its last line names the command to run."""
+    assert main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")[0] == 0
+    code, out, err = main(capsys, "train", "--resume", run, "--epochs", "2", "--no-progress")
+    assert code == 0
+    assert f"npvae train-prior {run} --overwrite" in err
+    assert out.strip().splitlines()[-1].startswith(f"next: npvae train-prior {run} --overwrite")
+    assert main(capsys, "train-prior", run, *PRIOR, "--epochs", "1", "--overwrite")[0] == 0
+    assert main(capsys, "sample", run, "--n", "4")[0] == 0  # fitted again: accepted
+
+
+def test_a_prior_of_one_code_is_refused_before_any_work(tmp_path, capsys):
+    one = tmp_path / "one"
+    assert main(capsys, *VQ, "--codes", "1", "--epochs", "1", "--out", one)[0] == 0
+    code, _, err = main(capsys, "train-prior", one, *PRIOR, "--epochs", "1")
+    assert code == 2 and "Traceback" not in err and "one code" in err
+    assert not prior_dir(one).exists()
+
+
+@pytest.mark.parametrize("what", ["file", "foreign"])
+def test_train_prior_names_what_is_in_the_way_without_out(run, capsys, what):
+    """train-prior has no --out: its refusals say what to move, not to choose an --out."""
+    pdir = prior_dir(run)
+    if what == "file":
+        pdir.write_text("mine")
+    else:
+        pdir.mkdir()
+        (pdir / "notes.txt").write_text("mine")
+    code, _, err = main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")
+    assert code == 2 and "--out" not in err and "move or delete" in err, err
