@@ -313,3 +313,69 @@ def test_train_prior_names_what_is_in_the_way_without_out(run, capsys, what):
         (pdir / "notes.txt").write_text("mine")
     code, _, err = main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")
     assert code == 2 and "--out" not in err and "move or delete" in err, err
+
+
+def small_vq_and_prior(seed=0):
+    vq = VQVAE(data_dim=12, hidden=[8], num_codes=K, code_dim=2, num_vectors=M,
+               dtype=np.float64, rng=seed)
+    prior = MADEPrior(num_codes=K, num_vectors=M, hidden=[6], dtype=np.float64, rng=seed + 1)
+    return vq, prior
+
+
+def test_evaluate_prior_s_numbers_recomputed_by_hand():
+    """Every output of evaluate_prior from its definition (PRIOR.1, PRIOR.2): the sampled
+    codes are the prior's own draws with the same generator, chunk by chunk."""
+    vq, prior = small_vq_and_prior()
+    x = np.random.default_rng(1).random((37, 12))
+    recon, n = 5.25, 23  # n not a multiple of the chunk
+    got = evaluate_prior(vq, prior, x, recon, np.random.default_rng(7), batch_size=10,
+                         n_samples=n)
+    nats = float(-prior.log_prob(vq.assign(x)).mean())
+    uniform = M * math.log(K)
+    rng = np.random.default_rng(7)
+    drawn = np.concatenate([prior.sample(c, rng) for c in (10, 10, 3)])  # (n, M)
+    counts = np.bincount(drawn.reshape(-1), minlength=K)
+    p = counts[counts > 0] / counts.sum()
+    assert got["prior_nats"] == pytest.approx(nats, rel=1e-12)
+    assert got["nll_bound_learned_prior"] == pytest.approx(recon + nats, rel=1e-12)
+    assert got["nll_bound_uniform_prior"] == pytest.approx(recon + uniform, rel=1e-12)
+    assert got["elbo_learned_prior"] == pytest.approx(-(recon + nats), rel=1e-12)
+    assert got["prior_gain_nats"] == pytest.approx(uniform - nats, rel=1e-12)
+    assert got["prior_perplexity"] == pytest.approx(math.exp(nats / M), rel=1e-12)
+    assert got["prior_samples"] == n
+    assert got["prior_sample_used_fraction"] == pytest.approx((counts > 0).mean())
+    assert got["prior_sample_perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+
+
+def test_encode_codes_does_not_depend_on_the_batch_size():
+    """The binarization noise is drawn batch after batch from one stream, so any batch size
+    gives the codes of one sample of every image (each batch its own noise)."""
+    vq, _ = small_vq_and_prior(3)
+    images = np.random.default_rng(2).integers(0, 256, size=(50, 12), dtype=np.uint8)
+    a = encode_codes(vq, images, "dynamic", np.random.default_rng(5), batch_size=7)
+    b = encode_codes(vq, images, "dynamic", np.random.default_rng(5), batch_size=1000)
+    np.testing.assert_array_equal(a, b)
+    rng = np.random.default_rng(5)
+    sample = (rng.random(images.shape) < images / 255.0).astype(np.float64)  # one stream
+    np.testing.assert_array_equal(a, vq.assign(sample))
+
+
+def test_the_uniform_sampler_draws_every_code_equally():
+    vq, _ = small_vq_and_prior()
+    codes = sample_codes(vq, None, 4000, np.random.default_rng(8))  # (4000, M)
+    counts = np.bincount(codes.reshape(-1), minlength=K)
+    assert counts.size == K and counts.min() > 0
+    expected = codes.size / K
+    assert np.all(np.abs(counts - expected) < 5 * math.sqrt(expected))  # five standard errors
+
+
+def test_assignment_margin_against_sorted_distances():
+    """The smallest gap between the nearest and second-nearest code, in squared distance,
+    over all rows: brute force against the model's score-based margin."""
+    vq, _ = small_vq_and_prior(4)
+    x = np.random.default_rng(9).random((6, 12))
+    rows = vq.encode(x).reshape(-1, 2)  # (R, Dz)
+    E = vq.params["codebook"]
+    d2 = ((rows[:, None, :] - E[None, :, :]) ** 2).sum(axis=2)  # (R, K)
+    two = np.sort(d2, axis=1)[:, :2]
+    assert vq.assignment_margin(x) == pytest.approx((two[:, 1] - two[:, 0]).min(), rel=1e-9)
