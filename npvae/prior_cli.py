@@ -106,8 +106,27 @@ def cmd_train_prior(ns) -> int:
             raise cli.UsageError(f"{flags} cannot be changed when resuming a prior: it continues "
                                  f"with its saved settings")
     run_dir = cli._run_dir_of(ns.run)
+    _one_prior_per_folder(ns.run)
     with run_lock(run_dir, create=False):  # the VQ-VAE must not change while its codes are read
         return _train_prior(ns, run_dir)
+
+
+def _one_prior_per_folder(run) -> None:
+    """RUN/prior belongs to RUN/checkpoint.npz: a checkpoint file of another name would
+    share that folder (and replace its prior) with every other checkpoint beside it."""
+    from . import cli_common as cli
+    from . import pretrained
+    from .checkpoint import FILENAME, checkpoint_path
+
+    if pretrained.is_pretrained(run) or not Path(run).exists():
+        return  # _vq_run names what is wrong with these
+    path = checkpoint_path(run)
+    if path.name != FILENAME:
+        raise cli.UsageError(
+            f"train-prior takes a run folder or its {FILENAME}, not {path}: the prior is "
+            f"written to {path.parent / 'prior'}, which belongs to {path.parent / FILENAME}. "
+            f"Copy the checkpoint into a folder of its own: mkdir NEW && cp "
+            f"{shlex.quote(str(path))} NEW/{FILENAME} && npvae train-prior NEW")
 
 
 def _vq_run(run):

@@ -379,3 +379,15 @@ def test_assignment_margin_against_sorted_distances():
     d2 = ((rows[:, None, :] - E[None, :, :]) ** 2).sum(axis=2)  # (R, K)
     two = np.sort(d2, axis=1)[:, :2]
     assert vq.assignment_margin(x) == pytest.approx((two[:, 1] - two[:, 0]).min(), rel=1e-9)
+
+
+def test_train_prior_refuses_a_checkpoint_file_of_another_name(run, tmp_path, capsys):
+    """RUN/prior belongs to RUN/checkpoint.npz; a.npz beside it would share (and replace)
+    that prior. Refused, with the way to give the checkpoint a folder of its own."""
+    two = tmp_path / "two"
+    two.mkdir()
+    shutil.copy(run / "checkpoint.npz", two / "a.npz")
+    code, _, err = main(capsys, "train-prior", two / "a.npz", *PRIOR, "--epochs", "1")
+    assert code == 2 and "folder of its own" in err and "Traceback" not in err, err
+    assert not prior_dir(two).exists()
+    assert main(capsys, "train-prior", run / "checkpoint.npz", *PRIOR, "--epochs", "1")[0] == 0
