@@ -179,6 +179,12 @@ def _train_prior(ns, run_dir: Path) -> int:
                                  f"exist); start one with npvae train-prior {run_dir}")
         s = {**DEFAULTS, **ck.args}
         s.update({k: getattr(ns, k) for k in ("epochs", "lr") if getattr(ns, k) is not None})
+        if ck.epoch >= s["epochs"]:  # as npvae train --resume says it
+            run = shlex.quote(str(run_dir))
+            cli._say(f"npvae: the prior of {run_dir} has already trained for {ck.epoch} epochs; "
+                     f"nothing to do. Pass --epochs N with N > {ck.epoch} to train it further; "
+                     f"for its numbers: npvae eval {run}")
+            return 0
     else:
         ck = None
         if held and not ns.overwrite:

@@ -391,3 +391,11 @@ def test_train_prior_refuses_a_checkpoint_file_of_another_name(run, tmp_path, ca
     assert code == 2 and "folder of its own" in err and "Traceback" not in err, err
     assert not prior_dir(two).exists()
     assert main(capsys, "train-prior", run / "checkpoint.npz", *PRIOR, "--epochs", "1")[0] == 0
+
+
+def test_resuming_a_prior_with_no_more_epochs_says_there_is_nothing_to_do(run, capsys):
+    assert main(capsys, "train-prior", run, *PRIOR, "--epochs", "2")[0] == 0
+    before = (prior_dir(run) / "checkpoint.npz").read_bytes()
+    code, out, err = main(capsys, "train-prior", run, "--resume", "--epochs", "1", "--no-progress")
+    assert code == 0 and "nothing to do" in err and "continuing" not in err, err
+    assert (prior_dir(run) / "checkpoint.npz").read_bytes() == before
