@@ -315,10 +315,12 @@ def validation_metrics(model, x_val, seed, batch_size) -> dict:
     return row
 
 
-def _summary(row, epochs) -> str:
+def _summary(row, epochs, elbo_name: str = "ELBO") -> str:
+    """One line per epoch. ``elbo_name``: what val_elbo is for the model (a learned prior's
+    is the exact log p(c), not a bound)."""
     text = (f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.3f}  "
             f"val loss {row.get('val_loss', float('nan')):.3f}  "
-            f"val ELBO {row.get('val_elbo', float('nan')):.3f}")
+            f"val {elbo_name} {row.get('val_elbo', float('nan')):.3f}")
     if "val_kl" in row:
         text += f" (recon {row['val_recon']:.2f}, KL {row['val_kl']:.2f})"
     if "val_perplexity" in row:
@@ -534,11 +536,11 @@ def _validated(row, model, x_val, seed, train_seconds) -> dict:
     return row
 
 
-def _report(row, metrics_path, epochs, verbose, on_epoch_end) -> None:
+def _report(row, metrics_path, epochs, verbose, on_epoch_end, elbo_name="ELBO") -> None:
     """Tell of a finished epoch: a line of metrics.jsonl, a summary, the caller's callback."""
     _append_metrics(metrics_path, row)
     if verbose:
-        print(_summary(row, epochs), flush=True)
+        print(_summary(row, epochs, elbo_name), flush=True)
     if on_epoch_end is not None:
         on_epoch_end(row)
 
@@ -737,7 +739,8 @@ def _train(model, x_train, x_val, *, epochs, batch_size, lr, optimizer, clip, se
                 if checkpoint_every_epoch or epoch + 1 == epochs:
                     _save(ckpt_path, model, opt, rng, epoch + 1, step, history, settings)
                 here = _between_epochs(epoch + 1, rng)
-                _report(row, metrics_path, epochs, verbose, on_epoch_end)
+                _report(row, metrics_path, epochs, verbose, on_epoch_end,
+                        "log p(c)" if model.config.get("kind") == "made" else "ELBO")
                 if stop.requested:  # in the last epoch too: the caller must hear of it
                     raise KeyboardInterrupt
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: save the last consistent state

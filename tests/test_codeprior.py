@@ -399,3 +399,11 @@ def test_resuming_a_prior_with_no_more_epochs_says_there_is_nothing_to_do(run, c
     code, out, err = main(capsys, "train-prior", run, "--resume", "--epochs", "1", "--no-progress")
     assert code == 0 and "nothing to do" in err and "continuing" not in err, err
     assert (prior_dir(run) / "checkpoint.npz").read_bytes() == before
+
+
+def test_the_prior_s_epoch_lines_name_log_p_of_the_codes(run, capsys):
+    """A learned prior's validation value is the exact log p(c), not an ELBO."""
+    code, out, _ = main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")
+    assert code == 0
+    line = next(l for l in out.splitlines() if l.startswith("epoch 1/1"))
+    assert "val log p(c)" in line and "ELBO" not in line, line
