@@ -161,7 +161,7 @@ def _train_prior(ns, run_dir: Path) -> int:
     from .models.prior import direct_by_default
     from .train import (
         METRICS_FILE, TrainingDiverged, TrainingInterrupted, binarize_for_eval, check_writable,
-        side_rng, train,
+        read_metrics, side_rng, train,
     )
 
     vq_ck = _vq_run(ns.run)
@@ -179,11 +179,13 @@ def _train_prior(ns, run_dir: Path) -> int:
                                  f"exist); start one with npvae train-prior {run_dir}")
         s = {**DEFAULTS, **ck.args}
         s.update({k: getattr(ns, k) for k in ("epochs", "lr") if getattr(ns, k) is not None})
-        if ck.epoch >= s["epochs"]:  # as npvae train --resume says it
-            run = shlex.quote(str(run_dir))
-            cli._say(f"npvae: the prior of {run_dir} has already trained for {ck.epoch} epochs; "
-                     f"nothing to do. Pass --epochs N with N > {ck.epoch} to train it further; "
-                     f"for its numbers: npvae eval {run}")
+        if ck.epoch >= s["epochs"]:  # nothing to train: the report alone (it remakes the
+            cli._say(f"npvae: the prior of {run_dir} has already trained for {ck.epoch} "  # figure)
+                     f"epochs; nothing to train (pass --epochs N with N > {ck.epoch} to train "
+                     f"it further). Its test numbers and {FIGURE}:")
+            cli._set_backend(ns.backend)
+            vs = {**cli.DEFAULTS, **vq_ck.args, "data_dir": ns.data_dir or vq_ck.args.get("data_dir")}
+            _report_prior(ns, vs, vq, ck.model, read_metrics(pdir), run_dir, pdir)
             return 0
     else:
         ck = None
@@ -249,7 +251,12 @@ def _train_prior(ns, run_dir: Path) -> int:
                                f"{shlex.quote(str(run_dir))} --resume "
                                f"--lr LR)", step=exc.step, epoch=exc.epoch) from None
 
-    _report_prior(ns, vs, vq, prior, history, run_dir, pdir)
+    try:
+        _report_prior(ns, vs, vq, prior, history, run_dir, pdir)
+    except KeyboardInterrupt:  # the prior is saved; only its numbers and figure are missing
+        cli._say(f"npvae: the prior is trained and saved; for its test numbers and {FIGURE}: "
+                 f"npvae train-prior {shlex.quote(str(run_dir))} --resume")
+        raise
     return 0
 
 

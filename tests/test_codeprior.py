@@ -393,11 +393,15 @@ def test_train_prior_refuses_a_checkpoint_file_of_another_name(run, tmp_path, ca
     assert main(capsys, "train-prior", run / "checkpoint.npz", *PRIOR, "--epochs", "1")[0] == 0
 
 
-def test_resuming_a_prior_with_no_more_epochs_says_there_is_nothing_to_do(run, capsys):
+def test_resuming_a_prior_with_no_more_epochs_trains_nothing_and_remakes_its_report(run, capsys):
+    """It once said "continuing ... for 1 epochs". It trains nothing, says so, and makes the
+    test numbers and the figure again (the way back after a stop during them)."""
     assert main(capsys, "train-prior", run, *PRIOR, "--epochs", "2")[0] == 0
     before = (prior_dir(run) / "checkpoint.npz").read_bytes()
+    (prior_dir(run) / "samples.png").unlink()
     code, out, err = main(capsys, "train-prior", run, "--resume", "--epochs", "1", "--no-progress")
-    assert code == 0 and "nothing to do" in err and "continuing" not in err, err
+    assert code == 0 and "nothing to train" in err and "continuing" not in err, err
+    assert "prior test cross-entropy" in out and (prior_dir(run) / "samples.png").is_file()
     assert (prior_dir(run) / "checkpoint.npz").read_bytes() == before
 
 
@@ -407,3 +411,20 @@ def test_the_prior_s_epoch_lines_name_log_p_of_the_codes(run, capsys):
     assert code == 0
     line = next(l for l in out.splitlines() if l.startswith("epoch 1/1"))
     assert "val log p(c)" in line and "ELBO" not in line, line
+
+
+def test_a_stop_while_the_prior_is_reported_says_how_to_finish_the_report(run, capsys,
+                                                                          monkeypatch):
+    from npvae import prior_cli
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prior_cli, "save_comparison", stopped)
+    code, _, err = main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")
+    assert code != 0 and f"npvae train-prior {run} --resume" in err, err
+    assert (prior_dir(run) / "checkpoint.npz").is_file()
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "load", fake_load)
+    assert main(capsys, "train-prior", run, "--resume", "--no-progress")[0] == 0
+    assert (prior_dir(run) / "samples.png").is_file()
