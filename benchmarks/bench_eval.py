@@ -5,8 +5,8 @@
 The model is the pytorch/examples architecture (784-400-20, ReLU, Bernoulli decoder,
 float32): by default the trained one shipped with npvae (pretrained:vae-bernoulli), from a
 run's checkpoint with ``--run``, or freshly initialised with ``--untrained``. The weights
-matter a little: a trained decoder has a few logits beyond the exp cut in most chunks of
-samples, which costs the likelihood one more pass (IW.6). Test images are binarized once,
+matter a little: a decoder with logits below the estimate's exp cut (log(tiny) + 1, IW.6)
+costs the likelihood one more pass in those chunks; the shipped model's stay above it. Test images are binarized once,
 as `npvae eval` does for a binarized run. Prints the wall time and the estimate, then the time of the
 *matrix-product floor*: the products alone (the encoder's once per image, the decoder's
 for every one of the N k samples, in chunks of the size the estimator uses, and the

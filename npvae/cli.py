@@ -466,11 +466,11 @@ def _train_and_report(given, run_dir, s, ck, model, x_train, x_val) -> int:
     from .figures import make_figures
     from .train import side_rng, train
 
+    run = shlex.quote(str(run_dir))  # pasted into a shell as it is
     if ck is not None and ck.epoch >= s["epochs"]:
         done = f"{ck.epoch} epochs"
         if ck.position is not None:  # stopped inside the epoch after them
             done += f" and {ck.position['batch']} batches of epoch {ck.epoch + 1}"
-        run = shlex.quote(str(run_dir))
         _say(f"npvae: {run_dir} has already trained for {done}; nothing to do. "
              f"Pass --epochs N with N > {ck.epoch} to train further; for the test ELBO and "
              f"figures of the model as it is: npvae eval {run} && npvae plot {run}")
@@ -481,7 +481,6 @@ def _train_and_report(given, run_dir, s, ck, model, x_train, x_val) -> int:
                 _say(f"npvae: --{key} {s[key]} from here on (it was {ck.args.get(key)}); "
                      f"metrics.jsonl records the change")
     stored = {k: v for k, v in s.items() if k not in ("progress", "out", "resume", "overwrite")}
-    run = shlex.quote(str(run_dir))  # pasted into a shell as it is
     stale_prior = ck is not None and is_vq(model) and _has_prior(run_dir)
     if stale_prior:  # eval and sample refuse a prior fitted to another state of the VQ-VAE
         _say(f"npvae: {run_dir}/prior was fitted to this VQ-VAE as it was before this training; "

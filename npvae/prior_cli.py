@@ -170,6 +170,7 @@ def _train_prior(ns, run_dir: Path) -> int:
         raise cli.UsageError(f"{run_dir} is a VQ-VAE with one code (--codes 1): every image "
                              f"has the same codes, so the prior is exact and there is nothing "
                              f"to fit; npvae eval and sample use it as it is")
+    vs = {**cli.DEFAULTS, **vq_ck.args, "data_dir": ns.data_dir or vq_ck.args.get("data_dir")}
     pdir = prior_dir(run_dir)
     held = [p for p in (pdir / FILENAME, pdir / METRICS_FILE) if p.exists()]
     if ns.resume:
@@ -179,12 +180,11 @@ def _train_prior(ns, run_dir: Path) -> int:
                                  f"exist); start one with npvae train-prior {run_dir}")
         s = {**DEFAULTS, **ck.args}
         s.update({k: getattr(ns, k) for k in ("epochs", "lr") if getattr(ns, k) is not None})
-        if ck.epoch >= s["epochs"]:  # nothing to train: the report alone (it remakes the
-            cli._say(f"npvae: the prior of {run_dir} has already trained for {ck.epoch} "  # figure)
+        if ck.epoch >= s["epochs"]:  # nothing to train: the report alone, figure included
+            cli._say(f"npvae: the prior of {run_dir} has already trained for {ck.epoch} "
                      f"epochs; nothing to train (pass --epochs N with N > {ck.epoch} to train "
                      f"it further). Its test numbers and {FIGURE}:")
             cli._set_backend(ns.backend)
-            vs = {**cli.DEFAULTS, **vq_ck.args, "data_dir": ns.data_dir or vq_ck.args.get("data_dir")}
             _report_prior(ns, vs, vq, ck.model, read_metrics(pdir), run_dir, pdir)
             return 0
     else:
@@ -210,7 +210,6 @@ def _train_prior(ns, run_dir: Path) -> int:
     cli._announce_compilation()
 
     # ---- the codes of the training and validation images, encoded once
-    vs = {**cli.DEFAULTS, **vq_ck.args, "data_dir": ns.data_dir or vq_ck.args.get("data_dir")}
     x_train, x_val = cli.load_training_data(vs)
     binarize, seed = vs["binarize"], vs["seed"]
     t0 = time.perf_counter()

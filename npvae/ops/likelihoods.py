@@ -107,7 +107,7 @@ def _bernoulli_numba(logits, x):
     """
     cut = logits.dtype.type(EXP_CUT[logits.dtype])
     e = np.abs(logits)  # (N, D)  |l|, a new array
-    _neg_clamp_numba(e, cut)  # (N, D)  max(-|l|, cut), in place: the clamp the IW estimate uses
+    _neg_clamp_numba(e, cut)  # (N, D)  max(-|l|, cut), in place
     np.exp(e, out=e)  # (N, D)  e = exp(max(-|l|, cut)), in (0, 1]: never overflows
     terms = e + e.dtype.type(1.0)  # (N, D)  u = 1 + e
     np.log(terms, out=terms)  # (N, D)  log(u), corrected to log1p(e) in the loop
