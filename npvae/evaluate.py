@@ -86,8 +86,8 @@ from .models.autoencoder import Autoencoder
 from .models.base import as_rng, likelihood_forward
 from .models.vae import VAE
 from .ops import gaussian_kl_forward
+from .ops.centred_softplus import centred_softplus_sums
 from .ops.vq import perplexity
-from .ops.activations import NORMAL_EXP_CUT, clamp_below_kernel, neg_abs_bias_kernel
 from .ops.mlp import work_buffer
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -279,20 +279,13 @@ def _bernoulli_logp_samples(logits, x, bias=None, work=None):
     """log p(x_n | l_{n,i}) for C samples per example, the fast form (IW.6).
 
     logits (B*C, D); x (B, D) -> (B, C) float64. With ``bias`` (D,), the logits are
-    ``logits + bias``: the decoder's last bias is added here, inside the first pass,
-    instead of in a pass of its own. ``work`` keeps the one (B*C, D) buffer this needs
-    from call to call. Same values as the likelihood op (LIK.3) on x repeated C times,
-    in fewer passes: -|l + b| with a check against the cut (one compiled pass), a row
-    sum, the clamp at the cut (a compiled pass, only when an entry is below it), exp,
-    + 1, log, a row sum; the centred term is a batched matrix-vector product,
-    plus (x - 1/2).b once per example. Row sums use einsum in this thread (a BLAS
-    matrix-vector product this size loses more to thread start-up than it gains).
-
-    log(1 + e) is taken with np.log, not np.log1p: NumPy computes exp and log with SIMD
-    code on every x86 build, log1p only with AVX-512; with NumPy's AVX-512 code switched
-    off (as on an AVX2 CPU), log1p made this function 2.3 times slower in float32
-    (benchmarks/RESULTS.md). Rounding 1 + e first costs at most half a unit in the last
-    place of 1 per entry (6e-8 in float32).
+    ``logits + bias``: the decoder's last bias is added here, inside the pass over the
+    logits, instead of in a pass of its own. ``work`` keeps the one (B*C, D) buffer this
+    needs from call to call. Same values as the likelihood op (LIK.3) on x repeated C
+    times: the centred term (x - 1/2).l is a batched matrix-vector product, plus
+    (x - 1/2).b once per example, and the rest, sum_d |l_d|/2 + log(1 + e^-|l_d|), comes
+    from ``centred_softplus_sums``: for float32 one compiled pass with polynomial exp and
+    log (IW.7), else NumPy's exp and log in passes.
     """
     b, d = x.shape
     c = logits.shape[0] // b
@@ -304,16 +297,7 @@ def _bernoulli_logp_samples(logits, x, bias=None, work=None):
     else:
         centred += (xc @ bias)[:, None]  # (B, C)  (x - 1/2).(l + b) = (x - 1/2).l + (x - 1/2).b
     e = np.empty_like(l) if work is None else work_buffer(work, ("iw", "e"), l.shape, dtype)
-    cut = dtype.type(NORMAL_EXP_CUT[dtype])  # e only enters 1 + e: exp(cut) need only be normal
-    within = neg_abs_bias_kernel(l, bias, cut, e)  # (B*C, D)  -|l|; False if one is below the cut
-    sum_abs = -np.einsum("rd->r", e)  # (B*C,)  sum_d |l_d|
-    if not within:  # rare: a trained MNIST decoder's logits stay above -62
-        clamp_below_kernel(e, cut)  # max(-|l|, cut): exp never subnormal
-    np.exp(e, out=e)  # (B*C, D)  exp(-|l|) in (0, 1]; below 6e-8 (float32) lost in 1 + e
-    e += dtype.type(1.0)  # (B*C, D)  1 + exp(-|l|)
-    np.log(e, out=e)  # (B*C, D)  log(1 + exp(-|l|))  (FTZ.2)
-    sum_log = np.einsum("rd->r", e)  # (B*C,)
-    rest = 0.5 * sum_abs.astype(np.float64) + sum_log  # (B*C,)
+    rest = centred_softplus_sums(l, bias, e)  # (B*C,)  sum_d c(l_d + b_d)
     return centred.astype(np.float64) - rest.reshape(b, c)  # (B, C)  (IW.6)
 
 

@@ -327,8 +327,8 @@ def test_fast_loglik_matches_the_likelihood_ops(likelihood, scale):
 
 
 class _WatchExp:
-    """Stands in for numpy inside npvae.evaluate: every call of exp is checked for a
-    subnormal result (FTZ.2); everything else is numpy's."""
+    """Stands in for numpy inside npvae.ops.centred_softplus: every call of exp is checked
+    for a subnormal result (FTZ.2); everything else is numpy's."""
 
     def __init__(self):
         self.calls = 0
@@ -344,11 +344,35 @@ class _WatchExp:
         return r
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_the_estimate_clamps_only_below_the_normal_cut(monkeypatch, dtype):
-    """(IW.6, FTZ.2) The estimate's exp(-|l|) only enters 1 + exp(-|l|): it may go down to
-    exp(log(tiny) + 1), a normal number, with no clamp pass. Below that it is clamped, and
-    no exp result is ever subnormal; the values are the closed form's, in float64."""
+def _logits_around_the_cuts(dtype):
+    """Two (4, 6) blocks of logits: all above the normal cut log(tiny) + 1, and some below."""
+    from npvae.ops.activations import EXP_CUT, NORMAL_EXP_CUT
+
+    cut, low = EXP_CUT[np.dtype(dtype)], NORMAL_EXP_CUT[np.dtype(dtype)]
+    between = np.array([0.9 * cut, 0.5 * (cut + low), 0.99 * low, -1.0, 2.0, -0.9 * cut])
+    beyond = np.array([1.5 * low, -1e4, 1e4, 3.0, 1.01 * low, low])
+    return [(np.stack([r, -r, r[::-1], r]).astype(dtype), clamped)
+            for r, clamped in ((between, False), (beyond, True))]
+
+
+def _check_against_the_closed_form(model, out, x, dtype):
+    l64, x64 = out.astype(np.float64), np.repeat(x.astype(np.float64), 2, axis=0)
+    want = (x64 * l64 - np.logaddexp(0.0, l64)).sum(axis=1).reshape(2, 2)  # (LIK.3)
+    got = ev.loglik_samples(model, out.copy(), x)
+    # rounding in the model's dtype, relative to the size of the terms summed
+    scale = np.abs(l64).sum(axis=1).reshape(2, 2)
+    assert np.all(np.abs(got - want) <= 8 * np.finfo(dtype).eps * scale)
+
+
+@pytest.mark.parametrize("dtype, backend", [(np.float32, "numpy"), (np.float64, "numpy"),
+                                            (np.float64, "numba")])
+def test_the_estimate_clamps_only_below_the_normal_cut(monkeypatch, dtype, backend):
+    """(IW.6, FTZ.2) On the path with NumPy's exp, exp(-|l|) only enters 1 + exp(-|l|):
+    it may go down to exp(log(tiny) + 1), a normal number, with no clamp pass. Below that
+    it is clamped, and no exp result is ever subnormal; the values are the closed
+    form's, in float64."""
+    from npvae.backend import use_backend
+    from npvae.ops import centred_softplus as cs
     from npvae.ops.activations import EXP_CUT, NORMAL_EXP_CUT
 
     cut, low = EXP_CUT[np.dtype(dtype)], NORMAL_EXP_CUT[np.dtype(dtype)]
@@ -356,24 +380,35 @@ def test_the_estimate_clamps_only_below_the_normal_cut(monkeypatch, dtype):
     assert dtype(1) + np.exp(dtype(cut)) == 1  # so both cuts give the same 1 + e
     model = VAE(data_dim=6, hidden=(), latent=2, likelihood="bernoulli", dtype=dtype)
     x = np.array([[0, 1, 0, 1, 0.5, 1], [1, 0, 0.25, 1, 0, 0]], dtype)
-    between = np.array([0.9 * cut, 0.5 * (cut + low), 0.99 * low, -1.0, 2.0, -0.9 * cut])
-    beyond = np.array([1.5 * low, -1e4, 1e4, 3.0, 1.01 * low, low])
     watch = _WatchExp()
-    monkeypatch.setattr(ev, "np", watch)
+    monkeypatch.setattr(cs, "np", watch)
     clamps = []
-    real_clamp = ev.clamp_below_kernel
-    monkeypatch.setattr(ev, "clamp_below_kernel", lambda a, c: (clamps.append(1), real_clamp(a, c))[1])
-    for rows, clamped in ((between, False), (beyond, True)):
-        out = np.stack([rows, -rows, rows[::-1], rows]).astype(dtype)  # (2 * 2, 6)
-        l64, x64 = out.astype(np.float64), np.repeat(x.astype(np.float64), 2, axis=0)
-        want = (x64 * l64 - np.logaddexp(0.0, l64)).sum(axis=1).reshape(2, 2)  # (LIK.3)
-        got = ev.loglik_samples(model, out.copy(), x)
-        # rounding in the model's dtype, relative to the size of the terms summed
-        scale = np.abs(l64).sum(axis=1).reshape(2, 2)
-        assert np.all(np.abs(got - want) <= 8 * np.finfo(dtype).eps * scale)
-        assert bool(clamps) is clamped  # the clamp pass runs only for logits below the cut
-        clamps.clear()
+    real_clamp = cs.clamp_below_kernel
+    monkeypatch.setattr(cs, "clamp_below_kernel", lambda a, c: (clamps.append(1), real_clamp(a, c))[1])
+    with use_backend(backend):
+        for out, clamped in _logits_around_the_cuts(dtype):
+            _check_against_the_closed_form(model, out, x, dtype)
+            assert bool(clamps) is clamped  # the clamp pass runs only for logits below the cut
+            clamps.clear()
     assert watch.calls >= 2
+
+
+def test_the_float32_estimate_takes_the_polynomial_pass(monkeypatch):
+    """(IW.7) Under the numba backend a float32 model's likelihood calls neither exp nor
+    the clamp: one compiled pass, with the closed form's values on logits on both sides
+    of every cut, +-1e4 included."""
+    from npvae.backend import use_backend
+    from npvae.ops import centred_softplus as cs
+
+    model = VAE(data_dim=6, hidden=(), latent=2, likelihood="bernoulli", dtype=np.float32)
+    x = np.array([[0, 1, 0, 1, 0.5, 1], [1, 0, 0.25, 1, 0, 0]], np.float32)
+    watch = _WatchExp()
+    monkeypatch.setattr(cs, "np", watch)
+    monkeypatch.setattr(cs, "clamp_below_kernel", None)  # would raise if called
+    with use_backend("numba"):
+        for out, _ in _logits_around_the_cuts(np.float32):
+            _check_against_the_closed_form(model, out, x, np.float32)
+    assert watch.calls == 0
 
 
 def test_float32_estimate_is_close_to_float64():

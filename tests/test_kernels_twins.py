@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from npvae import optim
-from npvae.ops import activations, kl, likelihoods, vq
+from npvae.ops import activations, centred_softplus, kl, likelihoods, vq
 
 from strategies import batch, dim, seeds
 
@@ -362,6 +362,55 @@ def test_neg_abs_bias_twins_on_special_values(dtype):
             assert f2 is bool(np.all(-np.abs(rows + b) >= cut))
             assert f1 is f2
         assert neg_abs_bias_both(x, b, cut)[0][0] is within
+
+
+def centred_softplus_both(l, b):
+    """The (N,) row sums of each twin of centred_softplus_sums, on copies of the inputs."""
+    with np.errstate(all="ignore"):
+        return [twin(l.copy(), b.copy(), np.full_like(l, 7.0))
+                for twin in (centred_softplus.centred_softplus_sums.numba,
+                             centred_softplus.centred_softplus_sums.numpy)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(batch, st.integers(1, 40), seeds, st.sampled_from([0.1, 3.0, 30.0]))
+def test_centred_softplus_twins(dtype, n, d, seed, scale):
+    # float32: the polynomial pass against NumPy's exp and log. Each entry is within 3
+    # ulps of c on both sides (IW.7), so a row's sums differ by at most 6 eps sum_d c_d,
+    # plus the rounding of two float32 sums. float64 takes the same passes on both sides.
+    rng = np.random.default_rng(seed)
+    l = (rng.normal(size=(n, d)) * scale).astype(dtype)
+    b = (rng.normal(size=d) * scale).astype(dtype)
+    got, want = centred_softplus_both(l, b)
+    assert got.dtype == want.dtype == np.float64 and got.shape == want.shape == (n,)
+    if dtype == np.float64:
+        np.testing.assert_array_equal(got, want)
+    else:
+        eps = np.finfo(np.float32).eps
+        assert np.all(np.abs(got - want) <= 8 * eps * want)  # want >= d log 2 > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_centred_softplus_twins_on_special_values(dtype):
+    # l + b meets every pair of special values: NaN and inf - inf give a NaN sum,
+    # +-inf and +-max + +-max an infinite one, subnormals c = log 2
+    # the sums are float64 of float32 entries: compared at the entries' precision
+    tol = SPECIAL_TOL[dtype]
+    l, _ = pair_grid(dtype)
+    b = special_values(dtype)
+    got, want = centred_softplus_both(l, b)
+    np.testing.assert_allclose(got, want, rtol=tol, equal_nan=True)  # inf == inf too
+    with np.errstate(all="ignore"):
+        lb = (l + b).astype(np.float64)
+    assert np.array_equal(np.isnan(got), np.isnan(lb).any(axis=1))
+    # each special value alone, one per row: c(x) from the closed form in float64
+    one = special_values(dtype)[:, None]
+    got, want = centred_softplus_both(np.ascontiguousarray(one), np.zeros(1, dtype))
+    np.testing.assert_allclose(got, want, rtol=tol, equal_nan=True)
+    t = np.abs(one[:, 0].astype(np.float64))
+    with np.errstate(all="ignore"):
+        closed = 0.5 * t + np.log1p(np.exp(-t))
+    np.testing.assert_allclose(got, closed, rtol=tol, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
