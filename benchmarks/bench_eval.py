@@ -4,9 +4,10 @@
 
 The model is the pytorch/examples architecture (784-400-20, ReLU, Bernoulli decoder,
 float32): by default the trained one shipped with npvae (pretrained:vae-bernoulli), from a
-run's checkpoint with ``--run``, or freshly initialised with ``--untrained``. The weights
-matter a little: a decoder with logits below the estimate's exp cut (log(tiny) + 1, IW.6)
-costs the likelihood one more pass in those chunks; the shipped model's stay above it. Test images are binarized once,
+run's checkpoint with ``--run``, or freshly initialised with ``--untrained``. For a float32
+model the weights do not change the work (its likelihood is one compiled pass, IW.7); on
+NumPy's path (float64, or NPVAE_BACKEND=numpy) a decoder with logits below the exp cut
+(log(tiny) + 1, IW.6) costs one more pass in those chunks. Test images are binarized once,
 as `npvae eval` does for a binarized run. Prints the wall time and the estimate, then the time of the
 *matrix-product floor*: the products alone (the encoder's once per image, the decoder's
 for every one of the N k samples, in chunks of the size the estimator uses, and the
