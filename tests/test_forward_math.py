@@ -249,6 +249,36 @@ def test_each_pixel_s_loglik_is_within_a_few_ulps_of_log1p(dtype, ulps):
         assert (err <= tol + np.finfo(dtype).tiny).all(), float(np.max(err / (tol + 1e-300)))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_each_pixel_s_gradient_is_within_a_few_ulps_and_exact_beyond_the_cut(dtype):
+    """x - sigmoid(l) per pixel, computed in float64 as (x - [l > 0]) +- sigmoid(-|l|), so
+    that a well-predicted pixel's tiny gradient is exact: the compiled kernel (for float32
+    the polynomial pass, LIK.5) is within 4 ulps of it from |l| = 1e-6 to the cut, and
+    beyond the cut, where exp(-|l|) is taken as 0 (FTZ.2), the value and gradient are
+    exactly (x - [l > 0]) l and x - [l > 0]."""
+    from npvae.backend import use_backend
+    from npvae.ops.activations import EXP_CUT
+
+    cut = -EXP_CUT[np.dtype(dtype)]
+    mags = np.concatenate([np.geomspace(1e-6, cut * (1 - 1e-6), 2000), [0.0]])
+    far = np.array([cut * 1.001, 2 * cut, 1e4, float(np.finfo(dtype).max)])
+    l = np.concatenate([mags, -mags, far, -far]).astype(dtype)[:, None]
+    inside = np.abs(l[:, 0]) <= cut
+    for target in (0.0, 1.0):
+        x = np.full_like(l, target)
+        l64 = l.astype(np.float64)[:, 0]
+        xm = target - (l64 > 0)  # 0 or -1, or 1 for l <= 0 and x = 1
+        sig = np.exp(-np.abs(l64)) / (1 + np.exp(-np.abs(l64)))  # sigmoid(-|l|)
+        want = np.where(l64 > 0, xm + sig, xm - sig)  # x - sigmoid(l)
+        with use_backend("numba"):
+            logp, cache = bernoulli_loglik_forward(l, x)
+        g = cache.g[:, 0].astype(np.float64)
+        tol = 4 * np.spacing(np.abs(want).astype(dtype)).astype(np.float64)
+        assert np.all(np.abs(g - want)[inside] <= tol[inside]), target
+        np.testing.assert_array_equal(g[~inside], xm[~inside])
+        np.testing.assert_array_equal(logp[~inside], (xm * l64)[~inside].astype(dtype))
+
+
 @pytest.mark.parametrize("backend", ["numba", "numpy"])
 def test_a_well_predicted_pixel_keeps_its_small_loglik_and_gradient_precise(backend):
     """x = 1 with l >> 0 (or x = 0 with l << 0): log p = -log1p(exp(-|l|)) and the gradient

@@ -200,10 +200,12 @@ def test_compiled_relu_keeps_nan():
 def test_bernoulli_twins_on_special_values(dtype):
     logits, x = pair_grid(dtype)
     (lp1, g1), (lp2, g2) = numba_and_numpy(likelihoods.bernoulli_kernel, logits, x)
-    # exp comes from NumPy in both and the loop repeats the twin's operations for g; the
-    # twin's log1p(e) is log(1 + e) with its rounding corrected in the compiled one, equal
-    # to a few ulps (the row sums are NumPy's in both)
-    assert_twins_match(g1, g2, exact=True)
+    # float64: exp comes from NumPy in both and the loop repeats the twin's operations
+    # for g; the twin's log1p(e) is log(1 + e) with its rounding corrected in the
+    # compiled one, equal to a few ulps (the row sums are NumPy's in both). float32: exp
+    # and log1p are polynomials in the compiled loop (LIK.5), so g agrees to a few ulps
+    exact_g = dtype == np.float64
+    assert_twins_match(g1, g2, exact=exact_g)
     assert_twins_match(lp1, lp2, exact=False)
     # every row of the grid holds x = NaN, so its sums are all NaN: the row sums are
     # compared again on rows of 37 targets in [0, 1] (subnormals and signed zeros among
@@ -217,7 +219,7 @@ def test_bernoulli_twins_on_special_values(dtype):
     logits[:, 0] = s[1:]  # one special logit per row, every one but NaN
     (lp1, g1), (lp2, g2) = numba_and_numpy(likelihoods.bernoulli_kernel, logits, x)
     assert np.isfinite(lp2).sum() >= s.size - 4  # only the rows with an infinite logit are not
-    assert_twins_match(g1, g2, exact=True)
+    assert_twins_match(g1, g2, exact=exact_g)
     assert_twins_match(lp1, lp2, exact=False)
 
 
