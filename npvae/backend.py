@@ -18,6 +18,9 @@ uses ``fastmath``: its gradients are checked against finite differences, and the
 twins are tested to agree to 1e-12 in float64. One exception, which no gradient passes
 through: the float32 polynomial pass of the importance-weighted estimate
 (``ops.centred_softplus``) lets the compiler fuse multiplies and adds (``contract``).
+Numba's disk cache is keyed by the file that defines a kernel: a kernel reads its
+constants from its own file, or takes them as an argument (``ops.poly32.CONSTANTS``),
+so that an edit elsewhere cannot leave a stale compiled kernel in use.
 Kernels use NumPy's error model: a float division by zero gives inf or nan, as it does
 in the twin, instead of raising. That is not only consistent: the check Python's model
 puts on every division stops the compiler from vectorizing a loop (Adam runs 14 times

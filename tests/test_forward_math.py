@@ -231,7 +231,7 @@ def test_two_gaussian_kl_is_never_nan_at_extreme_log_variances():
 @pytest.mark.parametrize("dtype, ulps", [(np.float64, 4), (np.float32, 4)])
 def test_each_pixel_s_loglik_is_within_a_few_ulps_of_log1p(dtype, ulps):
     """The compiled kernel takes log1p(exp(-|l|)) as log(1 + e) with the rounding of 1 + e
-    corrected (_bernoulli_loop); per pixel, over logits from 1e-6 to the cut and both
+    corrected (_bernoulli_loop; for float32 the polynomial pass, _bernoulli_poly_loop); per pixel, over logits from 1e-6 to the cut and both
     targets, it must match the closed form with np.log1p to a few units in the last place."""
     from npvae.backend import use_backend
 
@@ -259,8 +259,9 @@ def test_each_pixel_s_gradient_is_within_a_few_ulps_and_exact_beyond_the_cut(dty
     from npvae.backend import use_backend
     from npvae.ops.activations import EXP_CUT
 
-    cut = -EXP_CUT[np.dtype(dtype)]
-    mags = np.concatenate([np.geomspace(1e-6, cut * (1 - 1e-6), 2000), [0.0]])
+    cut = -float(dtype(EXP_CUT[np.dtype(dtype)]))  # the cut as the kernels hold it
+    mags = np.concatenate([np.geomspace(1e-6, cut * (1 - 1e-6), 2000), [0.0, cut]])  # the cut
+    # itself is inside: exp(-|l|) is kept there, as the NumPy twin keeps it
     far = np.array([cut * 1.001, 2 * cut, 1e4, float(np.finfo(dtype).max)])
     l = np.concatenate([mags, -mags, far, -far]).astype(dtype)[:, None]
     inside = np.abs(l[:, 0]) <= cut
@@ -306,6 +307,7 @@ def test_the_polynomial_centred_softplus_is_within_three_ulps():
     dense grid from 0 to 30, down to 1e-30, and beyond the clamp at 30 log 2, both signs,
     with the bias added inside the pass."""
     from npvae.ops.centred_softplus import T_MAX_STEPS, _centred_softplus_loop
+    from npvae.ops.poly32 import CONSTANTS
 
     t_max = T_MAX_STEPS * math.log(2)
     grid = np.concatenate([np.linspace(0, 30, 600_001), np.geomspace(1e-30, 1, 20_001),
@@ -316,7 +318,64 @@ def test_the_polynomial_centred_softplus_is_within_three_ulps():
     b = np.random.default_rng(0).normal(size=64).astype(np.float32)
     for bias in (np.zeros(64, np.float32), b):
         out = np.empty_like(rows)
-        _centred_softplus_loop(rows, bias, out)
+        _centred_softplus_loop(rows, bias, out, CONSTANTS)
         t = np.abs((rows + bias).astype(np.float64))  # the float32 sum, as the pass forms it
         want = 0.5 * t + np.log1p(np.exp(-t))
         assert np.all(np.abs(out - want) <= 3 * np.spacing(want.astype(np.float32)))
+
+
+def _horner(coeffs, x):
+    """sum_j coeffs[j] x^j in float64."""
+    out = np.zeros_like(x)
+    for c in reversed(coeffs):
+        out = out * x + float(c)
+    return out
+
+
+def test_the_polynomials_remainders_are_within_their_stated_bounds():
+    """(IW.7, LIK.5) The two series with their float32 coefficients, evaluated in float64:
+    e^g within 8e-9 of its value (relative) for |g| <= log(2)/2, and 2 atanh(s) within
+    1.1e-8 for s in (0, 1/3]. The ulps bounds of both compiled loops rest on these; a
+    dropped term breaks them tenfold, which an ulps test on a grid can miss."""
+    from npvae.ops.poly32 import CONSTANTS
+
+    _, taylor, series = CONSTANTS
+    g = np.linspace(-math.log(2) / 2, math.log(2) / 2, 200_001)
+    e_g = _horner((1.0, 1.0) + taylor, g)
+    assert np.max(np.abs(e_g - np.exp(g)) / np.exp(g)) < 8e-9
+    s = np.linspace(0.0, 1 / 3, 200_001)[1:]
+    two_atanh = 2 * s * _horner((1.0,) + series, s * s)
+    assert np.max(np.abs(two_atanh - 2 * np.arctanh(s))) < 1.1e-8
+    # and the log 2 split: LN2_HI + LN2_LO is log 2 to float64 rounding, m LN2_HI exact
+    (_, ln2, hi, lo), _, _ = CONSTANTS
+    assert abs(float(hi) + float(lo) - math.log(2)) < 1e-12
+    m = np.arange(64, dtype=np.float32)
+    np.testing.assert_array_equal((m * hi).astype(np.float64), m.astype(np.float64) * float(hi))
+
+
+def test_the_float32_training_likelihood_is_within_four_ulps_on_two_whole_binades():
+    """(LIK.5) Every float32 logit of magnitude in [2^-7, 2^-6) and in [4, 8), both signs,
+    both targets: the compiled float32 kernel's value per pixel within 4 ulps of the
+    closed form with log1p. The worst cases of a truncated series are single isolated
+    inputs (dropping the s^13 term reaches 4.6 ulps in the first binade, the g^7 term 5.0
+    in the second), which a sampled grid misses."""
+    from npvae.ops.activations import EXP_CUT
+    from npvae.ops.likelihoods import _bernoulli_poly_loop
+    from npvae.ops.poly32 import CONSTANTS
+
+    cut = np.float32(EXP_CUT[np.dtype(np.float32)])
+    worst = 0.0
+    for lo in (2.0 ** -7, 4.0):
+        first, last = np.float32(lo).view(np.int32), np.float32(2 * lo).view(np.int32)
+        for start in range(int(first), int(last), 1 << 20):
+            mags = np.arange(start, min(start + (1 << 20), int(last)), dtype=np.int32).view(np.float32)
+            l = np.concatenate([mags, -mags])[:, None]  # (R, 1)
+            l64 = l[:, 0].astype(np.float64)
+            soft = np.maximum(l64, 0.0) + np.log1p(np.exp(-np.abs(l64)))  # softplus, float64
+            for target in (0.0, 1.0):
+                x = np.full_like(l, target)
+                terms, _ = _bernoulli_poly_loop(l, x, np.empty_like(l), np.empty_like(l), cut, CONSTANTS)
+                want = target * l64 - soft
+                ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+                worst = max(worst, float(np.max(np.abs(terms[:, 0] - want) / ulp)))
+    assert worst <= 4.0, worst

@@ -26,7 +26,7 @@ import numpy as np
 from .. import _validate as v
 from ..backend import dispatch, numba_kernel
 from .activations import EXP_CUT, _neg_clamp_numba, exp_neg_abs
-from .poly32 import ATANH_SERIES, EXP_TAYLOR, LN2_HI, LN2_LO, LOG2E
+from .poly32 import CONSTANTS
 
 # ----------------------------------------------------------------------------------
 # Gaussian log-density per example and its local gradient: NumPy alone (a compiled twin
@@ -76,7 +76,8 @@ def _bernoulli_loop(logits, x, e, terms, g, cut):
 
     Both branches of the twin's ``where`` are written with one xm = x - [l > 0], so the
     loop body has no branch and is vectorized; g is the twin's, operation for operation.
-    Constants have the arrays' dtype: float32 stays float32, as in the twin.
+    Constants have the arrays' dtype. Under the numba backend this loop serves float64;
+    float32 takes _bernoulli_poly_loop.
     """
     n, d = x.shape
     zero, one = g.dtype.type(0.0), g.dtype.type(1.0)
@@ -96,10 +97,11 @@ def _bernoulli_loop(logits, x, e, terms, g, cut):
 
 
 @numba_kernel
-def _bernoulli_poly_loop(logits, x, terms, g, cut):
+def _bernoulli_poly_loop(logits, x, terms, g, cut, consts):
     """float32: terms <- x l - softplus(l), g <- x - sigmoid(l), as _bernoulli_loop
     arranges them, with e = exp(-|l|) and log1p(e) evaluated by polynomials (LIK.5)
     instead of NumPy's exp and log: one pass, no call, vectorized on every CPU.
+    ``consts`` is poly32.CONSTANTS.
 
     With t = |l| (taken as -cut for NaN and beyond the cut, where e is 0, FTZ.2):
       e = 2^-m e^g, m = round(t log2 e) in 0..63, g = (m LN2_HI - t) + m LN2_LO, e^g by
@@ -107,23 +109,27 @@ def _bernoulli_poly_loop(logits, x, terms, g, cut):
           an integer shift each, so that e keeps its full relative precision down to
           the cut (about 1e-19);
       log1p(e) = 2 atanh(s), s = e / (2 + e), the series to s^13: relative precision for
-          a tiny e too (a well-predicted pixel);
+          a tiny e too (a well-predicted pixel); the series' s^2 is taken of max(s, 2^-40),
+          which changes nothing (1 + s^2 (...) rounds to 1 below it) and keeps s^2 and the
+          terms after it normal numbers where |l| nears the cut (s about 1e-19 there);
       sigmoid(-|l|) = e / (1 + e).
     No multiply-add is fused: a gradient passes through this loop (its twin is checked
     against finite differences in float64; this loop runs for float32 only).
     """
     n, d = x.shape
     zero, one, two, half = np.float32(0.0), np.float32(1.0), np.float32(2.0), np.float32(0.5)
-    e2, e3, e4, e5, e6, e7 = EXP_TAYLOR  # 1/2!, ..., 1/7!
-    a3, a5, a7, a9, a11, a13 = ATANH_SERIES  # 1/3, ..., 1/13
+    (log2e, _, ln2_hi, ln2_lo), taylor, series = consts
+    e2, e3, e4, e5, e6, e7 = taylor  # 1/2!, ..., 1/7!
+    a3, a5, a7, a9, a11, a13 = series  # 1/3, ..., 1/13
     t_max, p30, i30 = -cut, np.float32(2.0 ** -30), np.int32(30)
+    s_min = np.float32(2.0 ** -40)  # below it 1 + s^2 (...) is 1: s^2 is never subnormal
     for i in range(n):
         for j in range(d):
             l = logits[i, j]
             a = abs(l)
             t = a if a < t_max else t_max  # NaN too: the shifts below stay defined
-            m = np.floor(t * LOG2E + half)  # 0..63
-            gm = (m * LN2_HI - t) + m * LN2_LO  # e^-t = 2^-m e^gm, |gm| <= log(2)/2
+            m = np.floor(t * log2e + half)  # 0..63
+            gm = (m * ln2_hi - t) + m * ln2_lo  # e^-t = 2^-m e^gm, |gm| <= log(2)/2
             eg = one + gm * (one + gm * (e2 + gm * (e3 + gm * (e4 + gm * (e5 + gm * (e6 + gm * e7))))))
             k = np.int32(m)
             k1 = min(k, i30)
@@ -134,7 +140,8 @@ def _bernoulli_poly_loop(logits, x, terms, g, cut):
             e = zero if a > t_max else eg * p2  # exp(-|l|), 0 beyond the cut  (FTZ.2)
             e = l if l != l else e  # NaN stays NaN
             s = e / (two + e)  # log1p(e) = 2 atanh(s)
-            z = s * s
+            sq = s if s > s_min else s_min  # (a NaN s stays in sp below)
+            z = sq * sq
             sp = two * s * (one + z * (a3 + z * (a5 + z * (a7 + z * (a9 + z * (a11 + z * a13))))))
             sig = e / (one + e)  # sigmoid(-|l|)
             pos = l > zero  # for l > 0, nothing near l or near 1 is subtracted:
@@ -161,7 +168,7 @@ def _bernoulli_numba(logits, x):
     """
     cut = logits.dtype.type(EXP_CUT[logits.dtype])
     if logits.dtype == np.float32:
-        terms, g = _bernoulli_poly_loop(logits, x, np.empty_like(x), np.empty_like(x), cut)
+        terms, g = _bernoulli_poly_loop(logits, x, np.empty_like(x), np.empty_like(x), cut, CONSTANTS)
         return terms.sum(axis=1), g
     e = np.abs(logits)  # (N, D)  |l|, a new array
     _neg_clamp_numba(e, cut)  # (N, D)  max(-|l|, cut), in place
