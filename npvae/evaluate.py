@@ -46,7 +46,8 @@ is evaluated with softplus(l) = max(l, 0) + log(1 + exp(-|l|)) and max(l, 0) = (
     log p(x|l) = (x - 1/2).l - sum_d |l_d| / 2 - sum_d log(1 + exp(-|l_d|))           (IW.6)
 
 which needs one exp and one log per entry and row sums besides: for a float32 model one
-compiled pass with exp and log1p as polynomials (IW.7), otherwise NumPy's SIMD exp and log. The Gaussian one is (LIK.1). Example n draws its samples from its own generator
+compiled pass with exp and log1p as polynomials (IW.7), otherwise NumPy's SIMD exp and
+log. The Gaussian one is (LIK.1). Example n draws its samples from its own generator
 (:func:`example_rng`), so the estimate does not depend on how the work is cut up.
 
 **Latent use.** KL per latent dimension, the mean over x of (KL.1) (or Enc(x)_j^2 / 2
