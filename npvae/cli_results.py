@@ -157,8 +157,9 @@ def _eval_run(ns) -> int:
         res["kl_per_dim"] = evaluate.kl_per_dimension(ck.model, x_test,
                                                       batch_size=EVAL_BATCH)  # (Z,)  (EVAL.2)
     res = _jsonable(res)
+    k = {"k": ns.k} if "iw_k" in res else {}  # only where an importance-weighted estimate ran
     report = {"run": str(ck.path.parent), "checkpoint": str(ck.path), "epochs": ck.epoch,
-              "model": ck.model.config["kind"], "test_images": len(x_test), "k": ns.k,
+              "model": ck.model.config["kind"], "test_images": len(x_test), **k,
               "seconds": time.perf_counter() - t0, **res}
     out = None if _is_pretrained(ns.run) else write_text_atomic(
         ck.path.parent / "eval.json", json.dumps(report, indent=2) + "\n")

@@ -141,6 +141,7 @@ def test_conv_vqvae_eval_has_codebook_stats(capsys, conv_vqvae_run):
     report = json.loads((conv_vqvae_run / "eval.json").read_text())
     assert 1.0 <= report["perplexity"] <= 8.0 and 0.0 < report["used_fraction"] <= 1.0
     assert "kl_per_dim" not in report and "log_px" not in report
+    assert "k" not in report  # no importance-weighted estimate: no k to record
 
 
 def test_conv_vqvae_learned_prior_over_49_positions(capsys, conv_vqvae_run, tmp_path):
