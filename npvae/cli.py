@@ -482,10 +482,10 @@ def _train_and_report(given, run_dir, s, ck, model, x_train, x_val) -> int:
                      f"metrics.jsonl records the change")
     stored = {k: v for k, v in s.items() if k not in ("progress", "out", "resume", "overwrite")}
     stale_prior = ck is not None and is_vq(model) and _has_prior(run_dir)
-    if stale_prior:  # eval and sample refuse a prior fitted to another state of the VQ-VAE
+    if stale_prior:  # a prior fitted to another state of the VQ-VAE is not used afterwards
         _say(f"npvae: {run_dir}/prior was fitted to this VQ-VAE as it was before this training; "
-             f"afterwards npvae eval and sample refuse it until it is fitted again: "
-             f"npvae train-prior {run} --overwrite")
+             f"afterwards npvae sample refuses it and npvae eval reports the uniform prior's "
+             f"bound until it is fitted again: npvae train-prior {run} --overwrite")
     what = "continuing" if ck is not None else "training"
     objective = f" (objective iwae, k = {s['k']})" if s.get("objective") == "iwae" else ""
     _say(f"npvae: {what} {s['model']}{objective} ({model.num_params():,} parameters) on "

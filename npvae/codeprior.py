@@ -32,6 +32,11 @@ class PriorError(ValueError):
     """A prior that cannot be used here: not a VQ-VAE run, K or M differ, or a stale prior."""
 
 
+class StalePriorError(PriorError):
+    """The run's prior was fitted to other codes: K or M differ, or the VQ-VAE has trained
+    since. ``npvae eval`` then reports the uniform prior's bound; ``sample`` refuses."""
+
+
 def prior_dir(run_dir) -> Path:
     """RUN/prior: the prior's own run folder."""
     return Path(run_dir) / PRIOR_DIR
@@ -76,8 +81,9 @@ def encode_codes(vq, images, binarize: str, rng, batch_size: int = 1000) -> np.n
 def load_prior(run_dir, vq_ck):
     """The prior checkpoint of the run in ``run_dir``, checked against its VQ-VAE; None if none.
 
-    Raises :class:`PriorError` when the prior's K or M differ from the VQ-VAE's, or when
-    the VQ-VAE has changed since the prior was fitted (its codes mean something else).
+    Raises :class:`StalePriorError` when the prior's K or M differ from the VQ-VAE's, or
+    when the VQ-VAE has changed since the prior was fitted (its codes mean something else),
+    and :class:`PriorError` when the file holds no prior at all.
     """
     from .checkpoint import FILENAME, load_checkpoint
 
@@ -90,13 +96,13 @@ def load_prior(run_dir, vq_ck):
         raise PriorError(f"{path}: holds a {cfg.get('kind')} model, not a prior over codes")
     again = f"fit a new one with npvae train-prior {run_dir} --overwrite"
     if (cfg["num_codes"], cfg["num_vectors"]) != (vq_cfg["num_codes"], vq_cfg["num_vectors"]):
-        raise PriorError(
+        raise StalePriorError(
             f"{path}: this prior is over M = {cfg['num_vectors']} codes of K = {cfg['num_codes']}, "
             f"but the VQ-VAE in {run_dir} has M = {vq_cfg['num_vectors']} code vectors of "
             f"K = {vq_cfg['num_codes']} codes; {again}")
     fitted, now = ck.args.get("vqvae", {}), vqvae_identity(vq_ck)
     if fitted.get("crc32") != now["crc32"]:
-        raise PriorError(
+        raise StalePriorError(
             f"{path}: this prior was fitted to the VQ-VAE as it was after epoch "
             f"{fitted.get('epoch', '?')}, and the VQ-VAE has changed since (now epoch "
             f"{now['epoch']}), so its codes mean something else; {again}")

@@ -303,15 +303,30 @@ def save_comparison(path, vq, prior, rng, n: int = 64, temperature: float = 1.0)
 
 
 def prior_eval(ck, x_test, recon: float, seed: int) -> dict:
-    """The prior's entries of eval.json for the run of checkpoint ``ck`` (a VQ-VAE)."""
-    from .codeprior import evaluate_prior
+    """The prior's entries of eval.json for the run of checkpoint ``ck`` (a VQ-VAE).
+
+    A stale prior (fitted to other codes) is not used: the uniform prior's bound is
+    reported, with ``stale_prior`` saying why, and a note on stderr.
+    """
+    from .codeprior import PriorError, evaluate_prior
+
+    from . import cli_common as cli
+    from .codeprior import StalePriorError, load_prior
 
     vq = ck.model
     uniform = vq.M * math.log(vq.K)
-    prior_ck = _prior_of(ck.path.parent, ck)
+    uniform_entries = {"prior": "uniform", "uniform_prior_nats": uniform,
+                       "nll_bound_uniform_prior": recon + uniform}
+    try:
+        prior_ck = load_prior(ck.path.parent, ck)
+    except StalePriorError as exc:  # the VQ-VAE's own numbers still hold: report them
+        cli._say(f"npvae: the learned prior is not used, and the bound below is the uniform "
+                 f"prior's: {exc}")
+        return {**uniform_entries, "stale_prior": str(exc)}
+    except PriorError as exc:
+        raise cli.UsageError(str(exc)) from None
     if prior_ck is None:
-        return {"prior": "uniform", "uniform_prior_nats": uniform,
-                "nll_bound_uniform_prior": recon + uniform}
+        return uniform_entries
     res = evaluate_prior(vq, prior_ck.model, x_test, recon, np.random.default_rng(seed))
     return {"prior": "learned", **res}
 

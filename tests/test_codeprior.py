@@ -178,25 +178,48 @@ def test_train_prior_refuses_a_run_that_is_not_a_vqvae(tmp_path, capsys):
     assert not prior_dir(vae).exists()
 
 
-def test_a_prior_of_another_shape_is_refused(run, capsys):
-    """A prior over M = 2 codes in the run of an M = 3 VQ-VAE: eval and sample refuse it."""
+def _evaluated_with_a_stale_prior(run, capsys, why: str) -> dict:
+    """npvae eval on a run whose prior is stale: it reports the VQ-VAE's numbers with the
+    uniform prior's bound, says why on stderr and in eval.json, and exits 0."""
+    code, _, err = main(capsys, "eval", run, "--k", "0")
+    assert code == 0 and "not used" in err and why in err and "--overwrite" in err
+    report = json.loads((run / "eval.json").read_text())
+    assert report["prior"] == "uniform" and why in report["stale_prior"]
+    assert "prior_nats" not in report
+    assert math.isclose(report["nll_bound_uniform_prior"], report["recon"] + M * math.log(K))
+    return report
+
+
+def test_a_prior_of_another_shape_is_not_used(run, capsys):
+    """A prior over M = 2 codes in the run of an M = 3 VQ-VAE: eval reports the uniform
+    bound and says why; sample refuses it."""
     vq_ck = load_checkpoint(run)
     wrong = MADEPrior(num_codes=K, num_vectors=M - 1, hidden=(4,))
     save_checkpoint(prior_dir(run) / "checkpoint.npz", wrong, None, np.random.default_rng(0),
                     1, 1, [], {"vqvae": vqvae_identity(vq_ck)})
-    code, _, err = main(capsys, "eval", run, "--k", "0")
-    assert code == 2 and f"M = {M - 1}" in err and "--overwrite" in err
-    assert not (run / "eval.json").exists()
+    _evaluated_with_a_stale_prior(run, capsys, f"M = {M - 1}")
     code, _, err = main(capsys, "sample", run, "--n", "4")
     assert code == 2 and f"M = {M - 1}" in err
     assert not list(run.glob("samples-seed*.png"))
 
 
-def test_a_prior_of_an_older_vqvae_is_refused(run, capsys):
+def test_a_prior_of_an_older_vqvae_is_not_used(run, capsys):
     assert main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")[0] == 0
     assert main(capsys, "train", "--resume", run, "--epochs", "2", "--no-progress")[0] == 0
     code, _, err = main(capsys, "sample", run, "--n", "4")
     assert code == 2 and "has changed since" in err
+    _evaluated_with_a_stale_prior(run, capsys, "has changed since")
+
+
+def test_a_file_that_holds_no_prior_is_still_refused_by_eval(run, capsys):
+    """Only a stale prior falls back to the uniform bound: a prior folder holding another
+    kind of model is an error."""
+    vq_ck = load_checkpoint(run)
+    save_checkpoint(prior_dir(run) / "checkpoint.npz", vq_ck.model, None,
+                    np.random.default_rng(0), 1, 1, [], {})
+    code, _, err = main(capsys, "eval", run, "--k", "0")
+    assert code == 2 and "not a prior over codes" in err
+    assert not (run / "eval.json").exists()
 
 
 def test_overwriting_a_vqvae_run_removes_its_prior_but_never_foreign_files(run, capsys):
@@ -283,7 +306,7 @@ def test_uniform_code_samples_want_a_positive_integer_n(bad):
 
 
 def test_resuming_a_vqvae_run_says_its_prior_must_be_fitted_again(run, capsys):
-    """The prior no longer fits once the VQ-VAE trains on (eval and sample refuse it):
+    """The prior no longer fits once the VQ-VAE trains on (sample refuses it, eval falls back):
     the resume says so before training, and its last line names the command to run."""
     assert main(capsys, "train-prior", run, *PRIOR, "--epochs", "1")[0] == 0
     code, out, err = main(capsys, "train", "--resume", run, "--epochs", "2", "--no-progress")
