@@ -13,8 +13,8 @@ time goes. Two twins:
 - ``_centred_softplus_numba``: for float32, one compiled pass that evaluates exp and
   log1p by polynomials (IW.7), vectorized, without a call to the C library. Each c(l)
   is within 3 units in the last place of the exact value (2.9987 at most over every
-  float32, with or without fused multiply-adds; the NumPy twin's passes reach 2.56). Other dtypes go
-  to the NumPy twin: the polynomials are written for float32's precision.
+  float32, with or without fused multiply-adds; the NumPy twin's passes reach 2.56).
+  Other dtypes go to the NumPy twin: the polynomials are written for float32's precision.
 
 Letters: N rows (samples), D data size.
 """
