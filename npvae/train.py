@@ -61,7 +61,7 @@ from .checkpoint import (
 )
 from ._validate import is_integer, is_positive_real
 from .data.packed import PackedImages
-from .data.rows import bernoulli_rows
+from .data.rows import bernoulli_rows, nonzero_in_rows
 from .optim import clip_grad_norm
 from .runs import (  # noqa: F401  (the run folder's names stay importable from here)
     METRICS_FILE, RunInUse, _DeferredInterrupt, check_writable, clean_temp_files, is_run_file,
@@ -384,19 +384,20 @@ class _Batches:
         self.from_bytes = self.dynamic and self.scale == 255  # sampled straight from the bytes
         self.packed = isinstance(self.x, PackedImages)
         self.raw = np.empty((min(batch_size, self.n), d), dtype=np.uint8) \
-            if self.scale and (self.packed or not self.from_bytes) else None
-        self.uniform = np.empty_like(self.batch) if self.from_bytes else None
+            if self.scale and not self.from_bytes else None
+        self.uniform = np.empty(self.batch.size, self.batch.dtype) if self.from_bytes else None
+        self.sampled = (self.x if self.packed else _ByteRows(self.x)) if self.from_bytes else None
         self.order = np.arange(len(self.batch))  # rows of raw, in order
 
     def fill(self, idx, rng) -> np.ndarray:
         """The examples ``idx`` as a (B, D) batch in [0, 1] (a view of the reused array)."""
         xb = self.batch[:idx.size]
         x = self.x
+        if self.from_bytes:  # gather, scale and sample in one pass, from the bytes or spans
+            u = self.uniform[:self.sampled.nonzero_in_rows(idx)]  # (M,): one per non-zero byte
+            return self.sampled.bernoulli_rows(idx, rng.random(dtype=xb.dtype, out=u), xb)
         if self.packed:  # expand the batch's images to bytes, then read them in order
             x, idx = self.x.rows(idx, out=self.raw[:idx.size]), self.order[:idx.size]  # (BIN.2)
-        if self.from_bytes:  # gather, scale and sample in one pass
-            u = rng.random(dtype=xb.dtype, out=self.uniform[:idx.size])  # (B, D) in [0, 1)
-            return bernoulli_rows(x, idx, u, xb)  # (BIN.1)
         if self.scale is None:
             np.take(x, idx, axis=0, out=xb)  # (B, D), contiguous
         elif self.packed:
@@ -407,6 +408,18 @@ class _Batches:
         if self.dynamic:  # a fresh Bernoulli sample, every visit
             npdata.binarize_dynamic(xb, rng, out=xb)
         return xb
+
+
+class _ByteRows(NamedTuple):
+    """Dense byte images (N, D) with the sampling methods of packed ones."""
+
+    x: np.ndarray
+
+    def nonzero_in_rows(self, idx) -> int:
+        return nonzero_in_rows(self.x, idx)
+
+    def bernoulli_rows(self, idx, u, out) -> np.ndarray:
+        return bernoulli_rows(self.x, idx, u, out)
 
 
 def _open_run(run_dir: Path) -> tuple:

@@ -785,6 +785,32 @@ def test_binarize_dynamic_is_fresh_each_call_with_the_right_mean():
     np.testing.assert_array_equal(d.binarize_dynamic(extremes, rng), extremes)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_binarize_dynamic_draws_one_uniform_per_non_zero_entry(dtype):
+    """BIN.1: the j-th non-zero entry in reading order takes the j-th uniform, a zero entry
+    none; out may be x itself or a strided view, and gets the same sample."""
+    rng = np.random.default_rng(6)
+    x = rng.random((5, 7)).astype(dtype)
+    x[rng.random(x.shape) < 0.5] = 0
+    x[0, 0], x[1, 1] = -0.0, 1.0
+    u = np.random.default_rng(9).random(np.count_nonzero(x), dtype=dtype)
+    want = np.zeros_like(x)
+    want[x != 0] = u < x[x != 0]
+    g = np.random.default_rng(9)
+    np.testing.assert_array_equal(d.binarize_dynamic(x, g), want)
+    after = np.random.default_rng(9)
+    after.random(u.size, dtype=dtype)
+    assert g.random() == after.random()  # exactly u.size draws were taken
+    inplace = x.copy()
+    assert d.binarize_dynamic(inplace, np.random.default_rng(9), out=inplace) is inplace
+    np.testing.assert_array_equal(inplace, want)
+    strided = np.full((5, 14), 7, dtype)[:, ::2]
+    d.binarize_dynamic(x, np.random.default_rng(9), out=strided)
+    np.testing.assert_array_equal(strided, want)
+    with pytest.raises(ValueError, match="shape"):
+        d.binarize_dynamic(x, np.random.default_rng(9), out=np.zeros((7, 5), dtype))
+
+
 @pytest.mark.parametrize(
     "x, rng, message",
     [

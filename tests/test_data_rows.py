@@ -1,45 +1,66 @@
-"""Dynamic binarization of byte images in one pass (docs/derivations.md, BIN.1)."""
+"""Dynamic binarization of byte images in one pass, one uniform per non-zero byte
+(docs/derivations.md, BIN.1): the twins, the dense and packed routes against the float
+route, the distribution, and bad input."""
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
 from npvae import data as npdata
 from npvae.backend import use_backend
-from npvae.data import rows
+from npvae.data import packed, rows
+from npvae.data.packed import PackedImages
 from npvae.train import _Batches
 
 DTYPES = [np.float32, np.float64]
+BACKENDS = ["numba", "numpy"]
 
 
-def three_steps(x, idx, u):
-    """The route the one pass replaces: gather the rows, scale them, compare."""
+def by_mask(x, idx, u):
+    """BIN.1 written out with a mask: gather, scale, and give the j-th non-zero byte in
+    reading order the j-th uniform."""
     p = np.take(x, idx, axis=0) / u.dtype.type(255)  # (B, D) in u's dtype
-    return (u < p).astype(u.dtype)
+    out = np.zeros(p.shape, u.dtype)
+    out[p != 0] = u < p[p != 0]
+    return out
 
 
 def both_twins(x, idx, u):
+    """(numba, numpy) samples, each written over a batch of sevens."""
     scale = u.dtype.type(255)
-    a = rows._bernoulli_rows.numba(x, idx, u, scale, np.full_like(u, 7))
-    b = rows._bernoulli_rows.numpy(x, idx, u, scale, np.full_like(u, 7))
+    shape = (idx.shape[0], x.shape[1])
+    a, b = np.full(shape, 7, u.dtype), np.full(shape, 7, u.dtype)
+    m_a = rows._bernoulli_rows.numba(x, idx, u, scale, a)
+    m_b = rows._bernoulli_rows.numpy(x, idx, u, scale, b)
+    assert m_a == m_b == u.shape[0]
     return a, b
+
+
+def uniforms_near_thresholds(rng, x, idx, dtype):
+    """One uniform per non-zero byte, a third of them on or one step either side of
+    their byte's threshold b / 255."""
+    p = (np.take(x, idx, axis=0) / dtype(255))
+    p = p[p != 0]  # (M,) in reading order
+    u = rng.random(p.shape, dtype=dtype)
+    on = rng.random(p.shape) < 0.3
+    u[on] = np.nextafter(p, rng.choice([-1.0, 0.0, 2.0], size=p.shape)).astype(dtype)[on]
+    return np.clip(u, 0, np.nextafter(dtype(1), dtype(0)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(st.integers(1, 40), st.integers(1, 12), st.integers(1, 30), st.integers(0, 2**32 - 1))
-def test_bernoulli_rows_twins_agree_with_the_three_step_route(dtype, n, b, d, seed):
+def test_bernoulli_rows_twins_agree_with_the_mask_route(dtype, n, b, d, seed):
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, size=(n, d), dtype=np.uint8)
+    x[rng.random((n, d)) < 0.5] = 0  # zeros inside rows too, as inside a digit
     x[0, 0], x[-1, -1] = 0, 255
     idx = rng.integers(0, n, size=b)  # repeats allowed, as in any batch of indices
-    u = rng.random((b, d), dtype=dtype)
-    # put some uniforms exactly on, and one step either side of, their pixel's threshold
-    p = np.take(x, idx, axis=0) / dtype(255)
-    on = rng.random((b, d)) < 0.3
-    u[on] = np.nextafter(p, rng.choice([-1.0, 0.0, 2.0], size=p.shape)).astype(dtype)[on]
-    u = np.clip(u, 0, np.nextafter(dtype(1), dtype(0)))
+    u = uniforms_near_thresholds(rng, x, idx, dtype)
+    assert rows.nonzero_in_rows(x, idx) == u.shape[0]
+    with use_backend("numpy"):
+        assert rows.nonzero_in_rows(x, idx) == u.shape[0]
     a, c = both_twins(x, idx, u)
-    expected = three_steps(x, idx, u)
-    # exact by construction: one IEEE division and one comparison per entry on both sides
+    expected = by_mask(x, idx, u)
+    # exact by construction: one IEEE division and one comparison per entry on every side
     np.testing.assert_array_equal(a, expected)
     np.testing.assert_array_equal(c, expected)
     assert a.dtype == c.dtype == np.dtype(dtype)
@@ -52,101 +73,165 @@ def test_bernoulli_rows_twins_on_special_uniforms(dtype):
                          -info.smallest_subnormal, 0.0, -0.0, 1.0, 0.5], dtype)
     x = np.arange(256, dtype=np.uint8).reshape(1, 256)
     idx = np.zeros(specials.size, dtype=np.int64)
-    u = np.repeat(specials[:, None], 256, axis=1)  # every special value against every byte
+    u = np.repeat(specials, 255)  # every special value against every non-zero byte
     a, c = both_twins(x, idx, u)
     np.testing.assert_array_equal(a, c)
-    np.testing.assert_array_equal(a, three_steps(x, idx, u))
+    np.testing.assert_array_equal(a, by_mask(x, idx, u))
+    assert not a[:, 0].any()  # a zero byte takes no uniform and is 0
     assert not a[0].any() and not a[1].any()  # NaN and +inf are below no probability
-    assert a[2].all()  # -inf is below every probability, 0 included
-    assert a[3, 1:].all() and not a[3, 0]  # the smallest subnormal is below every p > 0
+    assert a[2, 1:].all()  # -inf is below every probability
+    assert a[3, 1:].all()  # the smallest subnormal is below every p > 0
 
 
 def test_bernoulli_rows_frequency_matches_the_grey_level():
-    """Monte Carlo: each grey level b becomes 1 with frequency b / 255."""
+    """Monte Carlo: each grey level b becomes 1 with frequency b / 255, and a zero byte
+    is never 1."""
     levels = np.arange(256, dtype=np.uint8)
     x = np.tile(levels, (1, 4))  # (1, 1024): each level four times
     rng = np.random.default_rng(20261202)
     draws = 4000
     idx = np.zeros(draws, dtype=np.int64)
-    u = rng.random((draws, x.shape[1]), dtype=np.float32)
-    out = rows.bernoulli_rows(x, idx, u, np.empty_like(u))
+    u = rng.random(rows.nonzero_in_rows(x, idx), dtype=np.float32)
+    out = rows.bernoulli_rows(x, idx, u, np.empty((draws, x.shape[1]), np.float32))
     freq = out.reshape(draws, 4, 256).mean(axis=(0, 1))  # 16,000 draws per level
     p = levels / 255.0
     se = np.sqrt(p * (1 - p) / 16000)
-    assert freq[0] == 0 and freq[255] == 1  # exact: u < 0 never, u < 1 always
+    assert freq[0] == 0 and freq[255] == 1  # exact: no draw for 0, u < 1 always
     assert np.all(np.abs(freq - p) <= 5 * se + 1e-12)  # five standard errors
 
 
-def test_the_training_loop_draws_the_sample_the_float_route_draws():
-    """_Batches with byte images and dynamic binarization: the same batch, bit for bit, as
-    scaling the bytes and calling binarize_dynamic with a generator in the same state."""
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["dense", "packed"])
+def test_the_training_loop_draws_the_sample_the_float_route_draws(form, dtype):
+    """_Batches with byte images (dense or packed) and dynamic binarization: the same
+    batch, bit for bit, as scaling the bytes and calling binarize_dynamic with a
+    generator in the same state, and the generator left in the same state."""
     rng = np.random.default_rng(3)
     x = rng.integers(0, 256, size=(50, 20), dtype=np.uint8)
-    batches = _Batches(x, np.float32, 16, "dynamic", seed=0)
-    idx = rng.permutation(50)[:16]
-    got = batches.fill(idx, np.random.default_rng(11)).copy()
-    scaled = np.take(x, idx, axis=0) / np.float32(255)
-    want = npdata.binarize_dynamic(scaled, np.random.default_rng(11))
-    np.testing.assert_array_equal(got, want)
+    x[rng.random(x.shape) < 0.6] = 0
+    x[:, :3] = 0  # a blank border, which the packed form trims off
+    images = x if form == "dense" else PackedImages.pack(x, width=5)
+    batches = _Batches(images, dtype, 16, "dynamic", seed=0)
+    for _ in range(3):
+        idx = rng.permutation(50)[:16]
+        seed = int(rng.integers(2**32))
+        g_loop, g_float = np.random.default_rng(seed), np.random.default_rng(seed)
+        got = batches.fill(idx, g_loop).copy()
+        scaled = np.take(x, idx, axis=0) / dtype(255)
+        want = npdata.binarize_dynamic(scaled, g_float)
+        np.testing.assert_array_equal(got, want)
+        assert g_loop.random() == g_float.random()  # as many draws on both routes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(st.integers(1, 12), st.integers(1, 6), st.integers(1, 9), st.integers(1, 10),
+       st.integers(0, 2**32 - 1))
+def test_packed_sample_is_the_dense_sample(backend, n, h, w, b, seed):
+    """PackedImages.bernoulli_rows, which samples the spans in place, gives what the dense
+    route gives for the same images and uniforms (BIN.1, BIN.2)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.random((n, h, w)) < rng.random()) * rng.integers(1, 256, (n, h, w))
+    x = x.astype(np.uint8)  # zeros inside spans, blank rows
+    x[0] = 0  # a blank image
+    if n > 1:
+        x[1] = rng.integers(1, 256, (h, w))  # every span a whole row
+    x = x.reshape(n, h * w)
+    p = PackedImages.pack(x, width=w)
+    idx = rng.integers(0, n, size=b)
+    u = uniforms_near_thresholds(rng, x, idx, np.float32)
+    with use_backend(backend):
+        assert p.nonzero_in_rows(idx) == rows.nonzero_in_rows(x, idx) == u.shape[0]
+        got = p.bernoulli_rows(idx, u, np.full((b, h * w), 7, np.float32))
+    np.testing.assert_array_equal(got, by_mask(x, idx, u))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_sample_twins_on_special_uniforms(dtype):
+    info = np.finfo(dtype)
+    specials = np.array([np.nan, np.inf, -np.inf, info.smallest_subnormal, 0.0, 1.0], dtype)
+    x = np.zeros((1, 2, 256), np.uint8)
+    x[0, 1] = np.arange(256)  # a blank row, then every byte
+    p = PackedImages.pack(x)
+    idx = np.zeros(specials.size, dtype=np.int64)
+    u = np.repeat(specials, 255)
+    args = (p.start, p.length, p.offset, p.values, idx, p.width, u, dtype(255))
+    a, c = np.full((6, 512), 7, dtype), np.full((6, 512), 7, dtype)
+    assert packed._bernoulli_spans.numba(*args, a) == packed._bernoulli_spans.numpy(*args, c)
+    np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(a, by_mask(x.reshape(1, -1), idx, u))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["dense", "packed"])
+@pytest.mark.parametrize("extra", [-1, 1])
+def test_a_wrong_number_of_uniforms_is_refused(backend, form, extra):
+    """One uniform too few or too many is an error, and the compiled loop reads none past
+    the end of u: the uniform beyond it here is -1, which would make its pixel a 1."""
+    x = np.zeros((3, 8), np.uint8)
+    x[:, 2:6] = 200
+    images = x if form == "dense" else PackedImages.pack(x, width=4)
+    sampler = (lambda i, u, o: rows.bernoulli_rows(x, i, u, o)) if form == "dense" \
+        else images.bernoulli_rows
+    idx = np.array([0, 2])
+    m = rows.nonzero_in_rows(x, idx)
+    buf = np.ones(m + 2, np.float32)  # 1 is below no probability: every pixel 0
+    buf[m + extra:] = -1.0
+    out = np.zeros((2, 8), np.float32)
+    with use_backend(backend), pytest.raises(ValueError, match=f"{m} non-zero bytes"):
+        sampler(idx, buf[:m + extra], out)
+    assert not out.any()
 
 
 @pytest.mark.parametrize("change, message", [
     (dict(x=np.zeros((3, 4), np.float32)), "uint8"),
     (dict(out=np.zeros((2, 4), np.int32)), "float32 or float64"),
-    (dict(u=np.zeros((2, 5), np.float32)), r"\(2, 4\)"),
-    (dict(u=np.zeros((2, 4), np.float64)), "one float dtype"),
+    (dict(out=np.zeros((2, 5), np.float32)), r"\(2, 4\)"),
+    (dict(u=np.zeros((2, 2), np.float32)), r"\(M,\)"),
+    (dict(u=np.zeros(4, np.float64)), "one float dtype"),
     (dict(idx=np.array([0, 3])), r"\[0, 3\)"),
     (dict(idx=np.array([-1, 0])), r"\[0, 3\)"),
     (dict(idx=np.array([0.0, 1.0])), "integer array"),
-    (dict(u=[[0.0] * 4] * 2), "numpy arrays"),
+    (dict(u=[0.0] * 4), "numpy arrays"),
 ])
 def test_bernoulli_rows_rejects(change, message):
-    args = dict(x=np.zeros((3, 4), np.uint8), idx=np.array([0, 2]),
-                u=np.zeros((2, 4), np.float32), out=np.zeros((2, 4), np.float32))
+    args = dict(x=np.ones((3, 4), np.uint8), idx=np.array([0, 2]),
+                u=np.zeros(8, np.float32), out=np.zeros((2, 4), np.float32))
     args.update(change)
     with pytest.raises(ValueError, match=message):
         rows.bernoulli_rows(**args)
 
 
-@pytest.mark.parametrize("backend", ["numba", "numpy"])
-def test_bernoulli_rows_may_write_over_its_uniforms(backend):
-    """out=u gives the sample a separate out gives, in both twins; the compiled loop once
-    overwrote each uniform with its byte before comparing, and returned all zeros."""
-    rng = np.random.default_rng(5)
-    x = rng.integers(0, 256, size=(7, 30), dtype=np.uint8)
-    idx = np.array([3, 0, 6, 3])
-    u = rng.random((4, 30), dtype=np.float32)
-    want = three_steps(x, idx, u)
-    with use_backend(backend):
-        got = rows.bernoulli_rows(x, idx, u, u)
-    assert got is u and want.any()
-    np.testing.assert_array_equal(got, want)
+@pytest.mark.parametrize("form", ["dense", "packed"])
+def test_bernoulli_rows_refuses_an_out_that_overlaps_u(form):
+    x = np.ones((3, 4), np.uint8)
+    buf = np.zeros(16, np.float32)
+    u, out = buf[:8], buf[4:12].reshape(2, 4)
+    sampler = (lambda i, u, o: rows.bernoulli_rows(x, i, u, o)) if form == "dense" \
+        else PackedImages.pack(x, width=2).bernoulli_rows
+    with pytest.raises(ValueError, match="overlap"):
+        sampler(np.array([0, 1]), u, out)
+    got = sampler(np.array([0, 1]), buf[:8], buf[8:].reshape(2, 4))  # side by side: fine
+    assert got.shape == (2, 4)
 
 
-@pytest.mark.parametrize("backend", ["numba", "numpy"])
-def test_bernoulli_rows_refuses_an_out_that_partly_overlaps_u(backend):
-    buf = np.zeros((5, 4), np.float32)
-    u, out = buf[:4], buf[1:]  # row r of out is row r + 1 of u
-    x = np.zeros((3, 4), np.uint8)
-    with use_backend(backend), pytest.raises(ValueError, match="u itself or not overlap"):
-        rows.bernoulli_rows(x, np.array([0, 1, 2, 0]), u, out)
-    halves = np.zeros((4, 8), np.float32)  # side by side in one buffer: no overlap
-    got = rows.bernoulli_rows(x, np.array([0, 1, 2, 0]), halves[:, :4], halves[:, 4:])
-    assert got.shape == (4, 4)
-
-
-def test_bernoulli_rows_reads_strided_images():
-    """Images that are a strided view (every other row) give the rows of that view."""
+def test_bernoulli_rows_reads_strided_images_and_writes_a_strided_out():
+    """Images that are a strided view (every other row) give the rows of that view; a
+    strided out (every other column) receives the sample."""
     rng = np.random.default_rng(4)
     full = rng.integers(0, 256, size=(10, 6), dtype=np.uint8)
     x, idx = full[::2], np.array([4, 0, 2])
-    u = rng.random((3, 6), dtype=np.float32)
-    got = rows.bernoulli_rows(x, idx, u, np.empty_like(u))
-    np.testing.assert_array_equal(got, three_steps(np.ascontiguousarray(x), idx, u))
+    u = rng.random(rows.nonzero_in_rows(x, idx), dtype=np.float32)
+    out = np.zeros((3, 12), np.float32)[:, ::2]
+    got = rows.bernoulli_rows(x, idx, u, out)
+    np.testing.assert_array_equal(got, by_mask(np.ascontiguousarray(x), idx, u))
 
 
-def test_bernoulli_rows_with_an_empty_batch():
+@pytest.mark.parametrize("form", ["dense", "packed"])
+def test_bernoulli_rows_with_an_empty_batch(form):
     x = np.arange(12, dtype=np.uint8).reshape(3, 4)
-    out = rows.bernoulli_rows(x, np.zeros(0, np.int64), np.zeros((0, 4), np.float32),
-                              np.zeros((0, 4), np.float32))
+    images = x if form == "dense" else PackedImages.pack(x, width=2)
+    idx = np.zeros(0, np.int64)
+    sampler = (lambda i, u, o: rows.bernoulli_rows(x, i, u, o)) if form == "dense" \
+        else images.bernoulli_rows
+    out = sampler(idx, np.zeros(0, np.float32), np.zeros((0, 4), np.float32))
     assert out.shape == (0, 4)

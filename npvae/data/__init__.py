@@ -183,10 +183,22 @@ def binarize_dynamic(x, rng, out=None) -> np.ndarray:
     """A fresh Bernoulli(x) sample, same shape and dtype as ``x``; one per visit.
 
     ``rng`` must be a ``numpy.random.Generator`` (not a seed, which would repeat
-    the same draw every epoch); each call advances it. ``out`` (which may be ``x``
-    itself, as in the training loop) receives the sample.
+    the same draw every epoch); each call advances it by one uniform per non-zero
+    entry of ``x``, taken in reading (C) order: a zero entry is 0 in every sample and
+    needs none (docs/derivations.md, BIN.1; for MNIST 19% of the draws one per entry
+    would take). This is the sample the training loop draws from byte images. ``out``
+    (which may be ``x`` itself, as in the training loop) receives the sample.
     """
-    return _bernoulli(_probabilities(x), _generator(rng), out)
+    x, rng = _probabilities(x), _generator(rng)
+    if out is not None and not (isinstance(out, np.ndarray) and out.shape == x.shape):
+        raise ValueError(f"out must be a numpy array of x's shape {x.shape}")
+    kept = x != 0  # the non-zero entries; a mask reads and writes them in C order
+    p = x[kept]  # (M,) their probabilities (a copy: out may be x)
+    draw = rng.random(p.shape, dtype=x.dtype) < p  # (M,) one uniform each  (BIN.1)
+    out = np.zeros_like(x) if out is None else out
+    out[...] = 0
+    out[kept] = draw
+    return out
 
 
 def train_val_split(x, y, n_val: int, seed: int = 0):

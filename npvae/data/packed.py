@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import dispatch, numba_kernel
+from .rows import _bernoulli_rows_numpy, _index, check_sample_args
 
 
 def _span_pixels(start, length, width, d) -> tuple:
@@ -68,6 +69,61 @@ def _unpack_rows_numba(start, length, offset, values, idx, width, out):
 
 
 _unpack_rows = dispatch(_unpack_rows_numpy, _unpack_rows_numba)
+
+
+def _nonzero_kept_numpy(offset, values, idx):
+    """offset (N + 1,), values (T,) uint8, idx (B,) -> the non-zero bytes of images idx."""
+    return int(sum(np.count_nonzero(values[offset[n]:offset[n + 1]]) for n in idx))
+
+
+@numba_kernel
+def _nonzero_kept_numba(offset, values, idx):
+    """The same, one image at a time; see the NumPy twin. Bytes outside the spans are zero."""
+    m = 0
+    for r in range(idx.shape[0]):
+        for t in range(offset[idx[r]], offset[idx[r] + 1]):
+            m += values[t] != 0
+    return m
+
+
+_nonzero_kept = dispatch(_nonzero_kept_numpy, _nonzero_kept_numba)
+
+
+def _bernoulli_spans_numpy(start, length, offset, values, idx, width, u, scale, out):
+    """Spans of images idx, u (M,) -> out (B, D) float, the sample (BIN.1) of their bytes:
+    expand the bytes, then sample them. Returns the non-zero bytes' count, as
+    :func:`~npvae.data.rows.bernoulli_rows`'s twin does, writing nothing unless it is M."""
+    b = _unpack_rows_numpy(start, length, offset, values, idx, width,
+                           np.empty(out.shape, np.uint8))  # (B, D) bytes
+    return _bernoulli_rows_numpy(b, np.arange(len(idx)), u, scale, out)
+
+
+@numba_kernel
+def _bernoulli_spans_numba(start, length, offset, values, idx, width, u, scale, out):
+    """The same without the bytes: zero the batch, then sample each kept byte in place,
+    in reading order (BIN.1). With too few uniforms it leaves 0 where they ran out, reads
+    none past the end, and still counts every byte."""
+    D, W = np.uint64(out.shape[1]), np.uint64(width)
+    flat = out.reshape(-1)  # (B D,)
+    flat[:] = 0
+    j, m = 0, u.shape[0]  # the next unused uniform, how many there are
+    for r in range(idx.shape[0]):
+        n = idx[r]
+        o = np.uint64(offset[n])  # where image n's bytes begin in values
+        for k in range(start.shape[1]):
+            base = np.uint64(r) * D + np.uint64(k) * W + np.uint64(start[n, k])
+            span = np.uint64(length[n, k])
+            for t in range(span):
+                if values[o + t] != 0:
+                    if j < m:
+                        flat[base + t] = values[o + t]  # the byte, widened to out's dtype
+                        flat[base + t] = u[j] < flat[base + t] / scale  # (BIN.1)
+                    j += 1
+            o += span
+    return j
+
+
+_bernoulli_spans = dispatch(_bernoulli_spans_numpy, _bernoulli_spans_numba)
 
 
 # Packing runs once, before training, in NumPy alone: compiled, it would load Numba's
@@ -178,12 +234,7 @@ class PackedImages:
 
     def rows(self, idx, out=None) -> np.ndarray:
         """Images ``idx`` (B,) expanded to bytes: out (B, D) uint8, written and returned."""
-        if not (isinstance(idx, np.ndarray) and idx.ndim == 1 and idx.dtype.kind in "iu"):
-            raise ValueError("idx must be a 1-d integer array of image numbers")
-        if not idx.dtype.isnative:  # the compiled kernel reads native integers only
-            idx = idx.astype(idx.dtype.newbyteorder("="))
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-            raise ValueError(f"idx must lie in [0, {len(self)})")
+        idx = _index(idx, len(self))  # native integers: the compiled kernel reads no other
         shape = (idx.shape[0], self.shape[1])
         if out is None:
             out = np.empty(shape, dtype=np.uint8)
@@ -192,6 +243,29 @@ class PackedImages:
             raise ValueError(f"out must be a writeable C-contiguous uint8 array of shape {shape}")
         return _unpack_rows(self.start, self.length, self.offset, self.values, idx,
                             self.width, out)
+
+    def nonzero_in_rows(self, idx) -> int:
+        """M: the non-zero bytes of images ``idx`` (B,), each counted as often as ``idx``
+        names it; the number of uniforms :meth:`bernoulli_rows` takes."""
+        idx = _index(idx, len(self))
+        return int(_nonzero_kept(self.offset, self.values, idx))
+
+    def bernoulli_rows(self, idx, u, out) -> np.ndarray:
+        """Images ``idx`` (B,) as a binary sample, each pixel 1 with probability byte / 255:
+        what :func:`npvae.data.rows.bernoulli_rows` gives for the dense bytes, from the
+        spans without expanding them (BIN.1, BIN.2). u (M,) uniforms in [0, 1), one per
+        non-zero byte in reading order, M = ``nonzero_in_rows(idx)``, with the dtype of
+        ``out``; out (B, D) float32 or float64, not overlapping u, written and returned."""
+        idx = _index(idx, len(self))
+        check_sample_args(u, out, (idx.shape[0], self.shape[1]))
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous")
+        m = int(_bernoulli_spans(self.start, self.length, self.offset, self.values, idx,
+                                 self.width, u, out.dtype.type(255), out))
+        if m != u.shape[0]:
+            raise ValueError(f"u holds {u.shape[0]} uniforms, but the images have {m} "
+                             f"non-zero bytes (nonzero_in_rows), one uniform each")
+        return out
 
     def blocks(self, rows: int = 4096):
         """(first image, (b, D) uint8 block) for every ``rows`` images in order."""
