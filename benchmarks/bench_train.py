@@ -131,19 +131,19 @@ def worker_npvae(cfg, args):
     from npvae.data import PackedImages
     from npvae.optim import Adam
     from npvae.threads import blas_threads, blas_threads_for
+    from npvae.train import _Batches
 
-    # as `npvae train` keeps them: packed (a third of the bytes), expanded a batch at a time
+    # as `npvae train` keeps them: packed (a third of the bytes), a batch at a time turned
+    # into floats in [0, 1] by the training loop's own batch maker
     xtr = PackedImages.pack(load_data(args.limit), width=28)
     model = make_npvae(cfg, args.seed)
     opt = Adam(model.params, lr=1e-3)
     rng = np.random.default_rng(args.seed)
-    xb = np.empty((cfg["batch"], xtr.shape[1]), np.float32)
-    raw = np.empty(xb.shape, np.uint8)
+    source = _Batches(xtr, np.float32, cfg["batch"], "none", args.seed)
     gbuf = model.params.empty_like()
 
     def step(idx):
-        xtr.rows(idx, out=raw)  # (B, 784) bytes
-        np.divide(raw, np.float32(255), out=xb)
+        xb = source.fill(idx, rng)  # (B, 784) in [0, 1]
         _, grads, _ = model.loss_and_grads(xb, rng=rng, out=gbuf)
         opt.step(grads)
 

@@ -384,10 +384,9 @@ class _Batches:
         self.from_bytes = self.dynamic and self.scale == 255  # sampled straight from the bytes
         self.packed = isinstance(self.x, PackedImages)
         self.raw = np.empty((min(batch_size, self.n), d), dtype=np.uint8) \
-            if self.scale and not self.from_bytes else None
+            if self.scale and not (self.from_bytes or self.packed) else None
         self.uniform = np.empty(self.batch.size, self.batch.dtype) if self.from_bytes else None
         self.sampled = (self.x if self.packed else _ByteRows(self.x)) if self.from_bytes else None
-        self.order = np.arange(len(self.batch))  # rows of raw, in order
 
     def fill(self, idx, rng) -> np.ndarray:
         """The examples ``idx`` as a (B, D) batch in [0, 1] (a view of the reused array)."""
@@ -396,12 +395,10 @@ class _Batches:
         if self.from_bytes:  # gather, scale and sample in one pass, from the bytes or spans
             u = self.uniform[:self.sampled.nonzero_in_rows(idx)]  # (M,): one per non-zero byte
             return self.sampled.bernoulli_rows(idx, rng.random(dtype=xb.dtype, out=u), xb)
-        if self.packed:  # expand the batch's images to bytes, then read them in order
-            x, idx = self.x.rows(idx, out=self.raw[:idx.size]), self.order[:idx.size]  # (BIN.2)
         if self.scale is None:
             np.take(x, idx, axis=0, out=xb)  # (B, D), contiguous
         elif self.packed:
-            np.divide(x, xb.dtype.type(self.scale), out=xb)  # to [0, 1]
+            x.scaled_rows(idx, xb, self.scale)  # to [0, 1], from the spans  (BIN.2)
         else:
             np.take(x, idx, axis=0, out=self.raw[:idx.size])  # (B, D) bytes
             np.divide(self.raw[:idx.size], xb.dtype.type(self.scale), out=xb)  # to [0, 1]

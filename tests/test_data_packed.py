@@ -88,6 +88,36 @@ def test_rows_twins_agree_on_mnist_like_digits():
     np.testing.assert_array_equal(a, x[idx])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@given(st.integers(1, 12), st.integers(1, 6), st.integers(1, 9), st.integers(0, 12),
+       st.integers(0, 2**32 - 1))
+def test_scaled_rows_are_the_rows_divided(backend, dtype, n, h, w, b, seed):
+    """The floats a batch of packed images becomes without expanding its bytes: each the
+    IEEE quotient byte / scale in out's dtype, so exactly what dividing the bytes gives."""
+    rng = np.random.default_rng(seed)
+    x = awkward(rng, n, h, w).reshape(n, -1)
+    p = PackedImages.pack(x, width=w)
+    idx = rng.integers(0, n, size=b)
+    for scale in (255, 1):
+        out = np.full((b, h * w), np.nan, dtype)  # stale values: every one must be written
+        with use_backend(backend):
+            got = p.scaled_rows(idx, out, scale)
+        assert got is out
+        np.testing.assert_array_equal(got, np.divide(x[idx], dtype(scale), dtype=dtype))
+
+
+@pytest.mark.parametrize("out, message", [
+    (np.zeros((2, 16), np.uint8), "float32 or float64"),
+    (np.zeros((2, 15), np.float32), r"\(2, 16\)"),
+    (np.zeros((16, 2), np.float32).T, "C-contiguous"),
+])
+def test_scaled_rows_rejects(out, message):
+    p = PackedImages.pack(np.ones((3, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match=message):
+        p.scaled_rows(np.array([0, 1]), out)
+
+
 def test_images_with_blank_margins_take_fewer_bytes():
     """Digits in a 4-pixel blank margin keep at most 20 of 28 pixels a row, and the spans
     cost 2 bytes a row: under 0.8 of the dense bytes. Images with no blank pixel cost more."""

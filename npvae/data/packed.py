@@ -71,6 +71,36 @@ def _unpack_rows_numba(start, length, offset, values, idx, width, out):
 _unpack_rows = dispatch(_unpack_rows_numpy, _unpack_rows_numba)
 
 
+def _scaled_rows_numpy(start, length, offset, values, idx, width, scale, out):
+    """Spans of images idx -> out (B, D) float: their bytes / scale, in out's dtype."""
+    b = _unpack_rows_numpy(start, length, offset, values, idx, width,
+                           np.empty(out.shape, np.uint8))  # (B, D) bytes
+    return np.divide(b, scale, out=out)
+
+
+@numba_kernel
+def _scaled_rows_numba(start, length, offset, values, idx, width, scale, out):
+    """The same without the bytes: zero the batch, then write each kept byte / scale in
+    place (the same widening and division as the twin's, so the same floats)."""
+    D, W = np.uint64(out.shape[1]), np.uint64(width)
+    flat = out.reshape(-1)  # (B D,)
+    flat[:] = 0
+    for r in range(idx.shape[0]):
+        n = idx[r]
+        o = np.uint64(offset[n])  # where image n's bytes begin in values
+        for k in range(start.shape[1]):
+            base = np.uint64(r) * D + np.uint64(k) * W + np.uint64(start[n, k])
+            span = np.uint64(length[n, k])
+            for t in range(span):
+                flat[base + t] = values[o + t]  # the byte, widened to out's dtype
+                flat[base + t] = flat[base + t] / scale
+            o += span
+    return out
+
+
+_scaled_rows = dispatch(_scaled_rows_numpy, _scaled_rows_numba)
+
+
 def _nonzero_kept_numpy(offset, values, idx):
     """offset (N + 1,), values (T,) uint8, idx (B,) -> the non-zero bytes of images idx."""
     return int(sum(np.count_nonzero(values[offset[n]:offset[n + 1]]) for n in idx))
@@ -243,6 +273,20 @@ class PackedImages:
             raise ValueError(f"out must be a writeable C-contiguous uint8 array of shape {shape}")
         return _unpack_rows(self.start, self.length, self.offset, self.values, idx,
                             self.width, out)
+
+    def scaled_rows(self, idx, out, scale=255) -> np.ndarray:
+        """Images ``idx`` (B,) as floats, byte / ``scale`` (255 gives [0, 1]), without
+        expanding them to bytes first: what dividing :meth:`rows` by ``scale`` in out's
+        dtype gives. out (B, D) float32 or float64, C-contiguous, written and returned."""
+        idx = _index(idx, len(self))
+        shape = (idx.shape[0], self.shape[1])
+        if not (isinstance(out, np.ndarray) and out.shape == shape and out.flags.writeable
+                and out.flags.c_contiguous
+                and out.dtype in (np.dtype(np.float32), np.dtype(np.float64))):
+            raise ValueError(f"out must be a writeable C-contiguous float32 or float64 "
+                             f"array of shape {shape}")
+        return _scaled_rows(self.start, self.length, self.offset, self.values, idx,
+                            self.width, out.dtype.type(scale), out)
 
     def nonzero_in_rows(self, idx) -> int:
         """M: the non-zero bytes of images ``idx`` (B,), each counted as often as ``idx``
