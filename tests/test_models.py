@@ -500,6 +500,12 @@ def bad_cases():
         ("empty", lambda: g.loss_and_grads(x[:0], eps=eps[:0]),
          r"x must hold at least one example"),
         ("bernoulli range", lambda: b.loss_and_grads(x + 1.0, eps=eps), r"x must lie in \[0, 1\]"),
+        # the Bernoulli check reads min and max first: a NaN or inf must still be named
+        ("bernoulli nan", lambda: b.loss_and_grads(nan, eps=eps), r"x must be finite.*\(1, 2\)"),
+        ("bernoulli inf", lambda: b.loss_and_grads(np.where(nan != nan, np.inf, x), eps=eps),
+         r"x must be finite, but it holds inf at index \(1, 2\)"),
+        ("bernoulli -inf", lambda: b.loss_and_grads(np.where(nan != nan, -np.inf, x), eps=eps),
+         r"x must be finite, but it holds -inf at index \(1, 2\)"),
         ("eps shape", lambda: g.loss_and_grads(x, eps=np.zeros((3, 3))),
          r"eps must have shape \(3, 2\)"),
         ("eps dtype", lambda: g.loss_and_grads(x, eps=eps.astype(np.float32)),
