@@ -30,7 +30,10 @@ Configurations
 The script also times the *matrix-product floor*: the step's matrix products alone, in
 NumPy, with the same shapes and the same BLAS thread count as npvae's step (one thread
 when every product is small, as `npvae.threads.blas_threads_for` decides); an npvae step
-cannot be faster than that.
+cannot be faster than that. The step against its floor is printed twice: the whole
+runs' medians, from separate processes run minutes apart, and the two interleaved in one
+process (one more worker per run), in alternating blocks of 25 steps, which the machine's
+changes of speed touch alike.
 
 PyTorch is optional (``pip install torch==2.13.0``); without it only npvae is timed.
 """
@@ -120,48 +123,60 @@ def set_flush(args) -> None:
             raise SystemExit("this CPU has no flush-to-zero mode")
 
 
-def worker_npvae(cfg, args):
-    set_flush(args)
+def npvae_stepper(cfg, args):
+    """npvae's training step as the training loop takes it, warmed up: a function of a
+    batch's indices, and the epoch's batches for an epoch number."""
     import numpy as np
-
-    from npvae.memory import keep_freed_memory
-
-    keep_freed_memory()  # as npvae's command line does before any work (npvae/memory.py)
 
     from npvae.data import PackedImages
     from npvae.optim import Adam
-    from npvae.threads import blas_threads, blas_threads_for
     from npvae.train import _Batches
 
     # as `npvae train` keeps them: packed (a third of the bytes), a batch at a time turned
     # into floats in [0, 1] by the training loop's own batch maker
     xtr = PackedImages.pack(load_data(args.limit), width=28)
-    model = make_npvae(cfg, args.seed)
-    opt = Adam(model.params, lr=1e-3)
-    rng = np.random.default_rng(args.seed)
     source = _Batches(xtr, np.float32, cfg["batch"], "none", args.seed)
-    gbuf = model.params.empty_like()
+    state = {}
+
+    def start():
+        state["model"] = make_npvae(cfg, args.seed)
+        state["opt"] = Adam(state["model"].params, lr=1e-3)
+        state["rng"] = np.random.default_rng(args.seed)
+        state["grads"] = state["model"].params.empty_like()
 
     def step(idx):
-        xb = source.fill(idx, rng)  # (B, 784) in [0, 1]
-        _, grads, _ = model.loss_and_grads(xb, rng=rng, out=gbuf)
-        opt.step(grads)
+        xb = source.fill(idx, state["rng"])  # (B, 784) in [0, 1]
+        _, grads, _ = state["model"].loss_and_grads(xb, rng=state["rng"], out=state["grads"])
+        state["opt"].step(grads)
 
+    start()
     for idx in batches(len(xtr), cfg["batch"], 999_999, args.seed)[:20]:
         step(idx)  # warm up: kernels loaded, buffers touched
-    model = make_npvae(cfg, args.seed)  # then start over from the shared init
-    opt = Adam(model.params, lr=1e-3)
+    start()  # then start over from the shared init
+    step.model = lambda: state["model"]
+    return step, lambda epoch: batches(len(xtr), cfg["batch"], epoch, args.seed)
+
+
+def worker_npvae(cfg, args):
+    set_flush(args)
+    from npvae.memory import keep_freed_memory
+
+    keep_freed_memory()  # as npvae's command line does before any work (npvae/memory.py)
+
+    from npvae.threads import blas_threads, blas_threads_for
+
+    step, plan_of = npvae_stepper(cfg, args)
     times = []
     # as npvae's training loop does: one BLAS thread when the products are small
-    with blas_threads(blas_threads_for(model.params, cfg["batch"])):
+    with blas_threads(blas_threads_for(step.model().params, cfg["batch"])):
         for epoch in range(args.epochs):
-            plan = batches(len(xtr), cfg["batch"], epoch, args.seed)
+            plan = plan_of(epoch)
             t0 = time.perf_counter()
             for idx in plan:
                 step(idx)
             times.append(time.perf_counter() - t0)
     peak = peak_rss_mb()  # the peak of training, before the evaluator runs
-    return dict(epoch_seconds=times, test_loss=test_loss(model), peak_rss_mb=peak)
+    return dict(epoch_seconds=times, test_loss=test_loss(step.model()), peak_rss_mb=peak)
 
 
 def worker_torch(cfg, args):
@@ -239,12 +254,12 @@ def worker_torch(cfg, args):
     return dict(epoch_seconds=times, test_loss=test_loss(init), peak_rss_mb=peak)
 
 
-def worker_floor(cfg, args):
-    """The step's matrix products alone, in NumPy, for one epoch's worth of steps, with
-    BLAS at the thread count npvae's step uses for these shapes."""
+def floor_step(cfg, args):
+    """The step's matrix products alone, in NumPy, with the step's shapes: a function
+    doing one step's worth, and the BLAS thread count npvae's step uses for them."""
     import numpy as np
 
-    from npvae.threads import blas_threads, blas_threads_for
+    from npvae.threads import blas_threads_for
 
     rng = np.random.default_rng(0)
     b, z = cfg["batch"], cfg["latent"]
@@ -273,9 +288,18 @@ def worker_floor(cfg, args):
                 else:
                     break
 
-    steps = 60000 // b
+    return step, blas_threads_for(make_npvae(cfg, args.seed).params, b)
+
+
+def worker_floor(cfg, args):
+    """The step's matrix products alone for one epoch's worth of steps, with BLAS at the
+    thread count npvae's step uses for these shapes."""
+    from npvae.threads import blas_threads
+
+    step, threads = floor_step(cfg, args)
+    steps = 60000 // cfg["batch"]
     times = []
-    with blas_threads(blas_threads_for(make_npvae(cfg, args.seed).params, b)):
+    with blas_threads(threads):
         for _ in range(50):
             step()
         for _ in range(args.epochs):
@@ -286,7 +310,43 @@ def worker_floor(cfg, args):
     return dict(epoch_seconds=times)
 
 
-WORKERS = {"npvae": worker_npvae, "torch": worker_torch, "floor": worker_floor}
+def worker_interleaved(cfg, args):
+    """npvae's training step and the floor's products in one process, in alternating
+    blocks of ``BLOCK`` steps (which goes first alternates too), for ``args.epochs``
+    epochs' worth of each: the machine's changes of speed, which on a shared virtual
+    machine move whole runs by a third, then touch both alike."""
+    from npvae.memory import keep_freed_memory
+    from npvae.threads import blas_threads
+
+    keep_freed_memory()
+    npvae_step, plan_of = npvae_stepper(cfg, args)
+    floor, threads = floor_step(cfg, args)
+    t_npvae, t_floor = [], []
+    with blas_threads(threads):
+        for _ in range(50):
+            floor()
+        for epoch in range(args.epochs):
+            plan = plan_of(epoch)
+            for k, first in enumerate(range(0, len(plan), BLOCK)):
+                block = plan[first:first + BLOCK]
+                for side in ("npvae", "floor") if k % 2 == 0 else ("floor", "npvae"):
+                    t0 = time.perf_counter()
+                    if side == "npvae":
+                        for idx in block:
+                            npvae_step(idx)
+                        t_npvae.append(time.perf_counter() - t0)
+                    else:
+                        for _ in block:
+                            floor()
+                        t_floor.append(time.perf_counter() - t0)
+    return dict(npvae_seconds=t_npvae, floor_seconds=t_floor)
+
+
+BLOCK = 25  # steps per block of the interleaved measurement
+
+
+WORKERS = {"npvae": worker_npvae, "torch": worker_torch, "floor": worker_floor,
+           "interleaved": worker_interleaved}
 
 
 def run_worker(side, config, args, seed) -> dict | None:
@@ -350,6 +410,8 @@ def main(argv=None):
                 if res is not None:
                     results[side].append(res)
         report(results, flushed=args.flush)
+        inter = [run_worker("interleaved", config, args, args.seed + r) for r in range(args.runs)]
+        report_interleaved([res for res in inter if res is not None])
     return 0
 
 
@@ -395,6 +457,19 @@ def report(results, flushed: bool = False) -> None:
             print(f"  ratio npvae/torch peak RSS:   {rss:.3f}")
     if "floor" in run_s and "npvae" in run_s:
         print(f"  ratio npvae/matmul floor:     {run_s['npvae'] / run_s['floor']:.3f}")
+
+
+def report_interleaved(runs) -> None:
+    """The step against its floor with the two interleaved in one process (per run: total
+    of the step's blocks over the floor's; and the median of the block pairs' ratios)."""
+    if not runs:
+        return
+    totals = [sum(r["npvae_seconds"]) / sum(r["floor_seconds"]) for r in runs]
+    pairs = [a / b for r in runs for a, b in zip(r["npvae_seconds"], r["floor_seconds"])]
+    q = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
+    print(f"  ratio npvae/matmul floor, interleaved in one process ({BLOCK}-step blocks): "
+          f"{statistics.median(totals):.3f}  (run by run: {', '.join(f'{t:.3f}' for t in totals)}; "
+          f"block pairs: median {q[1]:.3f}, quartiles {q[0]:.3f}-{q[2]:.3f}, {len(pairs)} pairs)")
 
 
 if __name__ == "__main__":
