@@ -154,9 +154,9 @@ def test_packed_sample_twins_on_special_uniforms(dtype):
     p = PackedImages.pack(x)
     idx = np.zeros(specials.size, dtype=np.int64)
     u = np.repeat(specials, 255)
-    args = (p.start, p.length, p.offset, p.values, idx, p.width, u, dtype(255))
+    args = (p.start, p.length, p.offset, p.values, idx, p.width, u, dtype(255), True)
     a, c = np.full((6, 512), 7, dtype), np.full((6, 512), 7, dtype)
-    assert packed._bernoulli_spans.numba(*args, a) == packed._bernoulli_spans.numpy(*args, c)
+    assert packed._float_rows.numba(*args, a) == packed._float_rows.numpy(*args, c)
     np.testing.assert_array_equal(a, c)
     np.testing.assert_array_equal(a, by_mask(x.reshape(1, -1), idx, u))
 

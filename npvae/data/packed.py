@@ -71,36 +71,6 @@ def _unpack_rows_numba(start, length, offset, values, idx, width, out):
 _unpack_rows = dispatch(_unpack_rows_numpy, _unpack_rows_numba)
 
 
-def _scaled_rows_numpy(start, length, offset, values, idx, width, scale, out):
-    """Spans of images idx -> out (B, D) float: their bytes / scale, in out's dtype."""
-    b = _unpack_rows_numpy(start, length, offset, values, idx, width,
-                           np.empty(out.shape, np.uint8))  # (B, D) bytes
-    return np.divide(b, scale, out=out)
-
-
-@numba_kernel
-def _scaled_rows_numba(start, length, offset, values, idx, width, scale, out):
-    """The same without the bytes: zero the batch, then write each kept byte / scale in
-    place (the same widening and division as the twin's, so the same floats)."""
-    D, W = np.uint64(out.shape[1]), np.uint64(width)
-    flat = out.reshape(-1)  # (B D,)
-    flat[:] = 0
-    for r in range(idx.shape[0]):
-        n = idx[r]
-        o = np.uint64(offset[n])  # where image n's bytes begin in values
-        for k in range(start.shape[1]):
-            base = np.uint64(r) * D + np.uint64(k) * W + np.uint64(start[n, k])
-            span = np.uint64(length[n, k])
-            for t in range(span):
-                flat[base + t] = values[o + t]  # the byte, widened to out's dtype
-                flat[base + t] = flat[base + t] / scale
-            o += span
-    return out
-
-
-_scaled_rows = dispatch(_scaled_rows_numpy, _scaled_rows_numba)
-
-
 def _nonzero_kept_numpy(offset, values, idx):
     """offset (N + 1,), values (T,) uint8, idx (B,) -> the non-zero bytes of images idx."""
     return int(sum(np.count_nonzero(values[offset[n]:offset[n + 1]]) for n in idx))
@@ -119,20 +89,24 @@ def _nonzero_kept_numba(offset, values, idx):
 _nonzero_kept = dispatch(_nonzero_kept_numpy, _nonzero_kept_numba)
 
 
-def _bernoulli_spans_numpy(start, length, offset, values, idx, width, u, scale, out):
-    """Spans of images idx, u (M,) -> out (B, D) float, the sample (BIN.1) of their bytes:
-    expand the bytes, then sample them. Returns the non-zero bytes' count, as
-    :func:`~npvae.data.rows.bernoulli_rows`'s twin does, writing nothing unless it is M."""
+def _float_rows_numpy(start, length, offset, values, idx, width, u, scale, sample, out):
+    """Spans of images idx -> out (B, D) float, from their bytes b in out's dtype:
+    b / scale, or with ``sample`` the sample (BIN.1) of b / scale from the uniforms u (M,).
+    Expands the bytes, then divides or samples them. Returns the number of non-zero
+    bytes (0 without ``sample``); a sample writes nothing unless that is M."""
     b = _unpack_rows_numpy(start, length, offset, values, idx, width,
                            np.empty(out.shape, np.uint8))  # (B, D) bytes
-    return _bernoulli_rows_numpy(b, np.arange(len(idx)), u, scale, out)
+    if sample:
+        return _bernoulli_rows_numpy(b, np.arange(len(idx)), u, scale, out)
+    np.divide(b, scale, out=out)
+    return 0
 
 
 @numba_kernel
-def _bernoulli_spans_numba(start, length, offset, values, idx, width, u, scale, out):
-    """The same without the bytes: zero the batch, then sample each kept byte in place,
-    in reading order (BIN.1). With too few uniforms it leaves 0 where they ran out, reads
-    none past the end, and still counts every byte."""
+def _float_rows_numba(start, length, offset, values, idx, width, u, scale, sample, out):
+    """The same without the bytes: zero the batch, then write each kept byte's float in
+    place, in reading order. With too few uniforms a sample leaves 0 where they ran out,
+    reads none past the end, and still counts every non-zero byte."""
     D, W = np.uint64(out.shape[1]), np.uint64(width)
     flat = out.reshape(-1)  # (B D,)
     flat[:] = 0
@@ -144,16 +118,22 @@ def _bernoulli_spans_numba(start, length, offset, values, idx, width, u, scale, 
             base = np.uint64(r) * D + np.uint64(k) * W + np.uint64(start[n, k])
             span = np.uint64(length[n, k])
             for t in range(span):
-                if values[o + t] != 0:
+                i = base + t
+                if not sample:
+                    flat[i] = values[o + t]  # the byte, widened to out's dtype
+                    flat[i] = flat[i] / scale
+                elif values[o + t] != 0:
                     if j < m:
-                        flat[base + t] = values[o + t]  # the byte, widened to out's dtype
-                        flat[base + t] = u[j] < flat[base + t] / scale  # (BIN.1)
+                        flat[i] = values[o + t]
+                        flat[i] = u[j] < flat[i] / scale  # (BIN.1)
                     j += 1
             o += span
     return j
 
 
-_bernoulli_spans = dispatch(_bernoulli_spans_numpy, _bernoulli_spans_numba)
+_float_rows = dispatch(_float_rows_numpy, _float_rows_numba)
+
+
 
 
 # Packing runs once, before training, in NumPy alone: compiled, it would load Numba's
@@ -285,8 +265,9 @@ class PackedImages:
                 and out.dtype in (np.dtype(np.float32), np.dtype(np.float64))):
             raise ValueError(f"out must be a writeable C-contiguous float32 or float64 "
                              f"array of shape {shape}")
-        return _scaled_rows(self.start, self.length, self.offset, self.values, idx,
-                            self.width, out.dtype.type(scale), out)
+        _float_rows(self.start, self.length, self.offset, self.values, idx, self.width,
+                    np.zeros(0, out.dtype), out.dtype.type(scale), False, out)
+        return out
 
     def nonzero_in_rows(self, idx) -> int:
         """M: the non-zero bytes of images ``idx`` (B,), each counted as often as ``idx``
@@ -304,8 +285,8 @@ class PackedImages:
         check_sample_args(u, out, (idx.shape[0], self.shape[1]))
         if not out.flags.c_contiguous:
             raise ValueError("out must be C-contiguous")
-        m = int(_bernoulli_spans(self.start, self.length, self.offset, self.values, idx,
-                                 self.width, u, out.dtype.type(255), out))
+        m = int(_float_rows(self.start, self.length, self.offset, self.values, idx,
+                            self.width, u, out.dtype.type(255), True, out))
         if m != u.shape[0]:
             raise ValueError(f"u holds {u.shape[0]} uniforms, but the images have {m} "
                              f"non-zero bytes (nonzero_in_rows), one uniform each")
