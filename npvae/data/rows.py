@@ -10,7 +10,7 @@ batch, and within it pixel d = 0, 1, ...): the j-th of them takes u[j], so that
 
 with M = :func:`nonzero_in_rows` uniforms u (M,) in [0, 1), drawn by the caller from the
 run's generator. Every pixel is still an independent Bernoulli(b / 255) draw; on MNIST
-the batch takes 13% of the uniforms one per pixel would. The division and the
+the batch takes 19% of the uniforms one per pixel would. The division and the
 comparison are made in the dtype of ``out``, as :func:`npvae.data.binarize_dynamic` makes
 them on images scaled to [0, 1], so the two give the same sample bit for bit from a
 generator in the same state. Letters: N images, B batch rows, D pixels, M non-zero bytes
