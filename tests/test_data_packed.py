@@ -118,6 +118,13 @@ def test_scaled_rows_rejects(out, message):
         p.scaled_rows(np.array([0, 1]), out)
 
 
+@pytest.mark.parametrize("scale", [0, -255, np.inf, np.nan, True, "255"])
+def test_scaled_rows_rejects_a_scale_that_is_not_a_positive_number(scale):
+    p = PackedImages.pack(np.ones((3, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match="scale must be a positive number"):
+        p.scaled_rows(np.array([0, 1]), np.zeros((2, 16), np.float32), scale)
+
+
 def test_images_with_blank_margins_take_fewer_bytes():
     """Digits in a 4-pixel blank margin keep at most 20 of 28 pixels a row, and the spans
     cost 2 bytes a row: under 0.8 of the dense bytes. Images with no blank pixel cost more."""

@@ -134,8 +134,6 @@ def _float_rows_numba(start, length, offset, values, idx, width, u, scale, sampl
 _float_rows = dispatch(_float_rows_numpy, _float_rows_numba)
 
 
-
-
 # Packing runs once, before training, in NumPy alone: compiled, it would load Numba's
 # compiler (about 110 MiB) while the dense images are still in memory, and that moment
 # would be the run's peak. At 0.17 s for MNIST's training images on M2 it costs little.
@@ -259,6 +257,9 @@ class PackedImages:
         expanding them to bytes first: what dividing :meth:`rows` by ``scale`` in out's
         dtype gives. out (B, D) float32 or float64, C-contiguous, written and returned."""
         idx = _index(idx, len(self))
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
+                or not 0 < scale < np.inf:
+            raise ValueError(f"scale must be a positive number, got {scale!r}")
         shape = (idx.shape[0], self.shape[1])
         if not (isinstance(out, np.ndarray) and out.shape == shape and out.flags.writeable
                 and out.flags.c_contiguous
