@@ -368,7 +368,8 @@ class _Batches:
     """The training images as a source of batches in the model's dtype.
 
     uint8 images stay uint8 (a quarter of the memory) and are scaled one batch at a time;
-    packed images (:mod:`npvae.data.packed`) are expanded to bytes one batch at a time first.
+    packed images (:mod:`npvae.data.packed`) are turned into a batch straight from their
+    spans.
     "static" binarization draws one fixed binary sample up front (as 0/1 bytes), "dynamic"
     a fresh one of every batch from the run's stream. One batch array is reused by every step.
     """
@@ -392,7 +393,7 @@ class _Batches:
         """The examples ``idx`` as a (B, D) batch in [0, 1] (a view of the reused array)."""
         xb = self.batch[:idx.size]
         x = self.x
-        if self.from_bytes:  # gather, scale and sample in one pass, from the bytes or spans
+        if self.from_bytes:  # count the non-zero bytes, draw, then gather, scale and sample
             u = self.uniform[:self.sampled.nonzero_in_rows(idx)]  # (M,): one per non-zero byte
             return self.sampled.bernoulli_rows(idx, rng.random(dtype=xb.dtype, out=u), xb)
         if self.scale is None:

@@ -118,11 +118,15 @@ def test_scaled_rows_rejects(out, message):
         p.scaled_rows(np.array([0, 1]), out)
 
 
-@pytest.mark.parametrize("scale", [0, -255, np.inf, np.nan, True, "255"])
+@pytest.mark.parametrize("scale", [0, -255, np.inf, np.nan, True, "255", 1e-46, 1e39, 10**400])
 def test_scaled_rows_rejects_a_scale_that_is_not_a_positive_number(scale):
+    """Checked in out's dtype, where the division is made: 1e-46 is 0 in float32 and 1e39
+    is inf, and each gave infinities or NaN."""
     p = PackedImages.pack(np.ones((3, 4, 4), np.uint8))
     with pytest.raises(ValueError, match="scale must be a positive number"):
         p.scaled_rows(np.array([0, 1]), np.zeros((2, 16), np.float32), scale)
+    if scale in (1e-46, 1e39):  # both fine in float64
+        p.scaled_rows(np.array([0, 1]), np.zeros((2, 16), np.float64), scale)
 
 
 def test_images_with_blank_margins_take_fewer_bytes():

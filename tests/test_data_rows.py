@@ -100,27 +100,48 @@ def test_bernoulli_rows_frequency_matches_the_grey_level():
     assert np.all(np.abs(freq - p) <= 5 * se + 1e-12)  # five standard errors
 
 
+def test_bernoulli_rows_pixels_are_independent():
+    """Monte Carlo: neighbouring pixels, a pixel after a zero byte, and the same image twice
+    in a batch are uncorrelated (each uniform is used once)."""
+    x = np.array([[128, 128, 0, 128]], np.uint8)  # p = 128/255 each, and a zero between
+    idx = np.zeros(2 * 20000, dtype=np.int64)  # 20,000 batches of the image twice
+    rng = np.random.default_rng(20261203)
+    u = rng.random(rows.nonzero_in_rows(x, idx), dtype=np.float64)
+    out = rows.bernoulli_rows(x, idx, u, np.empty((idx.size, 4))).reshape(20000, 2, 4)
+    bound = 5 / np.sqrt(20000)  # five standard errors of a correlation near 0
+    for a, b in [(out[:, 0, 0], out[:, 0, 1]), (out[:, 0, 1], out[:, 0, 3]),
+                 (out[:, 0, 3], out[:, 1, 0]), (out[:, 0, 0], out[:, 1, 0])]:
+        assert abs(np.corrcoef(a, b)[0, 1]) < bound
+    assert not out[:, :, 2].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("form", ["dense", "packed"])
-def test_the_training_loop_draws_the_sample_the_float_route_draws(form, dtype):
-    """_Batches with byte images (dense or packed) and dynamic binarization: the same
-    batch, bit for bit, as scaling the bytes and calling binarize_dynamic with a
-    generator in the same state, and the generator left in the same state."""
+@pytest.mark.parametrize("form", ["dense", "packed", "float"])
+def test_the_training_loop_draws_the_sample_the_float_route_draws(form, dtype, backend):
+    """_Batches with byte images (dense or packed) or with the images already scaled to
+    floats, and dynamic binarization: the same batch, bit for bit, as scaling the bytes
+    and calling binarize_dynamic with a generator in the same state, and the generator
+    left in the same state. Batches with repeated images, a blank image, a short batch."""
     rng = np.random.default_rng(3)
     x = rng.integers(0, 256, size=(50, 20), dtype=np.uint8)
     x[rng.random(x.shape) < 0.6] = 0
     x[:, :3] = 0  # a blank border, which the packed form trims off
-    images = x if form == "dense" else PackedImages.pack(x, width=5)
+    x[7] = 0  # a blank image
+    images = {"dense": x, "packed": PackedImages.pack(x, width=5),
+              "float": x / dtype(255)}[form]
     batches = _Batches(images, dtype, 16, "dynamic", seed=0)
-    for _ in range(3):
-        idx = rng.permutation(50)[:16]
+    plans = [rng.permutation(50)[:16], np.array([7, 3, 3, 7, 3]), np.array([7] * 16),
+             rng.integers(0, 50, size=16)]
+    for idx in plans:
         seed = int(rng.integers(2**32))
         g_loop, g_float = np.random.default_rng(seed), np.random.default_rng(seed)
-        got = batches.fill(idx, g_loop).copy()
+        with use_backend(backend):
+            got = batches.fill(idx, g_loop).copy()
         scaled = np.take(x, idx, axis=0) / dtype(255)
         want = npdata.binarize_dynamic(scaled, g_float)
         np.testing.assert_array_equal(got, want)
-        assert g_loop.random() == g_float.random()  # as many draws on both routes
+        assert g_loop.bit_generator.state == g_float.bit_generator.state  # as many draws
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -199,6 +220,41 @@ def test_bernoulli_rows_rejects(change, message):
     args.update(change)
     with pytest.raises(ValueError, match=message):
         rows.bernoulli_rows(**args)
+
+
+@pytest.mark.parametrize("form", ["dense", "packed"])
+def test_bernoulli_rows_refuses_a_read_only_out(form):
+    x = np.ones((3, 4), np.uint8)
+    out = np.zeros((2, 4), np.float32)
+    out.flags.writeable = False
+    sampler = (lambda i, u, o: rows.bernoulli_rows(x, i, u, o)) if form == "dense" \
+        else PackedImages.pack(x, width=2).bernoulli_rows
+    with pytest.raises(ValueError, match="writeable"):
+        sampler(np.array([0, 1]), np.zeros(8, np.float32), out)
+
+
+def test_packed_bernoulli_rows_refuses_a_strided_out():
+    """The packed loop writes the batch as one flat array; the dense one takes any out."""
+    p = PackedImages.pack(np.ones((3, 4), np.uint8), width=2)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        p.bernoulli_rows(np.array([0, 1]), np.zeros(8, np.float32),
+                         np.zeros((2, 8), np.float32)[:, ::2])
+
+
+@pytest.mark.parametrize("form", ["dense", "packed"])
+def test_big_endian_indices_give_the_sample_native_ones_give(form):
+    rng = np.random.default_rng(12)
+    x = rng.integers(0, 256, size=(6, 8), dtype=np.uint8)
+    images = x if form == "dense" else PackedImages.pack(x, width=4)
+    count = (lambda i: rows.nonzero_in_rows(x, i)) if form == "dense" else images.nonzero_in_rows
+    sampler = (lambda i, u, o: rows.bernoulli_rows(x, i, u, o)) if form == "dense" \
+        else images.bernoulli_rows
+    idx = np.array([5, 0, 5, 2])
+    u = rng.random(count(idx), dtype=np.float32)
+    big = idx.astype(">i8")
+    assert count(big) == u.size
+    want = sampler(idx, u, np.zeros((4, 8), np.float32))
+    np.testing.assert_array_equal(sampler(big, u, np.zeros((4, 8), np.float32)), want)
 
 
 @pytest.mark.parametrize("form", ["dense", "packed"])

@@ -257,17 +257,24 @@ class PackedImages:
         expanding them to bytes first: what dividing :meth:`rows` by ``scale`` in out's
         dtype gives. out (B, D) float32 or float64, C-contiguous, written and returned."""
         idx = _index(idx, len(self))
-        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
-                or not 0 < scale < np.inf:
-            raise ValueError(f"scale must be a positive number, got {scale!r}")
         shape = (idx.shape[0], self.shape[1])
         if not (isinstance(out, np.ndarray) and out.shape == shape and out.flags.writeable
                 and out.flags.c_contiguous
                 and out.dtype in (np.dtype(np.float32), np.dtype(np.float64))):
             raise ValueError(f"out must be a writeable C-contiguous float32 or float64 "
                              f"array of shape {shape}")
+        s = None  # scale in out's dtype, where the division is made
+        if isinstance(scale, (int, float, np.integer, np.floating)) and not isinstance(scale, bool):
+            with np.errstate(over="ignore"):
+                try:
+                    s = out.dtype.type(scale)
+                except OverflowError:  # an int beyond any float
+                    pass
+        if s is None or not np.finfo(out.dtype).tiny <= s < np.inf:  # NaN fails both
+            raise ValueError(f"scale must be a positive number, normal and finite in "
+                             f"{out.dtype}, got {scale!r}")
         _float_rows(self.start, self.length, self.offset, self.values, idx, self.width,
-                    np.zeros(0, out.dtype), out.dtype.type(scale), False, out)
+                    np.zeros(0, out.dtype), s, False, out)
         return out
 
     def nonzero_in_rows(self, idx) -> int:
@@ -281,7 +288,8 @@ class PackedImages:
         what :func:`npvae.data.rows.bernoulli_rows` gives for the dense bytes, from the
         spans without expanding them (BIN.1, BIN.2). u (M,) uniforms in [0, 1), one per
         non-zero byte in reading order, M = ``nonzero_in_rows(idx)``, with the dtype of
-        ``out``; out (B, D) float32 or float64, not overlapping u, written and returned."""
+        ``out``; out (B, D) float32 or float64, C-contiguous, not overlapping u, written
+        and returned."""
         idx = _index(idx, len(self))
         check_sample_args(u, out, (idx.shape[0], self.shape[1]))
         if not out.flags.c_contiguous:

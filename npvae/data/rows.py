@@ -1,5 +1,6 @@
-"""A batch of byte images as a fresh binary sample, in one pass: the training loop's
-dynamic binarization when the images are kept as bytes.
+"""A batch of byte images as a fresh binary sample: the training loop's dynamic
+binarization when the images are kept as bytes. One pass counts the batch's non-zero
+bytes (how many uniforms to draw), and one more gathers, scales and samples them.
 
 A pixel whose byte b is 0 is 0 in every sample, so only the non-zero bytes take a
 uniform. Number the batch's non-zero bytes in reading order (row r = 0, 1, ... of the
