@@ -105,8 +105,10 @@ def in_unit_interval(name: str, value: np.ndarray, always: bool = False) -> None
         return
     lo, hi = value.min(initial=0.0), value.max(initial=1.0)
     if lo < 0.0 or hi > 1.0:
+        where = tuple(int(i) for i in np.argwhere((value < 0) | (value > 1))[0])
         raise ValueError(
-            f"{name} must lie in [0, 1] (Bernoulli targets), got values from {lo} to {hi}"
+            f"{name} must lie in [0, 1] (Bernoulli targets), but it holds {value[where]} at "
+            f"index {where} (values from {value.min()} to {value.max()})"
         )
 
 

@@ -129,6 +129,31 @@ def test_scaled_rows_rejects_a_scale_that_is_not_a_positive_number(scale):
         p.scaled_rows(np.array([0, 1]), np.zeros((2, 16), np.float64), scale)
 
 
+def test_the_constructor_refuses_spans_the_loops_would_overrun():
+    """Built by hand, inconsistent arrays once made the compiled loops write past the
+    batch (the NumPy twins raised IndexError); each is now refused up front."""
+    good = PackedImages.pack(np.arange(1, 33, dtype=np.uint8).reshape(2, 4, 4))
+    parts = dict(start=good.start, length=good.length, offset=good.offset,
+                 values=good.values, width=good.width)
+    PackedImages(**parts)  # the arrays pack made are accepted
+    long_span = good.length.copy()
+    long_span[0, 0] = 5  # 5 bytes in a row of 4
+    bad = [
+        (dict(length=long_span), "inside its row"),
+        (dict(offset=good.offset + 1), "offset must count"),
+        (dict(offset=good.offset[:-1]), r"offset must be int64 \(3,\)"),
+        (dict(values=good.values[:-1]), "offset must count"),
+        (dict(values=good.values.astype(np.int16)), "values uint8"),
+        (dict(start=good.start.astype(np.int64)), "unsigned"),
+        (dict(start=good.start[:1]), "unsigned"),
+        (dict(start=np.asfortranarray(np.tile(good.start, (1, 2)))[:, ::2]), "C-contiguous"),
+        (dict(width=0), "width"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            PackedImages(**{**parts, **change})
+
+
 def test_images_with_blank_margins_take_fewer_bytes():
     """Digits in a 4-pixel blank margin keep at most 20 of 28 pixels a row, and the spans
     cost 2 bytes a row: under 0.8 of the dense bytes. Images with no blank pixel cost more."""

@@ -499,7 +499,11 @@ def bad_cases():
         ("nan", lambda: g.loss_and_grads(nan, eps=eps), r"x must be finite.*\(1, 2\)"),
         ("empty", lambda: g.loss_and_grads(x[:0], eps=eps[:0]),
          r"x must hold at least one example"),
-        ("bernoulli range", lambda: b.loss_and_grads(x + 1.0, eps=eps), r"x must lie in \[0, 1\]"),
+        ("bernoulli range", lambda: b.loss_and_grads(x + 1.0, eps=eps),
+         r"x must lie in \[0, 1\] \(Bernoulli targets\), but it holds 1.5 at index \(0, 0\) "
+         r"\(values from 1.5 to 1.5\)"),
+        ("bernoulli below 0", lambda: b.loss_and_grads(np.where(nan != nan, -0.25, x), eps=eps),
+         r"holds -0.25 at index \(1, 2\) \(values from -0.25 to 0.5\)"),
         # the Bernoulli check reads min and max first: a NaN or inf must still be named
         ("bernoulli nan", lambda: b.loss_and_grads(nan, eps=eps), r"x must be finite.*\(1, 2\)"),
         ("bernoulli inf", lambda: b.loss_and_grads(np.where(nan != nan, np.inf, x), eps=eps),

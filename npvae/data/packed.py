@@ -156,6 +156,36 @@ def _kept_bytes(block, width: int, start, length) -> np.ndarray:
     return block.reshape(len(block), -1, width)[inside]  # C order: image by image, row by row
 
 
+def _check_spans(start, length, offset, values, width) -> None:
+    """ValueError unless start, length (N, H) unsigned, offset (N + 1,) int64 and values
+    (T,) uint8 describe N images of H rows ``width`` bytes long: each span inside its row,
+    and offset[n + 1] - offset[n] the bytes image n keeps, from 0 up to T."""
+    arrays = dict(start=start, length=length, offset=offset, values=values)
+    if not all(isinstance(a, np.ndarray) and a.flags.c_contiguous for a in arrays.values()):
+        raise ValueError("start, length, offset and values must be C-contiguous numpy arrays")
+    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
+        raise ValueError(f"width must be a whole number of pixels >= 1, got {width!r}")
+    if not (start.ndim == length.ndim == 2 and start.shape == length.shape
+            and start.dtype == length.dtype and start.dtype.kind == "u"
+            and start.dtype.isnative):
+        raise ValueError(f"start and length must be (N, H) arrays of one native unsigned "
+                         f"integer type, got {start.dtype} {start.shape} and "
+                         f"{length.dtype} {length.shape}")
+    n = start.shape[0]
+    if offset.dtype != np.int64 or offset.shape != (n + 1,) or values.dtype != np.uint8 \
+            or values.ndim != 1:
+        raise ValueError(f"offset must be int64 ({n + 1},) and values uint8 (T,), got "
+                         f"{offset.dtype} {offset.shape} and {values.dtype} {values.shape}")
+    ends = np.add(start, length, dtype=np.int32)  # (N, H): one past each span's last pixel
+    kept = np.zeros(n + 1, np.int64)
+    np.cumsum(length.sum(axis=1, dtype=np.int64), out=kept[1:])  # what offset must be
+    if ends.size and ends.max() > width:
+        raise ValueError(f"every span must lie inside its row of {width} pixels")
+    if not np.array_equal(offset, kept) or kept[-1] != values.size:
+        raise ValueError("offset must count each image's kept bytes from 0 up to "
+                         f"values.size ({values.size})")
+
+
 class PackedImages:
     """N byte images (N, D) held as trimmed row spans; see the module docstring.
 
@@ -166,6 +196,9 @@ class PackedImages:
     dtype = np.dtype(np.uint8)
 
     def __init__(self, start, length, offset, values, width: int):
+        """The arrays :meth:`pack` makes; checked, since the compiled loops that expand
+        them trust every span to lie inside its row and every offset to its bytes."""
+        _check_spans(start, length, offset, values, width)
         self.start, self.length, self.offset, self.values = start, length, offset, values
         self.width = int(width)
         self.shape = (start.shape[0], start.shape[1] * self.width)
