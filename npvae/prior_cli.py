@@ -142,14 +142,17 @@ def _vq_run(run):
     return ck
 
 
-def _prior_of(run_dir, vq_ck):
-    """The run's prior checkpoint (checked against its VQ-VAE) or None; PriorError -> UsageError."""
+def _prior_of(run_dir, vq_ck, allow_stale: bool = False):
+    """The run's prior checkpoint (checked against its VQ-VAE) or None; PriorError ->
+    UsageError, except that with ``allow_stale`` a StalePriorError is raised as it is."""
     from . import cli_common as cli
-    from .codeprior import PriorError, load_prior
+    from .codeprior import PriorError, StalePriorError, load_prior
 
     try:
         return load_prior(run_dir, vq_ck)
     except PriorError as exc:
+        if allow_stale and isinstance(exc, StalePriorError):
+            raise
         raise cli.UsageError(str(exc)) from None
 
 
@@ -308,23 +311,19 @@ def prior_eval(ck, x_test, recon: float, seed: int) -> dict:
     A stale prior (fitted to other codes) is not used: the uniform prior's bound is
     reported, with ``stale_prior`` saying why, and a note on stderr.
     """
-    from .codeprior import PriorError, evaluate_prior
-
     from . import cli_common as cli
-    from .codeprior import StalePriorError, load_prior
+    from .codeprior import StalePriorError, evaluate_prior
 
     vq = ck.model
     uniform = vq.M * math.log(vq.K)
     uniform_entries = {"prior": "uniform", "uniform_prior_nats": uniform,
                        "nll_bound_uniform_prior": recon + uniform}
     try:
-        prior_ck = load_prior(ck.path.parent, ck)
+        prior_ck = _prior_of(ck.path.parent, ck, allow_stale=True)
     except StalePriorError as exc:  # the VQ-VAE's own numbers still hold: report them
         cli._say(f"npvae: the learned prior is not used, and the bound below is the uniform "
                  f"prior's: {exc}")
         return {**uniform_entries, "stale_prior": str(exc)}
-    except PriorError as exc:
-        raise cli.UsageError(str(exc)) from None
     if prior_ck is None:
         return uniform_entries
     res = evaluate_prior(vq, prior_ck.model, x_test, recon, np.random.default_rng(seed))

@@ -47,6 +47,7 @@ import signal
 import sys
 import time
 import zlib
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -387,15 +388,18 @@ class _Batches:
         self.raw = np.empty((min(batch_size, self.n), d), dtype=np.uint8) \
             if self.scale and not (self.from_bytes or self.packed) else None
         self.uniform = np.empty(self.batch.size, self.batch.dtype) if self.from_bytes else None
-        self.sampled = (self.x if self.packed else _ByteRows(self.x)) if self.from_bytes else None
+        if self.from_bytes:  # count the non-zero bytes of a batch, and sample it
+            x = self.x
+            self.count, self.sample = (x.nonzero_in_rows, x.bernoulli_rows) if self.packed \
+                else (partial(nonzero_in_rows, x), partial(bernoulli_rows, x))
 
     def fill(self, idx, rng) -> np.ndarray:
         """The examples ``idx`` as a (B, D) batch in [0, 1] (a view of the reused array)."""
         xb = self.batch[:idx.size]
         x = self.x
         if self.from_bytes:  # count the non-zero bytes, draw, then gather, scale and sample
-            u = self.uniform[:self.sampled.nonzero_in_rows(idx)]  # (M,): one per non-zero byte
-            return self.sampled.bernoulli_rows(idx, rng.random(dtype=xb.dtype, out=u), xb)
+            u = self.uniform[:self.count(idx)]  # (M,): one per non-zero byte
+            return self.sample(idx, rng.random(dtype=xb.dtype, out=u), xb)
         if self.scale is None:
             np.take(x, idx, axis=0, out=xb)  # (B, D), contiguous
         elif self.packed:
@@ -406,18 +410,6 @@ class _Batches:
         if self.dynamic:  # a fresh Bernoulli sample, every visit
             npdata.binarize_dynamic(xb, rng, out=xb)
         return xb
-
-
-class _ByteRows(NamedTuple):
-    """Dense byte images (N, D) with the sampling methods of packed ones."""
-
-    x: np.ndarray
-
-    def nonzero_in_rows(self, idx) -> int:
-        return nonzero_in_rows(self.x, idx)
-
-    def bernoulli_rows(self, idx, u, out) -> np.ndarray:
-        return bernoulli_rows(self.x, idx, u, out)
 
 
 def _open_run(run_dir: Path) -> tuple:

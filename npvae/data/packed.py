@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import dispatch, numba_kernel
-from .rows import _bernoulli_rows_numpy, _index, check_sample_args
+from .rows import _bernoulli_rows_numpy, _index, check_sample_args, check_uniforms_used
 
 
 def _span_pixels(start, length, width, d) -> tuple:
@@ -327,11 +327,9 @@ class PackedImages:
         check_sample_args(u, out, (idx.shape[0], self.shape[1]))
         if not out.flags.c_contiguous:
             raise ValueError("out must be C-contiguous")
-        m = int(_float_rows(self.start, self.length, self.offset, self.values, idx,
-                            self.width, u, out.dtype.type(255), True, out))
-        if m != u.shape[0]:
-            raise ValueError(f"u holds {u.shape[0]} uniforms, but the images have {m} "
-                             f"non-zero bytes (nonzero_in_rows), one uniform each")
+        check_uniforms_used(int(_float_rows(self.start, self.length, self.offset, self.values,
+                                            idx, self.width, u, out.dtype.type(255), True,
+                                            out)), u)
         return out
 
     def blocks(self, rows: int = 4096):

@@ -116,6 +116,13 @@ def check_sample_args(u, out, shape) -> None:
                          "not yet read")
 
 
+def check_uniforms_used(m: int, u) -> None:
+    """ValueError unless the sample's ``m`` non-zero bytes took all of u, one uniform each."""
+    if m != u.shape[0]:
+        raise ValueError(f"u holds {u.shape[0]} uniforms, but the images have {m} non-zero "
+                         f"bytes (nonzero_in_rows), one uniform each")
+
+
 def bernoulli_rows(x, idx, u, out) -> np.ndarray:
     """Rows ``idx`` of the byte images ``x``, each pixel 1 with probability byte / 255.
 
@@ -127,8 +134,5 @@ def bernoulli_rows(x, idx, u, out) -> np.ndarray:
     x = _images(x)
     idx = _index(idx, x.shape[0])
     check_sample_args(u, out, (idx.shape[0], x.shape[1]))
-    m = int(_bernoulli_rows(x, idx, u, out.dtype.type(255), out))
-    if m != u.shape[0]:
-        raise ValueError(f"u holds {u.shape[0]} uniforms, but the rows have {m} non-zero "
-                         f"bytes (nonzero_in_rows), one uniform each")
+    check_uniforms_used(int(_bernoulli_rows(x, idx, u, out.dtype.type(255), out)), u)
     return out

@@ -102,14 +102,13 @@ class Model:
                 f"{name} must have dtype {self.dtype} like the model, got {x.dtype}; "
                 f"convert with {name}.astype(np.{self.dtype})"
             )
-        if self.config.get("likelihood") == "bernoulli":
-            # NumPy's min and max carry a NaN through, and an inf lies outside [0, 1]: two
-            # passes check both, where a finite-sum check first would take a third
-            lo, hi = x.min(), x.max()
-            if lo >= 0 and hi <= 1:
-                return x
+        bernoulli = self.config.get("likelihood") == "bernoulli"
+        # NumPy's min and max carry a NaN through, and an inf lies outside [0, 1]: for a
+        # Bernoulli model two passes check both, where a finite-sum check first takes a third
+        if bernoulli and x.min() >= 0 and x.max() <= 1:
+            return x
         v.finite(name, x, always=True)  # names the first NaN or inf
-        if self.config.get("likelihood") == "bernoulli":
+        if bernoulli:
             v.in_unit_interval(name, x, always=True)
         return x
 
