@@ -46,6 +46,7 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 import zlib
 from functools import partial
 from pathlib import Path
@@ -271,6 +272,17 @@ def _not_continued_by(run_dir: Path, resume_from) -> str | None:
     return None
 
 
+# How dynamic binarization draws its uniforms, saved with each run's settings: one per
+# non-zero byte of a batch, in reading order (BIN.1). Runs saved before the setting
+# existed drew one per pixel.
+DRAWS = "one per non-zero byte"
+_OLD_DRAWS = ("{path}: this run was saved by an earlier npvae, whose dynamic binarization "
+              "drew one uniform per pixel; from here on it draws one per non-zero pixel "
+              "(each pixel is still a Bernoulli draw of its grey level). The run goes on "
+              "validly, but no longer as the earlier npvae would have continued it, bit "
+              "for bit")
+
+
 def _restore(model, opt, ck: Checkpoint, settings: dict) -> None:
     """Put a checkpoint's parameters, buffers and optimizer state into this run."""
     if ck.model.config != model.config:
@@ -287,6 +299,8 @@ def _restore(model, opt, ck: Checkpoint, settings: dict) -> None:
                 f"{ck.path}: cannot continue this run: {what}; a resumed run must use "
                 f"the same {key.replace('_', ' ')}"
             )
+    if settings["binarize"] == "dynamic" and ck.args.get("draws") != settings.get("draws"):
+        warnings.warn(_OLD_DRAWS.format(path=ck.path), RuntimeWarning, stacklevel=5)  # at the call of train
     if ck.model is not model:
         model.params.flat[...] = ck.model.params.flat
         for name, arr in getattr(model, "buffers", {}).items():
@@ -680,7 +694,7 @@ def _train(model, x_train, x_val, *, epochs, batch_size, lr, optimizer, clip, se
     settings = dict({**(ck.args if ck else {}), **(args or {})}, epochs=int(epochs),
                     batch_size=int(batch_size), lr=float(lr), optimizer=optimizer, clip=clip,
                     seed=int(seed), binarize=binarize, data=fingerprint(x_train),
-                    schedule=schedule)
+                    schedule=schedule, **({"draws": DRAWS} if binarize == "dynamic" else {}))
     batches = _Batches(x_train, model.dtype, batch_size, binarize, seed)
     x_val = binarize_for_eval(_as_unit(x_val, model.dtype), binarize, seed, "val")
     n_batches = batches.per_epoch

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import warnings
 
 import numpy as np
 import pytest
@@ -273,6 +274,33 @@ def test_a_resume_keeps_the_stored_settings_it_does_not_override(data, tmp_path)
     args = load_checkpoint(tmp_path).args
     assert (args["dataset"], args["dtype"], args["model"], args["epochs"]) == ("mnist", "float32",
                                                                               "y", 2)
+
+
+def test_resuming_a_run_saved_before_the_draws_were_recorded_says_the_stream_changed(data, tmp_path):
+    """Runs saved before one uniform per non-zero byte (BIN.1) drew one per pixel: their
+    dynamic binarization goes on under the new draws, and the resume says so once."""
+    run(data, tmp_path, epochs=1)
+    assert load_checkpoint(tmp_path).args["draws"] == "one per non-zero byte"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a run saved now resumes silently
+        train(build(VAE, rng=0), *data, epochs=2, seed=1, run_dir=tmp_path,
+              resume_from=tmp_path, **LOOP)
+    old = load_checkpoint(tmp_path)
+    del old.args["draws"]  # as an earlier npvae saved it
+    with pytest.warns(RuntimeWarning, match="drew one uniform per pixel"):
+        train(build(VAE, rng=0), *data, epochs=3, seed=1, run_dir=tmp_path, resume_from=old,
+              **LOOP)
+    assert load_checkpoint(tmp_path).args["draws"] == "one per non-zero byte"  # said once
+
+
+def test_a_run_without_dynamic_binarization_records_no_draws(data, tmp_path):
+    run(data, tmp_path, epochs=1, binarize="none")
+    ck = load_checkpoint(tmp_path)
+    assert "draws" not in ck.args
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(build(VAE, rng=0), *data, epochs=2, seed=1, run_dir=tmp_path, resume_from=ck,
+              **{**LOOP, "binarize": "none"})
 
 
 def test_a_new_lr_is_recorded_even_if_its_first_epoch_is_interrupted(data, tmp_path):
