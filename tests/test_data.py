@@ -6,6 +6,7 @@ dataset folders. Tests that exercise a network route replace it with a fake.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -1285,3 +1286,33 @@ def test_a_gzipped_file_is_parsed_without_copying_and_stays_writable():
         assert array.flags.writeable
     assert np.shares_memory(viewed, np.frombuffer(inflated, dtype=np.uint8))
     assert idx._decompress(raw, "test") is raw  # not gzip: passed through
+
+
+def test_a_subset_cut_from_the_other_dataset_is_refused(monkeypatch):
+    """MNIST and Fashion-MNIST share file names: a subset cut from the front of one file
+    (x[:1000]) and put in the other's folder is refused, naming the dataset it holds; in
+    its own folder it loads, and so does a subset starting with any other image."""
+    images, labels = fake_split(5, seed=3)
+    stem = IMAGE_STEM["test"]
+    mnist = dict(idx.KNOWN_FILES["mnist"])  # let images[0] stand for MNIST's first test image
+    mnist[stem] = dataclasses.replace(mnist[stem], first_sha256=hashlib.sha256(images[0].tobytes()).hexdigest())
+    monkeypatch.setitem(idx.KNOWN_FILES, "mnist", mnist)
+    put_split(d.cache_dir("fashion-mnist"), "test", images, labels)
+    with pytest.raises(d.DataUnavailableError, match="holds MNIST, not Fashion-MNIST; move it to the mnist folder"):
+        d.load("fashion-mnist", "test", download=False)
+    put_split(d.cache_dir("mnist"), "test", images, labels)
+    np.testing.assert_array_equal(d.load("mnist", "test", download=False)[0], images)
+    put_split(d.cache_dir("fashion-mnist"), "test", images[1:], labels[1:])
+    np.testing.assert_array_equal(d.load("fashion-mnist", "test", download=False)[0], images[1:])
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_the_first_image_digests_are_those_of_the_official_mnist(split):
+    """The digests that tell a subset's source are those of the official files' first
+    images (checked where MNIST is cached outside the test's folder; skipped elsewhere)."""
+    real = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "npvae" / "mnist"
+    if not (real / (IMAGE_STEM[split] + ".gz")).is_file():
+        pytest.skip("MNIST is not cached on this machine")
+    x = idx._read_checked(real / (IMAGE_STEM[split] + ".gz"), "mnist", IMAGE_STEM[split])  # the official file
+    known = idx.KNOWN_FILES["mnist"][IMAGE_STEM[split]].first_sha256
+    assert hashlib.sha256(x[0].tobytes()).hexdigest() == known

@@ -52,12 +52,15 @@ class KnownFile:
     """What the official release of one IDX file looks like.
 
     ``count``: number of examples; ``gz_sha256``: digest of the published ``.gz``;
-    ``raw_sha256``: digest of the decompressed IDX bytes (header included).
+    ``raw_sha256``: digest of the decompressed IDX bytes (header included);
+    ``first_sha256``: for an image file, digest of its first image's 784 bytes, which
+    tells a subset cut from the front of this file (see :func:`_check_subset_source`).
     """
 
     count: int
     gz_sha256: str
     raw_sha256: str
+    first_sha256: str = ""
 
 
 KNOWN_FILES = {
@@ -66,6 +69,7 @@ KNOWN_FILES = {
             60000,
             "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
             "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+            "23ceaef5eb61f0e70d64ac18fdf0f60df3d5971cf30bbadac7b6ebf07f782d2c",
         ),
         "train-labels-idx1-ubyte": KnownFile(
             60000,
@@ -76,6 +80,7 @@ KNOWN_FILES = {
             10000,
             "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
             "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+            "8f6a418c9a639f9e14e96feca47a97df2a35a0a68ae2875431c5c80e05536941",
         ),
         "t10k-labels-idx1-ubyte": KnownFile(
             10000,
@@ -88,6 +93,7 @@ KNOWN_FILES = {
             60000,
             "08dc20ab1689590a0bcd66e874647b6ee8464e2d501b5a3f1f78831db19a3fdc",
             "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "5bd44e331a6d6998daf675700cd0c13dcd7af8ab954b7585124124da61459e7b",
         ),
         "train-labels-idx1-ubyte": KnownFile(
             60000,
@@ -98,6 +104,7 @@ KNOWN_FILES = {
             10000,
             "78dcbbfb5a27efaf1b6c1d616caca68560be8766c5bffcb2791df9273a534229",
             "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "ffc7351ed0f8bae542820866086177fa4e0b366b97bf9d998dffdb8dbe138787",
         ),
         "t10k-labels-idx1-ubyte": KnownFile(
             10000,
@@ -425,6 +432,7 @@ def _read_checked(path: Path, dataset: str, stem: str) -> np.ndarray:
                 f"the official {known.raw_sha256}"
             )
         return array
+    _check_subset_source(array, dataset, stem, where)
     recorded = _read_manifest(path.parent).get(path.name)
     if recorded is not None and recorded != digest:
         raise ChecksumError(
@@ -432,6 +440,23 @@ def _read_checked(path: Path, dataset: str, stem: str) -> np.ndarray:
             f"{MANIFEST_NAME} when it was written; the file changed or is damaged"
         )
     return array
+
+
+def _check_subset_source(array: np.ndarray, dataset: str, stem: str, where: str) -> None:
+    """Refuse a subset of images that begins with the first image of the other dataset's
+    file of the same name: MNIST and Fashion-MNIST share file names, so a subset cut from
+    the front of one (``x[:1000]``) can land in the other's folder. A subset that starts
+    with neither dataset's first image (the user's own selection) is read as it is."""
+    if array.ndim != 3 or array.shape[0] == 0:
+        return
+    first = _sha256(np.ascontiguousarray(array[0]).tobytes())
+    for other, files in KNOWN_FILES.items():
+        if other != dataset and files[stem].first_sha256 == first:
+            raise CorruptFileError(
+                f"{where}: its first image is the first image of {_PRETTY[other]}'s "
+                f"{stem}, so it holds {_PRETTY[other]}, not {_PRETTY[dataset]}; move it to "
+                f"the {other} folder"
+            )
 
 
 def _not_a_file(path: Path) -> str:
