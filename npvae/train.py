@@ -299,7 +299,7 @@ def _restore(model, opt, ck: Checkpoint, settings: dict) -> None:
                 f"{ck.path}: cannot continue this run: {what}; a resumed run must use "
                 f"the same {key.replace('_', ' ')}"
             )
-    if settings["binarize"] == "dynamic" and ck.args.get("draws") != settings.get("draws"):
+    if settings["binarize"] == "dynamic" and ck.args.get("draws") != DRAWS:
         warnings.warn(_OLD_DRAWS.format(path=ck.path), RuntimeWarning, stacklevel=5)  # at the call of train
     if ck.model is not model:
         model.params.flat[...] = ck.model.params.flat
