@@ -259,6 +259,7 @@ def floor_step(cfg, args):
     doing one step's worth, and the BLAS thread count npvae's step uses for them."""
     import numpy as np
 
+    from npvae.ops.linear import input_grad
     from npvae.threads import blas_threads_for
 
     rng = np.random.default_rng(0)
@@ -284,7 +285,7 @@ def floor_step(cfg, args):
             for i in reversed(range(len(Wl))):
                 _ = chain[i].T @ d  # dW
                 if i > 0 or chain is hd:
-                    d = d @ Wl[i].T  # dx (skipped for the data input)
+                    d = input_grad(d, Wl[i])  # dx, as the step takes it (skipped for the data input)
                 else:
                     break
 

@@ -84,6 +84,7 @@ def main(argv=None) -> int:
 
     import bench_train as bt
     from npvae.memory import keep_freed_memory
+    from npvae.ops.linear import input_grad
     from npvae.threads import blas_threads
 
     keep_freed_memory()  # as npvae's command line does
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     hid, dout = rng.standard_normal((b, h[0])).astype(f32), rng.standard_normal((b, 784)).astype(f32)
     alone = {"x W (first layer)": lambda: x @ w_in, "h W (last layer)": lambda: hid @ w_out,
              "h^T d (last layer's dW)": lambda: hid.T @ dout,
-             "d W^T (last layer's dx)": lambda: dout @ w_out.T,
+             "d W^T (last layer's dx)": lambda: input_grad(dout, w_out),
              "x^T d (first layer's dW)": lambda: x.T @ hid}
 
     rows = defaultdict(list)

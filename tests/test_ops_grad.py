@@ -2,7 +2,7 @@
 (batch 1-8, dims 1-12), random values, a random upstream gradient, max rel. error 1e-6."""
 import numpy as np
 import pytest
-from hypothesis import assume, given, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from npvae.gradcheck import check_op
 from npvae.ops import (
@@ -12,6 +12,7 @@ from npvae.ops import (
     gaussian_loglik_backward, gaussian_loglik_forward, linear_backward, linear_forward,
     reparameterize_backward, reparameterize_forward,
 )
+from npvae.ops.linear import SMALL_BATCH, WIDE_INPUT, input_grad
 from npvae.ops.mlp import mlp_backward, mlp_forward, mlp_init, mlp_shapes
 from npvae.params import FlatDict
 
@@ -31,6 +32,31 @@ def test_linear(n, i, o, seed):
     rng = np.random.default_rng(seed)
     x, W, b = rng.normal(size=(n, i)), rng.normal(size=(i, o)), rng.normal(size=o)
     assert_close(check_op(linear_forward, linear_backward, [x, W, b], rng=rng))
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 6), i=st.sampled_from([WIDE_INPUT, 200]), o=st.integers(1, 4), seed=seeds)
+def test_linear_wide_input(n, i, o, seed):
+    """A small batch with a wide input: dx is taken as (W dout^T)^T (input_grad)."""
+    assert n < SMALL_BATCH
+    rng = np.random.default_rng(seed)
+    x, W, b = rng.normal(size=(n, i)), rng.normal(size=(i, o)), rng.normal(size=o)
+    assert_close(check_op(linear_forward, linear_backward, [x, W, b], rng=rng))
+
+
+@pytest.mark.parametrize("n", [1, 20, SMALL_BATCH - 1, SMALL_BATCH, 130])
+@pytest.mark.parametrize("i", [1, WIDE_INPUT - 1, WIDE_INPUT, 300])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_input_grad_either_way(n, i, dtype):
+    """input_grad gives dout W^T, in rows (C order), in the inputs' dtype, on both sides of
+    its switch; the two ways round differ only by the rounding of the same sums."""
+    rng = np.random.default_rng(n * 1000 + i)
+    dout, W = rng.normal(size=(n, 37)).astype(dtype), rng.normal(size=(i, 37)).astype(dtype)
+    dx = input_grad(dout, W)
+    assert dx.shape == (n, i) and dx.dtype == dtype and dx.flags.c_contiguous
+    exact = dout.astype(np.float64) @ W.astype(np.float64).T
+    bound = 37 * np.finfo(dtype).eps * (np.abs(dout).astype(np.float64) @ np.abs(W).T.astype(np.float64))
+    assert np.all(np.abs(dx - exact) <= bound)  # the standard bound of a sum of 37 products
 
 
 def away_from_kink(a, name):
@@ -110,6 +136,21 @@ def test_bernoulli_loglik(n, d, seed, scale, binary):
 @given(n=batch, sizes=st.lists(dim, min_size=2, max_size=4), seed=seeds)
 def test_mlp(act, n, sizes, seed):
     """The MLP helper: input gradient and every parameter gradient."""
+    check_mlp(act, n, sizes, seed)
+
+
+@pytest.mark.parametrize("sizes", [[WIDE_INPUT, 3, 2], [4, WIDE_INPUT, 2]])
+@settings(max_examples=5, deadline=None)
+@given(n=batch, seed=seeds)
+def test_mlp_wide_layer(sizes, n, seed):
+    """A layer with WIDE_INPUT inputs at a small batch takes its dx the other way round
+    (input_grad): as the network's input gradient, and inside the network, where the
+    next layer's backward reads it."""
+    assert n < SMALL_BATCH
+    check_mlp("tanh", n, sizes, seed)
+
+
+def check_mlp(act, n, sizes, seed):
     rng = np.random.default_rng(seed)
     params = FlatDict(mlp_shapes("net", sizes), np.float64)
     mlp_init(params, "net", act, rng)

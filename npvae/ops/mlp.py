@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import _validate as v
 from .activations import LEAKY_SLOPE, bias_activation_backward, bias_activation_forward
+from .linear import input_grad
 
 
 def mlp_shapes(prefix: str, sizes) -> dict:
@@ -162,5 +163,5 @@ def mlp_backward(dout, cache: MLPCache, grads=None, need_dx: bool = True):
         da, grads[kb] = bias_activation_backward(dh, acts[i], db=grads.get(kb))  # (N, O_i), (O_i,)  (ACT, LIN.4)
         grads[kw] = np.matmul(inputs[i].T, da, out=grads.get(kw))  # (I_i, O_i)  (LIN.3)
         if i > 0 or need_dx:
-            dh = da @ weights[i].T  # (N, I_i)  (LIN.2)
+            dh = input_grad(da, weights[i])  # (N, I_i) = da W_i^T  (LIN.2)
     return (dh if need_dx else None), grads
