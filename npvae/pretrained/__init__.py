@@ -33,11 +33,11 @@ HERE = Path(__file__).resolve().parent
 # name: (sha256 of NAME.npz, sha256 of NAME.json)
 SHIPPED = {
     "vae-bernoulli": ("8fdfc58c5843ed8900dd06ffb111c6140094432a8e6550d168a23074279637e7",
-                      "f5d64a07c21405ba472d175c5094e48838267e0928f4a3d5eca460259ec24eb0"),
+                      "4432b8f80771bd0b44e7fd2172fe07a4d4d0032acb3616ebdfacc8ca8f27e387"),
     "vae-k1": ("0619f56d2843d1a30658be6f9061125c98029e57b0e0b74bfb433752ceaa244f",
-               "76270911ff2ae0ad448ff9f026e148b1b757da4c181efaf6b72a0ce5e94065b8"),
+               "01d876bb66c74f9a0b1162674dd2bdffeb0586d2333e04d734fa53562de876d3"),
     "iwae-k5": ("42690484c72e94cc81ff3e55449061ef9a1c8a10954b3c35dba51f3c0706bc88",
-                "54c37c04b47313f5ec5ac12a14d9064e42aa3509b73388d1ae6d482714883a6b"),
+                "cbfd1d9bbd2c425e751789bef82672364854dd0692ea07ff22a059cc83046193"),
 }
 
 

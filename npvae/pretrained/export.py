@@ -23,7 +23,8 @@ from . import HERE
 
 FIXTURE = HERE.parents[1] / "tests" / "data" / "mnist-test-500.npz"
 CHECK_N, CHECK_K = 500, 100
-CHECK_TOLERANCE = 0.02  # nats: float32 decoding rounds differently on other CPUs and BLAS
+CHECK_TOLERANCE = 1e-3  # nats: float32 decoding rounds differently on other CPUs and BLAS;
+# the largest drift measured was 2.3e-5 (AVX-512, AVX2 and AVX code, both backends)
 
 
 def check_images(settings: dict) -> np.ndarray:
