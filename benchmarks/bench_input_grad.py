@@ -3,8 +3,8 @@
     python benchmarks/bench_input_grad.py            # products, then configuration B's step
     python benchmarks/bench_input_grad.py --no-step  # products only
 
-``npvae.ops.linear.input_grad`` takes dy W^T directly, or, for a small batch and a wide
-input (N < SMALL_BATCH, I >= WIDE_INPUT), as (W dy^T)^T copied into rows. This prints,
+``npvae.ops.linear.input_grad`` takes dy W^T directly, or, in float32 for a small batch
+and a wide input (N < SMALL_BATCH, I >= WIDE_INPUT), as (W dy^T)^T copied into rows. This prints,
 for several batch sizes and layer shapes, the time of the second way over the first
 (below 1: the second is faster), with BLAS on one thread and on the environment's
 threads, and marks the cases where input_grad takes the second way. Then it runs
@@ -43,17 +43,17 @@ def median_us(fn, calls: int = 200) -> float:
     return statistics.median(times) * 1e6
 
 
-def products(threads) -> None:
+def products(threads, dtype) -> None:
     rng = np.random.default_rng(0)
     label = "one BLAS thread" if threads == 1 else "BLAS threads as the environment sets"
-    print(f"\n(W dy^T)^T over dy W^T, float32, {label}; * = input_grad takes (W dy^T)^T")
+    print(f"\n(W dy^T)^T over dy W^T, {np.dtype(dtype).name}, {label}; * = input_grad takes (W dy^T)^T")
     print(f"  {'N':>4}  " + "  ".join(f"{f'{i}x{o}':>9}" for i, o in SHAPES))
     with blas_threads(threads):
         for n in BATCHES:
             cells = []
             for i, o in SHAPES:
-                W = rng.standard_normal((i, o)).astype(np.float32)
-                dy = rng.standard_normal((n, o)).astype(np.float32)
+                W = rng.standard_normal((i, o)).astype(dtype)
+                dy = rng.standard_normal((n, o)).astype(dtype)
                 ways = {"direct": lambda: dy @ W.T,
                         "other": lambda: np.ascontiguousarray((W @ dy.T).T)}
                 spent = {k: [] for k in ways}
@@ -63,7 +63,7 @@ def products(threads) -> None:
                             ways[k]()
                         spent[k].append(median_us(ways[k]))
                 ratio = statistics.median(spent["other"]) / statistics.median(spent["direct"])
-                mark = "*" if n < linear.SMALL_BATCH and i >= linear.WIDE_INPUT else " "
+                mark = "*" if linear.by_transpose(dy, W) else " "
                 cells.append(f"{ratio:8.2f}{mark}")
             print(f"  {n:>4}  " + "  ".join(cells))
 
@@ -102,10 +102,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-step", action="store_true", help="time the products only")
     p.add_argument("--blocks", type=int, default=40, help="block pairs of B's step")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="the products' dtype (npvae takes the transposed way in float32 only)")
     args = p.parse_args(argv)
     print(describe())
     for threads in (1, None):
-        products(threads)
+        products(threads, args.dtype)
     if not args.no_step:
         step_on_off(args.blocks)
     return 0

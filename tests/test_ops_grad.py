@@ -1,5 +1,8 @@
 """Every op's backward against central differences: float64, random shapes
 (batch 1-8, dims 1-12), random values, a random upstream gradient, max rel. error 1e-6."""
+import contextlib
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
@@ -12,6 +15,7 @@ from npvae.ops import (
     gaussian_loglik_backward, gaussian_loglik_forward, linear_backward, linear_forward,
     reparameterize_backward, reparameterize_forward,
 )
+from npvae.ops import linear
 from npvae.ops.linear import SMALL_BATCH, WIDE_INPUT, input_grad
 from npvae.ops.mlp import mlp_backward, mlp_forward, mlp_init, mlp_shapes
 from npvae.params import FlatDict
@@ -34,29 +38,40 @@ def test_linear(n, i, o, seed):
     assert_close(check_op(linear_forward, linear_backward, [x, W, b], rng=rng))
 
 
+def transposed_in_float64():
+    """input_grad takes its transposed way in float64 too (in npvae only float32 does),
+    so that the float64 gradient checks go through it."""
+    return mock.patch.object(linear, "TRANSPOSED_DTYPES", (np.dtype(np.float32), np.dtype(np.float64)))
+
+
 @settings(max_examples=10, deadline=None)
 @given(n=st.integers(1, 6), i=st.sampled_from([WIDE_INPUT, 200]), o=st.integers(1, 4), seed=seeds)
 def test_linear_wide_input(n, i, o, seed):
     """A small batch with a wide input: dx is taken as (W dout^T)^T (input_grad)."""
-    assert n < SMALL_BATCH
     rng = np.random.default_rng(seed)
     x, W, b = rng.normal(size=(n, i)), rng.normal(size=(i, o)), rng.normal(size=o)
-    assert_close(check_op(linear_forward, linear_backward, [x, W, b], rng=rng))
+    with transposed_in_float64():
+        assert linear.by_transpose(np.empty((n, o)), W)
+        assert_close(check_op(linear_forward, linear_backward, [x, W, b], rng=rng))
 
 
 @pytest.mark.parametrize("n", [1, 20, SMALL_BATCH - 1, SMALL_BATCH, 130])
 @pytest.mark.parametrize("i", [1, WIDE_INPUT - 1, WIDE_INPUT, 300])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_input_grad_either_way(n, i, dtype):
-    """input_grad gives dout W^T, in rows (C order), in the inputs' dtype, on both sides of
-    its switch; the two ways round differ only by the rounding of the same sums."""
+    """input_grad gives dout W^T, in rows (C order), in the inputs' dtype, whichever way it
+    takes (float32 below SMALL_BATCH rows with WIDE_INPUT inputs or more: the transposed
+    one); the two ways differ only by the rounding of the same sums."""
     rng = np.random.default_rng(n * 1000 + i)
     dout, W = rng.normal(size=(n, 37)).astype(dtype), rng.normal(size=(i, 37)).astype(dtype)
-    dx = input_grad(dout, W)
-    assert dx.shape == (n, i) and dx.dtype == dtype and dx.flags.c_contiguous
+    assert linear.by_transpose(dout, W) == (dtype == np.float32 and n < SMALL_BATCH and i >= WIDE_INPUT)
     exact = dout.astype(np.float64) @ W.astype(np.float64).T
     bound = 37 * np.finfo(dtype).eps * (np.abs(dout).astype(np.float64) @ np.abs(W).T.astype(np.float64))
-    assert np.all(np.abs(dx - exact) <= bound)  # the standard bound of a sum of 37 products
+    for way in (contextlib.nullcontext(), transposed_in_float64()):
+        with way:
+            dx = input_grad(dout, W)
+        assert dx.shape == (n, i) and dx.dtype == dtype and dx.flags.c_contiguous
+        assert np.all(np.abs(dx - exact) <= bound)  # the standard bound of a sum of 37 products
 
 
 def away_from_kink(a, name):
@@ -147,7 +162,8 @@ def test_mlp_wide_layer(sizes, n, seed):
     (input_grad): as the network's input gradient, and inside the network, where the
     next layer's backward reads it."""
     assert n < SMALL_BATCH
-    check_mlp("tanh", n, sizes, seed)
+    with transposed_in_float64():
+        check_mlp("tanh", n, sizes, seed)
 
 
 def check_mlp(act, n, sizes, seed):

@@ -12,9 +12,11 @@ from .. import _validate as v
 
 
 # dx = dout W^T (LIN.2) for a small batch and a wide input is computed as (W dout^T)^T:
-# below SMALL_BATCH rows, with at least WIDE_INPUT inputs (see input_grad).
+# below SMALL_BATCH rows, with at least WIDE_INPUT inputs, in a dtype of TRANSPOSED_DTYPES
+# (see input_grad).
 SMALL_BATCH = 64
 WIDE_INPUT = 128
+TRANSPOSED_DTYPES = (np.dtype(np.float32),)
 
 
 class LinearCache(NamedTuple):
@@ -41,16 +43,23 @@ def input_grad(dout, W):
     """dx = dout W^T (LIN.2): dout (N, O), W (I, O) -> dx (N, I), C-contiguous.
 
     Each entry is the same sum, dx[n, i] = sum_o dout[n, o] W[i, o], whichever way round
-    the product is taken. For a small batch and a wide input (N < SMALL_BATCH,
-    I >= WIDE_INPUT) it is taken as W dout^T (I, N) and then transposed into rows: with
-    OpenBLAS's AVX-512 kernels, a product with few result rows whose second factor is a
-    transposed matrix runs slowly, and at batch 20 the transposed way takes 0.57-0.70 of
-    the time for 200 to 400 inputs (benchmarks/RESULTS.md); with its AVX2 kernels the two
-    ways cost about the same. Only the rounding of the sums can differ between the two.
+    the product is taken. For a float32 product with a small batch and a wide input
+    (N < SMALL_BATCH, I >= WIDE_INPUT) it is taken as W dout^T (I, N) and then transposed
+    into rows: with OpenBLAS's AVX-512 kernels, a float32 product with few result rows
+    whose second factor is a transposed matrix runs slowly, and at batch 20 the transposed
+    way takes 0.57-0.70 of the time for 200 to 400 inputs (benchmarks/RESULTS.md). With
+    its AVX2 kernels the two ways cost about the same, and in float64 the direct way is
+    the faster. Only the rounding of the sums can differ between the two.
     """
-    if dout.shape[0] < SMALL_BATCH and W.shape[0] >= WIDE_INPUT:
+    if by_transpose(dout, W):
         return np.ascontiguousarray((W @ dout.T).T)  # (I, N) -> (N, I)  (LIN.2)
     return dout @ W.T  # (N, I)  (LIN.2)
+
+
+def by_transpose(dout, W) -> bool:
+    """Whether input_grad takes dout W^T as (W dout^T)^T for these operands."""
+    return (dout.shape[0] < SMALL_BATCH and W.shape[0] >= WIDE_INPUT
+            and dout.dtype in TRANSPOSED_DTYPES and W.dtype in TRANSPOSED_DTYPES)
 
 
 def linear_backward(dout, cache: LinearCache, dW=None, db=None):
