@@ -8,15 +8,17 @@ code sequence), because a gradient check cannot see a wrong forward pass.
 import itertools
 import math
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from npvae import evaluate
 from npvae.gradcheck import check_model, check_op
 from npvae.models import MADEPrior, build
 from npvae.models.prior import direct_by_default, hidden_path_params, made_masks
+from npvae.ops import linear
 from npvae.ops.masked import masked_linear_backward, masked_linear_forward
 from npvae.ops.softmax import softmax_xent_backward, softmax_xent_forward
 
@@ -39,6 +41,21 @@ def test_masked_linear_gradients(n, i, o, seed, density):
     mask = (rng.random((i, o)) < density).astype(np.float64)
     assert_close(check_op(masked_linear_forward, masked_linear_backward, [x, W, mask, b],
                           wrt=[0, 1, 3], rng=rng))
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 6), o=st.integers(1, 4), seed=seeds, density=st.floats(0.2, 1.0))
+def test_masked_linear_gradients_wide_input(n, o, seed, density):
+    """A small batch through a layer of WIDE_INPUT inputs: dx is taken as (W dout^T)^T
+    (input_grad; float64 patched in, as npvae takes that way in float32 only)."""
+    rng = np.random.default_rng(seed)
+    i = linear.WIDE_INPUT
+    x, W, b = rng.normal(size=(n, i)), rng.normal(size=(i, o)), rng.normal(size=o)
+    mask = (rng.random((i, o)) < density).astype(np.float64)
+    with mock.patch.object(linear, "TRANSPOSED_DTYPES", (np.dtype(np.float32), np.dtype(np.float64))):
+        assert linear.by_transpose(np.empty((n, o)), W)
+        assert_close(check_op(masked_linear_forward, masked_linear_backward, [x, W, mask, b],
+                              wrt=[0, 1, 3], rng=rng))
 
 
 @given(batch, dim, dim, seeds)

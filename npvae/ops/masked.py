@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _validate as v
+from .linear import input_grad
 
 
 class MaskedLinearCache(NamedTuple):
@@ -50,7 +51,7 @@ def masked_linear_backward(dout, cache: MaskedLinearCache, dW=None, db=None):
     ``dW``/``db`` may be preallocated buffers (views into a flat gradient vector).
     """
     x, W_masked, mask = cache
-    dx = dout @ W_masked.T  # (N, I)  (MADE.5)
+    dx = input_grad(dout, W_masked)  # (N, I) = dout (W * A)^T  (MADE.5, LIN.2)
     dW = np.matmul(x.T, dout, out=dW)  # (I, O)  the unmasked gradient (LIN.3)
     dW *= mask  # (I, O)  masked entries get exactly 0  (MADE.5)
     db = np.sum(dout, axis=0, out=db)  # (O,)  (LIN.4)
