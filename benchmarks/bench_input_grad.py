@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_kernels import median_us  # noqa: E402
 from machine import describe  # noqa: E402
 
 from npvae.ops import linear  # noqa: E402
@@ -32,15 +33,6 @@ from npvae.threads import blas_threads  # noqa: E402
 
 SHAPES = [(200, 784), (400, 784), (200, 200), (100, 400), (64, 784)]  # (I, O) of W
 BATCHES = [8, 20, 32, 50, 64, 128]
-
-
-def median_us(fn, calls: int = 200) -> float:
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
 
 
 def products(threads, dtype) -> None:
@@ -61,7 +53,7 @@ def products(threads, dtype) -> None:
                     for k in (list(ways) if rep % 2 else list(ways)[::-1]):
                         for _ in range(10):
                             ways[k]()
-                        spent[k].append(median_us(ways[k]))
+                        spent[k].append(median_us(ways[k], (), 200))
                 ratio = statistics.median(spent["other"]) / statistics.median(spent["direct"])
                 mark = "*" if linear.by_transpose(dy, W) else " "
                 cells.append(f"{ratio:8.2f}{mark}")

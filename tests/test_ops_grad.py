@@ -3,8 +3,6 @@
 input_grad takes the other way round), random values, a random upstream gradient,
 max rel. error 1e-6."""
 import contextlib
-from unittest import mock
-
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
@@ -22,7 +20,7 @@ from npvae.ops.linear import SMALL_BATCH, WIDE_INPUT, input_grad
 from npvae.ops.mlp import mlp_backward, mlp_forward, mlp_init, mlp_shapes
 from npvae.params import FlatDict
 
-from strategies import batch, dim, seeds
+from strategies import batch, dim, seeds, transposed_in_float64
 
 TOL = 1e-6
 
@@ -38,12 +36,6 @@ def test_linear(n, i, o, seed):
     rng = np.random.default_rng(seed)
     x, W, b = rng.normal(size=(n, i)), rng.normal(size=(i, o)), rng.normal(size=o)
     assert_close(check_op(linear_forward, linear_backward, [x, W, b], rng=rng))
-
-
-def transposed_in_float64():
-    """input_grad takes its transposed way in float64 too (in npvae only float32 does),
-    so that the float64 gradient checks go through it."""
-    return mock.patch.object(linear, "TRANSPOSED_DTYPES", (np.dtype(np.float32), np.dtype(np.float64)))
 
 
 @settings(max_examples=10, deadline=None)
